@@ -1,0 +1,157 @@
+"""ProDistill's recipe schema, read from a normal mergekit ``MergeConfiguration``.
+
+mergekit accepts any key under ``parameters:`` and silently ignores the ones a method does
+not know; a list there means a gradient over layers. ProDistill's settings are plain
+scalars, so this module validates them itself: unknown keys are rejected by name (with the
+closest valid key suggested), lists and filters are rejected, ranges are checked.
+"""
+
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Literal, Optional
+
+from mergekit.common import ModelReference
+from mergekit.config import ConditionalParameter, MergeConfiguration
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from mergekit_prodistill.errors import ProDistillError
+
+
+class ProDistillParameters(BaseModel):
+    """Global ``parameters:`` of a prodistill recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    init: float = Field(0.5, description="initial value of every merging coefficient")
+    lr: float = Field(0.01, gt=0, description="Adam learning rate for the coefficients")
+    epochs: int = Field(20, ge=0, description="passes over the calibration data per block")
+    shots: int = Field(64, ge=1, description="calibration prompts used per expert")
+    batch_size: int = Field(16, ge=1, description="prompts per expert in one step")
+    max_length: int = Field(512, ge=1, description="tokens kept per prompt")
+    granularity: Literal["element", "tensor", "task"] = Field(
+        "element",
+        description="one coefficient per weight element, per weight tensor, or per expert "
+        "and block (the paper's ablation)",
+    )
+    inputs: Literal["dual", "merged", "expert"] = Field(
+        "dual",
+        description="block inputs: merged stream for the student and the expert's own "
+        "stream for the teacher (dual), or one stream for both (the paper's ablation)",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class ExpertParameters(BaseModel):
+    """Per-model ``parameters:`` of an expert in a prodistill recipe."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    calibration: str = Field(
+        description="file of unlabeled prompts: JSONL with a 'text' field, or one per line"
+    )
+    template: str = Field(
+        "{prompt}",
+        description="the expert's prompt format: a string containing {prompt}, or a preset "
+        "name (vicuna, alpaca, alpaca-cot, alpaca-code)",
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        from mergekit_prodistill.templates import resolve_template
+
+        return resolve_template(value)
+
+
+@dataclass(frozen=True)
+class Expert:
+    model: ModelReference
+    params: ExpertParameters
+
+
+@dataclass(frozen=True)
+class ProDistillRecipe:
+    base: ModelReference
+    experts: List[Expert]
+    params: ProDistillParameters
+    dtype: Optional[str]
+    out_dtype: Optional[str]
+
+
+def _plain(raw: Optional[Dict[str, Any]], where: str) -> Dict[str, Any]:
+    """Reject mergekit's gradients and filters: ProDistill settings are single values."""
+    out = {}
+    for key, value in (raw or {}).items():
+        if isinstance(value, (list, ConditionalParameter)):
+            raise ProDistillError(
+                f"{where}: parameter '{key}' must be a single value; prodistill does not "
+                "support mergekit's per-layer gradients or filters"
+            )
+        out[key] = value
+    return out
+
+
+def _validate(schema, raw: Dict[str, Any], where: str):
+    try:
+        return schema.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "?"
+        if err["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(key, schema.model_fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            valid = ", ".join(schema.model_fields)
+            raise ProDistillError(
+                f"{where}: unknown parameter '{key}'{hint}; valid keys: {valid}"
+            ) from None
+        if err["type"] == "missing":
+            raise ProDistillError(f"{where}: missing required parameter '{key}'") from None
+        raise ProDistillError(
+            f"{where}: parameter '{key}' = {err.get('input')!r}: {err['msg']}"
+        ) from None
+
+
+def parse_recipe(config: MergeConfiguration) -> ProDistillRecipe:
+    """Validate a prodistill ``MergeConfiguration`` and return its settings."""
+    if config.slices or config.modules or not config.models:
+        raise ProDistillError(
+            "recipe: prodistill merges whole models; list them under 'models:' "
+            "('slices:' and 'modules:' are not supported)"
+        )
+    if config.base_model is None:
+        raise ProDistillError(
+            "recipe: prodistill needs 'base_model:', the model every expert was "
+            "fine-tuned from"
+        )
+    params = _validate(
+        ProDistillParameters, _plain(config.parameters, "recipe"), "recipe parameters"
+    )
+    experts = []
+    for entry in config.models:
+        where = f"model {entry.model}"
+        if entry.model == config.base_model:
+            if entry.parameters:
+                raise ProDistillError(
+                    f"{where}: the base model takes no parameters in a prodistill recipe"
+                )
+            continue
+        raw = _plain(entry.parameters, where)
+        experts.append(Expert(entry.model, _validate(ExpertParameters, raw, where)))
+    if not experts:
+        raise ProDistillError("recipe: prodistill needs at least one expert besides the base")
+    if len({e.model for e in experts}) != len(experts):
+        raise ProDistillError("recipe: an expert is listed twice under 'models:'")
+    return ProDistillRecipe(
+        base=config.base_model,
+        experts=experts,
+        params=params,
+        dtype=config.dtype,
+        out_dtype=config.out_dtype,
+    )

@@ -1,0 +1,91 @@
+"""Everything that reaches into mergekit's internals lives here.
+
+mergekit 0.1.x plans one task per tensor, which cannot express ProDistill's sequential
+block training, and ``mergekit-yaml`` has no plugin discovery. So:
+
+* :func:`install` (called by the start-up hook in ``_startup.py`` right after mergekit
+  imports ``mergekit.merge`` or ``mergekit.scripts.run_yaml``) wraps ``run_merge`` so a
+  recipe with ``merge_method: prodistill`` goes to :func:`mergekit_prodistill.distill.run_prodistill`
+  and every other recipe goes to mergekit untouched. It also registers a ``prodistill``
+  entry in mergekit's method registry, so lookups by name (model card links, tooling)
+  work; that entry refuses to run through mergekit's per-tensor planner.
+* The private helpers of ``mergekit.merge`` that the block loop reuses (output config,
+  tokenizer and tag-along file copying) are re-exported from here, so a mergekit
+  upgrade that moves them breaks in one place.
+"""
+
+import functools
+import sys
+
+import mergekit.merge as _mk_merge
+import torch
+
+METHOD_NAME = "prodistill"
+_PATCHED = "__prodistill_wrapped__"
+
+model_out_config = _mk_merge._model_out_config
+copy_tokenizer = _mk_merge._copy_tokenizer
+copy_tagalong_files = _mk_merge._copy_tagalong_files
+
+
+def _route(run_merge, exit_on_error: bool):
+    """Wrap mergekit's ``run_merge`` so prodistill recipes reach our block loop."""
+    if getattr(run_merge, _PATCHED, False):
+        return run_merge
+
+    @functools.wraps(run_merge)
+    def routed(merge_config, out_path, options, config_source=None, **kwargs):
+        if merge_config.merge_method != METHOD_NAME:
+            return run_merge(merge_config, out_path, options, config_source, **kwargs)
+        from mergekit_prodistill.distill import run_prodistill
+        from mergekit_prodistill.errors import ProDistillError
+
+        try:
+            return run_prodistill(merge_config, out_path, options, config_source)
+        except ProDistillError as exc:
+            if not exit_on_error:
+                raise
+            # The command line gets one clear line, not a traceback.
+            print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
+            sys.exit(2)
+
+    setattr(routed, _PATCHED, True)
+    return routed
+
+
+def _register_method():
+    from mergekit.merge_methods import registry
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.merge_methods.easy_define import merge_method
+
+    if any(m.spec.name == METHOD_NAME for m in registry.registered_methods()):
+        return
+
+    def prodistill(group: TensorGroup) -> torch.Tensor:
+        raise RuntimeError(
+            "ProDistill trains whole decoder blocks and cannot run through mergekit's "
+            "per-tensor planner; run the recipe with mergekit-yaml or mergekit-prodistill "
+            "with mergekit-prodistill installed."
+        )
+
+    registry.register(
+        merge_method(
+            prodistill,
+            name=METHOD_NAME,
+            pretty_name="ProDistill",
+            reference_url="https://arxiv.org/abs/2502.12706",
+        )
+    )
+
+
+def install(module=None):
+    """Route prodistill recipes in ``module`` (or in every loaded mergekit entry point)."""
+    _mk_merge.run_merge = _route(_mk_merge.run_merge, exit_on_error=False)
+    _register_method()
+    run_yaml = sys.modules.get("mergekit.scripts.run_yaml")
+    if run_yaml is not None and hasattr(run_yaml, "run_merge"):
+        # Bound by name at import time; the command line exits cleanly on a user error.
+        inner = getattr(run_yaml.run_merge, "__wrapped__", run_yaml.run_merge)
+        if not getattr(run_yaml, _PATCHED, False):
+            run_yaml.run_merge = _route(inner, exit_on_error=True)
+            setattr(run_yaml, _PATCHED, True)

@@ -1,0 +1,110 @@
+"""The merge itself: exactness against mergekit, block forward, and that training helps."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from conftest import merge
+from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
+from mergekit_prodistill.calibration import make_batches, read_prompts, tokenize
+from mergekit_prodistill.tiny import make_prompts
+
+
+def load_tensors(path):
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    out = {}
+    for name in files:
+        out.update(load_file(path / name))
+    return out
+
+
+@pytest.mark.parametrize(
+    "arch,n_experts", [("llama", 3), ("mistral", 2), ("qwen2", 2), ("qwen3", 2)]
+)
+def test_zero_epochs_equals_mergekit_task_arithmetic(families, tmp_path, arch, n_experts):
+    fam = families(arch, n_experts)
+    ta = merge(fam.recipe("task_arithmetic", weight=0.5), tmp_path / "ta")
+    pd = merge(fam.recipe("prodistill", epochs=0, init=0.5, shots=8), tmp_path / "pd")
+    a, b = load_tensors(ta), load_tensors(pd)
+    assert sorted(a) == sorted(b)
+    unequal = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"
+    # The merge really is different from the base (the comparison can fail).
+    base = load_tensors(fam.base)
+    assert not torch.equal(base["model.layers.0.mlp.up_proj.weight"],
+                           b["model.layers.0.mlp.up_proj.weight"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def test_block_by_block_forward_equals_full_model(families, arch):
+    fam = families(arch, 2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(fam.base, attn_implementation="sdpa")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(fam.base)
+    # Prompts of different lengths, longer than the sliding windows, padded in one batch.
+    sequences = tokenize(read_prompts(str(fam.calibration[0]))[:6], tokenizer, 64)
+    (batch,) = make_batches(sequences, 8)
+    assert batch.attention_mask.min() == 0, "the batch should contain padding"
+
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    for h in hooks:
+        h.remove()
+
+    runner = BlockRunner(model.config, torch.device("cpu"))
+    hidden = model.model.embed_tokens.weight[batch.input_ids].detach()
+    ctx = runner.context(batch, hidden)
+    real = batch.attention_mask.bool()
+    state = dict(model.model.named_parameters())
+    for index, expected in enumerate(captured):
+        layer = runner.layer(index)
+        names = layer_weight_names(layer, [f"layers.{index}.{n}" for n, _ in layer.named_parameters()])
+        weights = {own: state[full] for full, own in names.items()}
+        with torch.no_grad():
+            hidden = runner.forward(index, layer, weights, hidden, ctx)
+        torch.testing.assert_close(hidden[real], expected[real], rtol=0, atol=1e-5)
+
+
+def final_hidden(path, prompts, tokenizer):
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa")
+    (batch,) = make_batches(tokenize(prompts, tokenizer, 64), len(prompts))
+    with torch.no_grad():
+        out = model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+    return out.last_hidden_state[batch.attention_mask.bool()]
+
+
+def test_training_lowers_every_block_loss_and_moves_toward_experts(families, tmp_path):
+    fam = families("llama", 2, num_layers=3)
+    pd = merge(fam.recipe("prodistill", epochs=20, lr=0.05, shots=16, batch_size=8), tmp_path / "pd")
+    ta = merge(fam.recipe("task_arithmetic", weight=0.5), tmp_path / "ta")
+
+    report = json.loads((pd / "prodistill_report.json").read_text())
+    assert len(report["blocks"]) == 3
+    for block in report["blocks"]:
+        assert block["loss_after"] < 0.9 * block["loss_before"], block
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(fam.base)
+    for i, expert in enumerate(fam.experts):
+        held_out = make_prompts(i, 8, seed=12345)  # not calibration prompts
+        target = final_hidden(expert, held_out, tokenizer)
+        err_pd = (final_hidden(pd, held_out, tokenizer) - target).pow(2).mean()
+        err_ta = (final_hidden(ta, held_out, tokenizer) - target).pow(2).mean()
+        assert err_pd < err_ta, (i, float(err_pd), float(err_ta))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "task"])
+@pytest.mark.parametrize("inputs", ["dual", "merged", "expert"])
+def test_ablations_run_and_train(families, tmp_path, granularity, inputs):
+    fam = families("qwen2", 2)
+    out = merge(fam.recipe("prodistill", epochs=3, lr=0.05, shots=8, granularity=granularity,
+                           inputs=inputs), tmp_path / "out")
+    report = json.loads((out / "prodistill_report.json").read_text())
+    assert all(b["loss_after"] <= b["loss_before"] for b in report["blocks"])
+    assert report["parameters"]["granularity"] == granularity

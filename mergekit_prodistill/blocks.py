@@ -68,9 +68,11 @@ class BlockRunner:
             layer = self.layer_class(self.config, layer_idx=index)
         return layer.eval()
 
-    def context(self, batch: Batch, hidden: torch.Tensor) -> BatchContext:
-        """Positions, rotary embeddings and masks for ``batch`` (``hidden`` on device)."""
+    def context(self, batch: Batch, dtype: torch.dtype) -> BatchContext:
+        """Positions, rotary embeddings and masks for ``batch``, computed in ``dtype``."""
         mask = batch.attention_mask.to(self.device)
+        # Mask and rotary code read only the shape, dtype and device of the hidden states.
+        hidden = torch.empty(*mask.shape, 0, dtype=dtype, device=self.device)
         position_ids = torch.arange(mask.shape[1], device=self.device).unsqueeze(0)
         with torch.no_grad():
             position_embeddings = self.rotary(hidden, position_ids=position_ids)

@@ -111,6 +111,10 @@ class CalibrationSet:
     def tokens(self, expert: int) -> int:
         return sum(b.num_tokens for b in self.batches[expert])
 
+    def shapes(self) -> List[List[tuple]]:
+        """(batch size, length) of every batch, per expert."""
+        return [[tuple(b.input_ids.shape) for b in batches] for batches in self.batches]
+
 
 def load_tokenizer(model, fallback, trust_remote_code: bool):
     """The expert's own tokenizer when it ships one, else the base model's."""

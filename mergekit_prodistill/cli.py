@@ -31,7 +31,7 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str):
         run_prodistill(config, out_path, merge_options, source)
     except (ProDistillError, OSError) as exc:
         print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(exc, "exit_code", 2))
 
 
 if __name__ == "__main__":

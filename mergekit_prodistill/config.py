@@ -40,6 +40,20 @@ class ProDistillParameters(BaseModel):
         "stream for the teacher (dual), or one stream for both (the paper's ablation)",
     )
 
+    activation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype of the cached activation streams and of the block forward "
+        "passes; auto: the weights' dtype (float16 becomes float32 on a CPU)",
+    )
+    activation_placement: Literal["auto", "device", "cpu", "disk"] = Field(
+        "auto",
+        description="where the activation streams live: on the compute device, in CPU "
+        "memory, or in files under activation_dir; auto: the first that fits",
+    )
+    activation_dir: Optional[str] = Field(
+        None, description="folder for disk-backed activation streams"
+    )
+
     @field_validator("init")
     @classmethod
     def _finite(cls, value: float) -> float:

@@ -11,7 +11,7 @@ lambda = init. Only one block of the base and of each expert is ever in memory.
 
 import logging
 import math
-import os
+import shutil
 import time
 from typing import Dict, List
 
@@ -25,12 +25,19 @@ from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
 from mergekit_prodistill import calibration, output
+from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
+from mergekit_prodistill.checkpoint import Checkpoint, UnitWriter, fingerprint
 from mergekit_prodistill.config import ProDistillParameters, ProDistillRecipe, parse_recipe
-from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.errors import Interrupted, ProDistillError
 from mergekit_prodistill.weights import ModelTensors, check_shape, merge
 
 LOG = logging.getLogger("mergekit_prodistill")
+
+# On a non-finite loss the block restarts from its last good coefficients with the
+# learning rate divided by LR_BACKOFF, at most MAX_RETRIES times.
+MAX_RETRIES = 3
+LR_BACKOFF = 10.0
 
 
 def masked_mse(out: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor):
@@ -45,17 +52,12 @@ def init_coefficients(base_w, num_experts, p: ProDistillParameters):
     device = next(iter(base_w.values())).device
     for _ in range(num_experts):
         shared = torch.nn.Parameter(torch.tensor(p.init, dtype=torch.float32, device=device))
-        coeffs.append(
-            {
-                name: shared
-                if p.granularity == "task"
-                else torch.nn.Parameter(
-                    torch.full(w.shape if p.granularity == "element" else (), p.init,
-                               dtype=torch.float32, device=w.device)
-                )
-                for name, w in base_w.items()
-            }
-        )
+        coeffs.append({
+            name: shared if p.granularity == "task" else torch.nn.Parameter(torch.full(
+                w.shape if p.granularity == "element" else (), p.init,
+                dtype=torch.float32, device=w.device))
+            for name, w in base_w.items()
+        })
     return coeffs
 
 
@@ -72,18 +74,21 @@ def distill_block(runner, index, layer, base_w, deltas, student_in, targets, con
     """Train block ``index``'s coefficients; return them (one dict of tensors per expert)."""
     coeffs = init_coefficients(base_w, len(deltas), p)
     params = list({id(t): t for c in coeffs for t in c.values()}.values())
-    optimizer = torch.optim.Adam(params, lr=p.lr)
     compute_dtype = student_in[0][0].dtype
     steps = max(len(batches) for batches in student_in)
-    for epoch in range(p.epochs):
+    lr, retries, epoch = p.lr, 0, 0
+    good = [t.detach().clone() for t in params]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    while epoch < p.epochs:
         orders = [torch.randperm(len(b), generator=generator) for b in student_in]
         epoch_loss = 0.0
         for step in range(steps):
+            if not math.isfinite(epoch_loss):
+                break
             # Materialise sum_i lambda_i tau_i once per step; back-propagate every expert's
             # batch into it, then apply the chain rule d merged / d lambda_i = tau_i by hand.
             merged = {n: w.requires_grad_() for n, w in
                       merged_weights(base_w, deltas, coeffs, compute_dtype).items()}
-            step_loss = 0.0
             for i, order in enumerate(orders):
                 b = int(order[step % len(order)])
                 x = student_in[i][b].to(runner.device, non_blocking=True)
@@ -91,12 +96,7 @@ def distill_block(runner, index, layer, base_w, deltas, student_in, targets, con
                 out = runner.forward(index, layer, merged, x, contexts[i][b])
                 loss = masked_mse(out, y, contexts[i][b].token_mask) / len(orders)
                 loss.backward()
-                step_loss += loss.item()
-            if not math.isfinite(step_loss):
-                raise ProDistillError(
-                    f"block {index}: the distillation loss became {step_loss} at epoch "
-                    f"{epoch + 1}; lower 'lr' (now {p.lr})"
-                )
+                epoch_loss += loss.item()
             optimizer.zero_grad(set_to_none=True)
             for c, d in zip(coeffs, deltas):
                 for name, coeff in c.items():
@@ -104,34 +104,51 @@ def distill_block(runner, index, layer, base_w, deltas, student_in, targets, con
                     grad = grad if coeff.dim() else grad.sum()
                     coeff.grad = grad if coeff.grad is None else coeff.grad + grad
             optimizer.step()
-            epoch_loss += step_loss
+        if not math.isfinite(epoch_loss) or not all(torch.isfinite(t).all() for t in params):
+            if retries == MAX_RETRIES:
+                raise ProDistillError(
+                    f"block {index}: the distillation loss is not finite even with lr={lr:g} "
+                    f"after {MAX_RETRIES} retries; lower 'lr' (now {p.lr:g}) or check the "
+                    "models for NaN or inf weights"
+                )
+            retries += 1
+            lr /= LR_BACKOFF
+            LOG.warning("block %d: non-finite loss in epoch %d; retrying it with lr=%g",
+                        index, epoch + 1, lr)
+            with torch.no_grad():
+                for t, g in zip(params, good):
+                    t.copy_(g)
+            optimizer = torch.optim.Adam(params, lr=lr)
+            continue
+        with torch.no_grad():
+            for t, g in zip(params, good):
+                g.copy_(t)
         if on_epoch:
             on_epoch(epoch, epoch_loss / steps)
+        epoch += 1
     return [{n: t.detach() for n, t in c.items()} for c in coeffs]
 
 
-def run_block(runner, index, layer, weights, inputs, contexts, cache_device):
-    """Forward every batch of every expert through one block, without gradients."""
-    with torch.no_grad():
-        return [
-            [
-                runner.forward(index, layer, w, x.to(runner.device), ctx).to(cache_device)
-                for x, ctx in zip(batches, ctxs)
-            ]
-            for w, batches, ctxs in zip(weights, inputs, contexts)
-        ]
+def run_block(runner, index, layer, weights, inputs, contexts, outputs, targets=None):
+    """Forward every batch of every expert through one block, without gradients.
 
-
-def stream_loss(outputs, targets, contexts) -> float:
-    """Distillation loss of whole streams, averaged over experts."""
+    Results go into ``outputs`` (which may be ``inputs``: each batch is read before it is
+    overwritten). With ``targets``, returns the distillation loss averaged over experts.
+    """
     per_expert = []
-    for outs, tgts, ctxs in zip(outputs, targets, contexts):
-        tokens = sum(int(c.token_mask.sum()) for c in ctxs)
-        total = sum(
-            float(masked_mse(o, t.to(o.device), c.token_mask.to(o.device))) * int(c.token_mask.sum())
-            for o, t, c in zip(outs, tgts, ctxs)
-        )
-        per_expert.append(total / tokens)
+    with torch.no_grad():
+        for i, (w, ctxs) in enumerate(zip(weights, contexts)):
+            total, tokens = 0.0, 0
+            for b, ctx in enumerate(ctxs):
+                out = runner.forward(index, layer, w, inputs[i][b].to(runner.device), ctx)
+                if targets is not None:
+                    n = int(ctx.token_mask.sum())
+                    y = targets[i][b].to(runner.device)
+                    total += float(masked_mse(out, y, ctx.token_mask)) * n
+                    tokens += n
+                if outputs is not None:
+                    outputs[i][b].copy_(out)
+            per_expert.append(total / max(tokens, 1))
     return sum(per_expert) / len(per_expert)
 
 
@@ -148,7 +165,6 @@ def run_prodistill(
     seed = options.random_seed if options.random_seed is not None else 0
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(options.device or "cpu")
-    cache_device = torch.device("cpu")
 
     LoaderCache().setup(options=options)
     arch_info = get_architecture_info(merge_config, options)
@@ -168,13 +184,46 @@ def run_prodistill(
     cast_out = (lambda t: t.to(dtype_from_name(out_dtype))) if out_dtype else (lambda t: t)
 
     calib = calibration.load_for_experts(recipe, options, seed)
-    runner = BlockRunner(base_config, device)
     staging = output.start_staging(out_path)
     writer = TensorWriter(
         staging,
         max_shard_size=options.out_shard_size,
         safe_serialization=options.safe_serialization,
     )
+    # With no training the merge is streaming task arithmetic: nothing worth resuming.
+    checkpoint = None
+    if p.epochs:
+        checkpoint = Checkpoint(staging, fingerprint(
+            merge_config.to_yaml(),
+            {"seed": seed, "device": device.type, "dtype": recipe.dtype},
+            [*calib.files, *(f for m in [base, *experts] for f in m.shard_files())],
+        ))
+    resumed = checkpoint.resume() if checkpoint else None
+    units = UnitWriter(writer, checkpoint)
+
+    try:
+        report_blocks = _merge(recipe, module, base, experts, calib, device, generator,
+                               units, cast_out, checkpoint, resumed, options.quiet)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; run the same command again to continue from the last finished "
+            f"block (progress is kept in {staging})" if checkpoint else
+            "interrupted; nothing was written to the output folder"
+        ) from None
+    units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
+    output.finish(
+        staging, out_path, merge_config, arch_info, options, config_source, recipe,
+        calib, report_blocks, started, device,
+    )
+    shutil.rmtree(staging)
+
+
+def _merge(recipe, module, base, experts, calib, device, generator, units, cast_out,
+           checkpoint, resumed, quiet) -> List[dict]:
+    """Merge every tensor in order; returns the per-block report."""
+    p = recipe.params
+    num_layers = module.num_layers()
+    train = p.epochs > 0
     init = [torch.tensor(p.init, dtype=torch.float32)] * len(experts)
 
     def task_arithmetic(weight):
@@ -184,57 +233,74 @@ def run_prodistill(
         for e, t in zip(experts, expert_ts):
             check_shape(weight.name, base_t, t, e.model)
         merged = merge(base_t, [t - base_t for t in expert_ts], init).to(base_t.dtype)
-        writer.save_tensor(weight.name, cast_out(merged))
+        units.save_tensor(weight.name, cast_out(merged))
         return merged, expert_ts
 
     # Embeddings: merged rows start z1, each expert's own rows start its z2.
-    z1, z2 = None, None
-    for weight in module.pre_weights():
-        merged, expert_ts = task_arithmetic(weight)
-        if weight.vocabulary_axis == 0 and z1 is None:
-            z1 = [[merged[b.input_ids].to(cache_device) for b in batches] for batches in calib.batches]
-            z2 = [[t[b.input_ids].to(cache_device) for b in batches]
-                  for t, batches in zip(expert_ts, calib.batches)]
-        del merged, expert_ts
-    if z1 is None:
-        raise ProDistillError("no input embedding found among the model's first weights")
-    compute_dtype = z1[0][0].dtype
-    contexts = [
-        [runner.context(b, x.to(device)) for b, x in zip(batches, xs)]
-        for batches, xs in zip(calib.batches, z1)
-    ]
+    z1 = z2 = store = contexts = runner = None
+    if train:
+        runner = BlockRunner(module.config, device)
+        hidden = module.config.hidden_size
+        store = ActivationStore(calib.shapes(), hidden, _activation_dtype(recipe, module, device),
+                                p.activation_placement, device, p.activation_dir)
+        z1, z2 = store.allocate("z1"), store.allocate("z2")
+    blocks_done = resumed["blocks_done"] if resumed else 0
+    report_blocks = resumed["report_blocks"] if resumed else []
+    if resumed:
+        checkpoint.load_streams([z1, z2], generator)
+    else:
+        for weight in module.pre_weights():
+            merged, expert_ts = task_arithmetic(weight)
+            if train and weight.vocabulary_axis == 0:
+                for i, batches in enumerate(calib.batches):
+                    for b, batch in enumerate(batches):
+                        z1[i][b].copy_(merged[batch.input_ids])
+                        z2[i][b].copy_(expert_ts[i][batch.input_ids])
+            del merged, expert_ts
+        units.end_unit("pre")
+    if train:
+        contexts = [[runner.context(b, z1[0][0].dtype) for b in batches]
+                    for batches in calib.batches]
 
-    report_blocks = []
-    progress = tqdm.tqdm(range(num_layers), desc="ProDistill blocks", disable=options.quiet)
-    for index in progress:
+    progress = tqdm.tqdm(total=num_layers, initial=blocks_done, desc="ProDistill blocks",
+                         disable=quiet)
+    for index in range(blocks_done, num_layers):
         block_started = time.time()
-        layer = runner.layer(index)
         weight_infos = module.layer_weights(index)
+        if not train:
+            for weight in weight_infos:
+                task_arithmetic(weight)
+            units.end_unit(f"block-{index}")
+            progress.update()
+            continue
+
+        layer = runner.layer(index)
         names = layer_weight_names(layer, [w.name for w in weight_infos])
         base_w = {names[n]: t for n, t in base.load_all(weight_infos).items()}
+        compute_dtype = z1[0][0].dtype
 
-        student_in = z1 if p.inputs in ("dual", "merged") else z2
-        teacher_in = z2 if p.inputs in ("dual", "expert") else z1
+        # Which stream feeds the student and the teacher (dual inputs unless ablated); the
+        # teacher outputs go to the buffer the student does not read, in place.
+        student = z1 if p.inputs in ("dual", "merged") else z2
+        teacher = z2 if p.inputs in ("dual", "expert") else z1
+        targets = z2 if student is z1 else z1
         # The teacher outputs never change during training: compute them once. They are
         # also the expert stream's next input.
-        targets, deltas = [], []
+        deltas = []
         for i, expert in enumerate(experts):
             expert_w = {names[n]: t for n, t in expert.load_all(weight_infos).items()}
             for n, t in expert_w.items():
                 check_shape(n, base_w[n], t, expert.model)
-            targets += run_block(runner, index, layer, [expert_w], [teacher_in[i]],
-                                 [contexts[i]], cache_device)
+            run_block(runner, index, layer, [_cast(expert_w, compute_dtype)], [teacher[i]],
+                      [contexts[i]], [targets[i]])
             deltas.append({n: expert_w[n] - base_w[n] for n in base_w})
             del expert_w
 
-        losses = {}
-        if p.epochs:
-            init_w = merged_weights(base_w, deltas, [
-                {n: init[0] for n in base_w} for _ in deltas], compute_dtype)
-            outs = run_block(runner, index, layer, [init_w] * len(experts), student_in,
-                             contexts, cache_device)
-            losses["loss_before"] = stream_loss(outs, targets, contexts)
-            del init_w, outs
+        init_w = merged_weights(base_w, deltas, [{n: init[0] for n in base_w} for _ in deltas],
+                                compute_dtype)
+        loss_before = run_block(runner, index, layer, [init_w] * len(experts), student,
+                                contexts, None, targets)
+        del init_w
 
         epoch_losses = []
 
@@ -242,39 +308,54 @@ def run_prodistill(
             epoch_losses.append(loss)
             progress.set_postfix(block=index, epoch=epoch + 1, loss=f"{loss:.3g}")
 
-        coeffs = distill_block(runner, index, layer, base_w, deltas, student_in, targets,
+        coeffs = distill_block(runner, index, layer, base_w, deltas, student, targets,
                                contexts, p, generator, on_epoch)
         final = merged_weights(base_w, deltas, coeffs, torch.float32)
         for full_name, own_name in names.items():
-            writer.save_tensor(full_name, cast_out(final[own_name].to(base_w[own_name].dtype)).cpu())
+            units.save_tensor(full_name, cast_out(final[own_name].to(base_w[own_name].dtype)))
+        units.end_unit(f"block-{index}")
 
         # Advance the merged stream through exactly the weights just written.
         block_w = {n: t.to(base_w[n].dtype).to(compute_dtype) for n, t in final.items()}
-        outs = run_block(runner, index, layer, [block_w] * len(experts), student_in,
-                         contexts, cache_device)
-        losses["loss_after"] = stream_loss(outs, targets, contexts)
-        losses.setdefault("loss_before", losses["loss_after"])
-        z1 = outs if p.inputs != "expert" else z1
-        z2 = targets if p.inputs != "merged" else outs
-        progress.set_postfix(block=index, loss=f"{losses['loss_before']:.3g}->{losses['loss_after']:.3g}")
-        LOG.info("block %d: loss %.4g -> %.4g", index, losses["loss_before"], losses["loss_after"])
+        advanced = student if p.inputs != "expert" else None
+        loss_after = run_block(runner, index, layer, [block_w] * len(experts), student,
+                               contexts, advanced, targets)
+        if p.inputs == "expert":
+            z1, z2 = z2, z1  # the teacher outputs, in z1's buffer, are the next expert stream
         report_blocks.append({
             "block": index,
-            **losses,
+            "loss_before": loss_before,
+            "loss_after": loss_after,
             "epoch_losses": epoch_losses,
             "coefficient_mean": [float(torch.stack([c.mean() for c in cf.values()]).mean())
                                  for cf in coeffs],
             "seconds": time.time() - block_started,
         })
-        del base_w, deltas, coeffs, final, block_w, targets
+        checkpoint.save_state(index + 1, [z1, z2], generator, report_blocks)
+        progress.set_postfix(block=index, loss=f"{loss_before:.3g}->{loss_after:.3g}")
+        progress.update()
+        LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
+        del base_w, deltas, coeffs, final, block_w
+    progress.close()
 
     for weight in module.post_weights():
         if weight.optional and not (base.has(weight) or any(e.has(weight) for e in experts)):
             continue  # e.g. no lm_head with tied embeddings, as mergekit does
         task_arithmetic(weight)
-    writer.finalize()
+    units.end_unit("post")
+    return report_blocks
 
-    output.finish(
-        staging, out_path, merge_config, arch_info, options, config_source, recipe,
-        calib, report_blocks, started, device,
-    )
+
+def _cast(weights: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    return {n: t.to(dtype) for n, t in weights.items()}
+
+
+def _activation_dtype(recipe: ProDistillRecipe, module, device) -> torch.dtype:
+    """The recipe's choice, else the weights' dtype (fp16 only on GPUs, fp32 on CPUs)."""
+    if recipe.params.activation_dtype != "auto":
+        return dtype_from_name(recipe.params.activation_dtype)
+    dtype = recipe.dtype or getattr(module.config, "dtype", None) or "float32"
+    dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
+    if dtype == torch.float16 and device.type == "cpu":
+        return torch.float32
+    return dtype

@@ -47,7 +47,7 @@ def _route(run_merge, exit_on_error: bool):
                 raise
             # The command line gets one clear line, not a traceback.
             print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(exc.exit_code)
 
     setattr(routed, _PATCHED, True)
     return routed

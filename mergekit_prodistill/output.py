@@ -16,6 +16,7 @@ import yaml
 from mergekit.card import generate_card
 
 from mergekit_prodistill import __version__, integration
+from mergekit_prodistill.checkpoint import PROGRESS
 
 STAGING = ".prodistill-staging"
 REPORT = "prodistill_report.json"
@@ -23,9 +24,13 @@ WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
 
 def start_staging(out_path: str) -> str:
+    """The staging folder, emptied of everything but the progress of an interrupted run."""
     staging = os.path.join(out_path, STAGING)
-    shutil.rmtree(staging, ignore_errors=True)  # leftovers of an interrupted run
-    os.makedirs(staging)
+    os.makedirs(staging, exist_ok=True)
+    for name in os.listdir(staging):
+        if name != PROGRESS:
+            path = os.path.join(staging, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     return staging
 
 
@@ -132,5 +137,5 @@ def publish(staging: str, out_path: str) -> None:
         if name.startswith(WEIGHT_PREFIXES):
             os.remove(os.path.join(out_path, name))
     for name in os.listdir(staging):
-        os.replace(os.path.join(staging, name), os.path.join(out_path, name))
-    os.rmdir(staging)
+        if name != PROGRESS:
+            os.replace(os.path.join(staging, name), os.path.join(out_path, name))

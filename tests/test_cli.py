@@ -70,9 +70,9 @@ def test_recipe_error_is_one_clear_line_and_writes_nothing(families, tmp_path, c
     out = tmp_path / "out"
     proc = run_cli(BIN / command, recipe, out, check=False)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(
         "mergekit-prodistill: error: recipe parameters: unknown parameter 'epoch' (did you "
-        "mean 'epochs'?); valid keys: init, lr, epochs, shots, batch_size, max_length, "
-        "granularity, inputs"
-    ]
+        "mean 'epochs'?); valid keys: init, lr, epochs, "
+    )
     assert not out.exists()

@@ -60,7 +60,7 @@ def test_block_by_block_forward_equals_full_model(families, arch):
 
     runner = BlockRunner(model.config, torch.device("cpu"))
     hidden = model.model.embed_tokens.weight[batch.input_ids].detach()
-    ctx = runner.context(batch, hidden)
+    ctx = runner.context(batch, hidden.dtype)
     real = batch.attention_mask.bool()
     state = dict(model.model.named_parameters())
     for index, expected in enumerate(captured):

@@ -1,0 +1,98 @@
+"""Where the activation streams live: on the device, in (pinned) CPU memory, or on disk.
+
+Two streams per expert (the merged model's and the expert's own) of shots x tokens x
+hidden values are gigabytes for a 13B model. They are stored in a chosen dtype, on the
+compute device when they fit, else in CPU memory (pinned when a GPU is used, so copies to
+it are fast), else in memory-mapped files in a folder the user can place. Every stream is
+a list per expert of one tensor per batch, updated in place as blocks advance.
+"""
+
+import logging
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_prodistill.errors import ProDistillError
+
+LOG = logging.getLogger("mergekit_prodistill")
+
+Stream = List[List[torch.Tensor]]  # [expert][batch] -> [batch, length, hidden]
+
+# Fractions of free memory the streams may take, leaving room for the block's weights,
+# coefficients, optimiser state and one batch's forward and backward pass.
+DEVICE_SHARE = 0.5
+HOST_SHARE = 0.7
+
+
+def available_host_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def choose_placement(requested: str, nbytes: int, device: torch.device) -> str:
+    """'device', 'cpu' or 'disk' for streams totalling ``nbytes``."""
+    if requested != "auto":
+        return requested
+    if device.type == "cuda" and nbytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
+        return "device"
+    if device.type == "cpu" or nbytes <= HOST_SHARE * available_host_bytes():
+        return "device" if device.type == "cpu" else "cpu"
+    return "disk"
+
+
+class ActivationStore:
+    """Allocates the streams for a given set of batch shapes."""
+
+    def __init__(self, shapes: Sequence[Sequence[Tuple[int, int]]], hidden: int,
+                 dtype: torch.dtype, placement: str, device: torch.device,
+                 directory: Optional[str]):
+        self.shapes = shapes
+        self.hidden = hidden
+        self.dtype = dtype
+        self.nbytes_per_stream = sum(
+            b * n * hidden for batches in shapes for b, n in batches
+        ) * dtype.itemsize
+        self.placement = choose_placement(placement, 2 * self.nbytes_per_stream, device)
+        self.device = device if self.placement == "device" else torch.device("cpu")
+        self.directory = directory
+        LOG.info("activation streams: 2 x %.1f MB of %s on %s", self.nbytes_per_stream / 1e6,
+                 dtype, self.placement)
+
+    def allocate(self, name: str) -> Stream:
+        if self.placement == "disk":
+            return self._allocate_on_disk(name)
+        pin = self.placement == "cpu" and torch.cuda.is_available()
+        return [
+            [torch.empty(b, n, self.hidden, dtype=self.dtype, device=self.device, pin_memory=pin)
+             for b, n in batches]
+            for batches in self.shapes
+        ]
+
+    def _allocate_on_disk(self, name: str) -> Stream:
+        if not self.directory:
+            raise ProDistillError(
+                "the activation streams do not fit in memory; set the recipe parameter "
+                "'activation_dir' to a folder with enough free space"
+            )
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, f"{name}.bin")
+        numel = self.nbytes_per_stream // self.dtype.itemsize
+        with open(path, "wb") as f:  # a sparse file of the right size
+            f.truncate(self.nbytes_per_stream)
+        flat = torch.from_file(path, shared=True, size=numel, dtype=self.dtype)
+        stream, offset = [], 0
+        for batches in self.shapes:
+            views = []
+            for b, n in batches:
+                size = b * n * self.hidden
+                views.append(flat[offset : offset + size].view(b, n, self.hidden))
+                offset += size
+            stream.append(views)
+        return stream

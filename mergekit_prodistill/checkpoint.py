@@ -1,0 +1,151 @@
+"""Durable progress, so that running the same command again continues a merge.
+
+After every finished unit (the embeddings, each decoder block, the head) its merged
+tensors are saved to their own file under the staging folder; after every block the
+activation streams, the random generator and the report so far are saved too. Files are
+written to a temporary name and renamed, so a kill at any moment leaves the last finished
+state intact. A fingerprint of the recipe, the options that change results and the input
+files guards against continuing a different merge. At the end the shards are assembled
+from the unit files with mergekit's ``TensorWriter``.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Dict, List, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mergekit_prodistill.errors import ProDistillError
+
+PROGRESS = "progress"
+
+
+def _file_identity(path: str) -> str:
+    """Cheap identity of an input file: its size and a hash of its head.
+
+    For safetensors the head is the header (names, dtypes, shapes, offsets); weights
+    themselves are not hashed, as reading a 13B model twice would cost minutes.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        digest.update(f.read(1 << 20))
+    return f"{os.path.getsize(path)}:{digest.hexdigest()}"
+
+
+def fingerprint(recipe_yaml: str, settings: Dict, input_files: List[str]) -> str:
+    digest = hashlib.sha256(recipe_yaml.encode())
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for path in sorted(input_files):
+        digest.update(f"{os.path.abspath(path)}={_file_identity(path)}".encode())
+    return digest.hexdigest()
+
+
+def _write_json(path: str, data) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def _atomic(path: str, write) -> None:
+    tmp = path + ".tmp"
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class Checkpoint:
+    def __init__(self, staging: str, fingerprint: str):
+        self.dir = os.path.join(staging, PROGRESS)
+        self.fingerprint = fingerprint
+        self.state_path = os.path.join(self.dir, "state.json")
+
+    def resume(self) -> Optional[dict]:
+        """The saved state of an interrupted run of this same merge, if there is one."""
+        if not os.path.exists(self.state_path):
+            shutil.rmtree(self.dir, ignore_errors=True)
+            os.makedirs(self.dir)
+            return None
+        with open(self.state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state["fingerprint"] != self.fingerprint:
+            raise ProDistillError(
+                f"{os.path.dirname(self.dir)} holds an unfinished merge of a different recipe "
+                "or different input files; delete that folder to start this merge afresh"
+            )
+        return state
+
+    # -- merged tensors, one file per unit ------------------------------------------------
+    def unit_path(self, unit: str) -> str:
+        return os.path.join(self.dir, f"{unit}.safetensors")
+
+    def save_unit(self, unit: str, tensors: Dict[str, torch.Tensor]) -> None:
+        _atomic(self.unit_path(unit), lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+
+    def assemble(self, units: List[str], writer) -> None:
+        """Feed every unit's tensors, in order, to the output shard writer."""
+        for unit in units:
+            with safe_open(self.unit_path(unit), framework="pt") as f:
+                for name in f.keys():
+                    writer.save_tensor(name, f.get_tensor(name))
+
+    # -- streams and loop state, after every block ----------------------------------------
+    def save_state(self, blocks_done: int, streams, generator: torch.Generator,
+                   report_blocks: List[dict]) -> None:
+        flat = {
+            f"{s}.{i}.{b}": t.contiguous()
+            for s, stream in enumerate(streams)
+            for i, batches in enumerate(stream)
+            for b, t in enumerate(batches)
+        }
+        flat["generator"] = generator.get_state()
+        _atomic(os.path.join(self.dir, "streams.safetensors"), lambda p: save_file(flat, p))
+        state = {"fingerprint": self.fingerprint, "blocks_done": blocks_done,
+                 "report_blocks": report_blocks}
+        _atomic(self.state_path, lambda p: _write_json(p, state))
+
+    def load_streams(self, streams, generator: torch.Generator) -> None:
+        """Copy the saved streams into ``streams`` (allocated alike) and restore the RNG."""
+        with safe_open(os.path.join(self.dir, "streams.safetensors"), framework="pt") as saved:
+            for s, stream in enumerate(streams):
+                for i, batches in enumerate(stream):
+                    for b, t in enumerate(batches):
+                        t.copy_(saved.get_tensor(f"{s}.{i}.{b}"))
+            generator.set_state(saved.get_tensor("generator"))
+
+    def remove(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class UnitWriter:
+    """Takes the merged tensors unit by unit: the embeddings, each block, the head.
+
+    Without a checkpoint they go straight to the shard writer (streaming task arithmetic).
+    With one, each finished unit is saved on its own, and the shards are assembled from
+    those files at the end.
+    """
+
+    def __init__(self, writer, checkpoint: Optional[Checkpoint]):
+        self.writer = writer
+        self.checkpoint = checkpoint
+        self.pending: Dict[str, torch.Tensor] = {}
+
+    def save_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.cpu().contiguous()
+        if self.checkpoint is None:
+            self.writer.save_tensor(name, tensor)
+        else:
+            self.pending[name] = tensor
+
+    def end_unit(self, unit: str) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.save_unit(unit, self.pending)
+            self.pending = {}
+
+    def finalize(self, units: List[str]) -> None:
+        if self.checkpoint is not None:
+            self.checkpoint.assemble(units, self.writer)
+        self.writer.finalize()

@@ -1,0 +1,135 @@
+"""Interrupted merges continue to the same bits; bad training stops cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import BIN, merge, run_cli
+from mergekit_prodistill import distill
+from mergekit_prodistill.errors import ProDistillError
+from test_merge import load_tensors
+
+STAGING = ".prodistill-staging"
+
+
+def progress(out):
+    path = out / STAGING / "progress" / "state.json"
+    try:
+        return json.loads(path.read_text())["blocks_done"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_then_rerun_gives_identical_tensors(families, tmp_path):
+    fam = families("llama", 2, num_layers=6)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(fam.recipe("prodistill", epochs=20, lr=0.05, shots=8, batch_size=4))
+    merge(recipe.read_text(), tmp_path / "whole", random_seed=7)
+
+    out = tmp_path / "resumed"
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([BIN / "mergekit-prodistill", recipe, out, "--random-seed", "7",
+                             "--quiet"], env=env)
+    deadline = time.time() + 300
+    while progress(out) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = progress(out)
+    assert 2 <= done < 6, f"the kill should land mid-merge, after block {done}"
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+
+    run_cli(BIN / "mergekit-prodistill", recipe, out, "--random-seed", "7", "--quiet")
+    whole, resumed = load_tensors(tmp_path / "whole"), load_tensors(out)
+    assert sorted(whole) == sorted(resumed)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    report = json.loads((out / "prodistill_report.json").read_text())
+    assert [b["block"] for b in report["blocks"]] == list(range(6))
+    assert not (out / STAGING).exists()
+
+
+def test_changed_recipe_is_not_resumed(families, tmp_path):
+    fam = families("llama", 2)
+    out = tmp_path / "out"
+    (out / STAGING / "progress").mkdir(parents=True)
+    (out / STAGING / "progress" / "state.json").write_text(
+        json.dumps({"fingerprint": "another merge", "blocks_done": 1, "report_blocks": []}))
+    with pytest.raises(ProDistillError, match="unfinished merge of a different recipe"):
+        merge(fam.recipe("prodistill", epochs=1, shots=4), out)
+
+
+def test_non_finite_loss_fails_cleanly_after_retries(families, tmp_path):
+    fam = families("llama", 2)
+    out = tmp_path / "out"
+    with pytest.raises(ProDistillError, match=r"block 0: the distillation loss is not finite"):
+        merge(fam.recipe("prodistill", epochs=2, lr=1e30, shots=4), out)
+    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+
+
+def test_non_finite_loss_retries_from_last_good_coefficients(families, tmp_path, monkeypatch, caplog):
+    calls = {"n": 0}
+    real = distill.masked_mse
+
+    def first_call_nan(out, target, mask):
+        loss = real(out, target, mask)
+        if out.requires_grad:  # a training step, not an evaluation pass
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(distill, "masked_mse", first_call_nan)
+    fam = families("llama", 2)
+    out = merge(fam.recipe("prodistill", epochs=2, lr=0.05, shots=4), tmp_path / "out")
+    assert "retrying it with lr=0.005" in caplog.text
+    tensors = load_file(out / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    report = json.loads((out / "prodistill_report.json").read_text())
+    assert len(report["blocks"][0]["epoch_losses"]) == 2
+
+
+@pytest.mark.parametrize("placement", ["cpu", "disk"])
+def test_activation_placements_give_identical_merges(families, tmp_path, placement):
+    fam = families("qwen2", 2)
+    params = dict(epochs=3, lr=0.05, shots=8)
+    ref = load_tensors(merge(fam.recipe("prodistill", **params), tmp_path / "ref"))
+    extra = {"activation_dir": str(tmp_path / "acts")} if placement == "disk" else {}
+    out = merge(fam.recipe("prodistill", activation_placement=placement, **params, **extra),
+                tmp_path / "out")
+    got = load_tensors(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    if placement == "disk":
+        assert list((tmp_path / "acts").glob("*.bin"))
+
+
+def test_bfloat16_activations_train(families, tmp_path):
+    fam = families("llama", 2)
+    out = merge(fam.recipe("prodistill", epochs=3, lr=0.05, shots=8, activation_dtype="bfloat16"),
+                tmp_path / "out")
+    report = json.loads((out / "prodistill_report.json").read_text())
+    assert all(b["loss_after"] < b["loss_before"] for b in report["blocks"])
+
+
+def test_ctrl_c_stops_cleanly_and_says_how_to_resume(families, tmp_path):
+    fam = families("llama", 2, num_layers=6)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(fam.recipe("prodistill", epochs=20, lr=0.05, shots=8, batch_size=4))
+    out = tmp_path / "out"
+    proc = subprocess.Popen([BIN / "mergekit-yaml", recipe, out, "--quiet"],
+                            env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while progress(out) < 1 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith(
+        "mergekit-prodistill: error: interrupted; run the same command again to continue")
+    assert progress(out) >= 1 and not (out / "config.json").exists()

@@ -63,6 +63,9 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self.state_path = os.path.join(self.dir, "state.json")
 
+    def has_progress(self) -> bool:
+        return os.path.exists(self.state_path)
+
     def resume(self) -> Optional[dict]:
         """The saved state of an interrupted run of this same merge, if there is one."""
         if not os.path.exists(self.state_path):
@@ -96,7 +99,7 @@ class Checkpoint:
     def save_state(self, blocks_done: int, streams, generator: torch.Generator,
                    report_blocks: List[dict]) -> None:
         flat = {
-            f"{s}.{i}.{b}": t.contiguous()
+            f"{s}.{i}.{b}": t.cpu().contiguous()
             for s, stream in enumerate(streams)
             for i, batches in enumerate(stream)
             for b, t in enumerate(batches)

@@ -11,6 +11,7 @@ lambda = init. Only one block of the base and of each expert is ever in memory.
 
 import logging
 import math
+import os
 import shutil
 import time
 from typing import Dict, List
@@ -202,6 +203,7 @@ def run_prodistill(
     cast_out = (lambda t: t.to(dtype_from_name(out_dtype))) if out_dtype else (lambda t: t)
 
     calib = calibration.load_for_experts(recipe, options, seed)
+    created_out = not os.path.exists(out_path)
     staging = output.start_staging(out_path)
     writer = TensorWriter(
         staging,
@@ -222,17 +224,22 @@ def run_prodistill(
     try:
         report_blocks = _merge(recipe, module, base, experts, calib, device, generator,
                                units, cast_out, checkpoint, resumed, options.quiet)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"interrupted; run the same command again to continue from the last finished "
-            f"block (progress is kept in {staging})" if checkpoint else
-            "interrupted; nothing was written to the output folder"
-        ) from None
-    units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
-    output.finish(
-        staging, out_path, merge_config, arch_info, options, config_source, recipe,
-        calib, report_blocks, started, device,
-    )
+        units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
+        output.finish(
+            staging, out_path, merge_config, arch_info, options, config_source, recipe,
+            calib, report_blocks, started, device,
+        )
+    except BaseException as exc:
+        resumable = checkpoint is not None and checkpoint.has_progress()
+        if not resumable:  # nothing worth keeping: leave no trace
+            output.discard(staging, out_path, created_out)
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(
+                "interrupted; run the same command again to continue from the last "
+                f"finished block (progress is kept in {staging})" if resumable else
+                "interrupted; nothing was written"
+            ) from None
+        raise
     shutil.rmtree(staging)
 
 
@@ -272,8 +279,9 @@ def _merge(recipe, module, base, experts, calib, device, generator, units, cast_
             if train and weight.vocabulary_axis == 0:
                 for i, batches in enumerate(calib.batches):
                     for b, batch in enumerate(batches):
-                        z1[i][b].copy_(merged[batch.input_ids])
-                        z2[i][b].copy_(expert_ts[i][batch.input_ids])
+                        ids = batch.input_ids.to(merged.device)
+                        z1[i][b].copy_(merged[ids])
+                        z2[i][b].copy_(expert_ts[i][ids])
             del merged, expert_ts
         units.end_unit("pre")
     if train:

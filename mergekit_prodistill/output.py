@@ -34,6 +34,13 @@ def start_staging(out_path: str) -> str:
     return staging
 
 
+def discard(staging: str, out_path: str, created_out: bool) -> None:
+    """Remove what a failed run wrote: the staging folder, and the output folder if new."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if created_out and os.path.isdir(out_path) and not os.listdir(out_path):
+        os.rmdir(out_path)
+
+
 def peak_memory(device: torch.device) -> dict:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = {"peak_rss_bytes": rss * (1 if sys.platform == "darwin" else 1024)}

@@ -69,7 +69,7 @@ def test_non_finite_loss_fails_cleanly_after_retries(families, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ProDistillError, match=r"block 0: the distillation loss is not finite"):
         merge(fam.recipe("prodistill", epochs=2, lr=1e30, shots=4), out)
-    assert not (out / "model.safetensors").exists() and not (out / "config.json").exists()
+    assert not out.exists(), "a run that failed before finishing a block leaves nothing"
 
 
 def test_non_finite_loss_retries_from_last_good_coefficients(families, tmp_path, monkeypatch, caplog):

@@ -42,7 +42,7 @@ def choose_placement(requested: str, nbytes: int, device: torch.device) -> str:
         return requested
     if device.type == "cuda" and nbytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
         return "device"
-    if device.type == "cpu" or nbytes <= HOST_SHARE * available_host_bytes():
+    if nbytes <= HOST_SHARE * available_host_bytes():
         return "device" if device.type == "cpu" else "cpu"
     return "disk"
 

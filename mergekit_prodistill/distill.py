@@ -223,7 +223,8 @@ def run_prodistill(
 
     try:
         report_blocks = _merge(recipe, module, base, experts, calib, device, generator,
-                               units, cast_out, checkpoint, resumed, options.quiet)
+                               units, cast_out, checkpoint, resumed, options.quiet,
+                               p.activation_dir or os.path.join(staging, output.SCRATCH))
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
         output.finish(
             staging, out_path, merge_config, arch_info, options, config_source, recipe,
@@ -244,7 +245,7 @@ def run_prodistill(
 
 
 def _merge(recipe, module, base, experts, calib, device, generator, units, cast_out,
-           checkpoint, resumed, quiet) -> List[dict]:
+           checkpoint, resumed, quiet, activation_dir) -> List[dict]:
     """Merge every tensor in order; returns the per-block report."""
     p = recipe.params
     num_layers = module.num_layers()
@@ -267,7 +268,7 @@ def _merge(recipe, module, base, experts, calib, device, generator, units, cast_
         runner = BlockRunner(module.config, device)
         hidden = module.config.hidden_size
         store = ActivationStore(calib.shapes(), hidden, _activation_dtype(recipe, module, device),
-                                p.activation_placement, device, p.activation_dir)
+                                p.activation_placement, device, activation_dir)
         z1, z2 = store.allocate("z1"), store.allocate("z2")
     blocks_done = resumed["blocks_done"] if resumed else 0
     report_blocks = resumed["report_blocks"] if resumed else []

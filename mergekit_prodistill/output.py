@@ -19,6 +19,7 @@ from mergekit_prodistill import __version__, integration
 from mergekit_prodistill.checkpoint import PROGRESS
 
 STAGING = ".prodistill-staging"
+SCRATCH = "scratch"  # disk-backed activation streams, unless the recipe places them
 REPORT = "prodistill_report.json"
 WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
@@ -144,5 +145,5 @@ def publish(staging: str, out_path: str) -> None:
         if name.startswith(WEIGHT_PREFIXES):
             os.remove(os.path.join(out_path, name))
     for name in os.listdir(staging):
-        if name != PROGRESS:
+        if name not in (PROGRESS, SCRATCH):
             os.replace(os.path.join(staging, name), os.path.join(out_path, name))

@@ -70,9 +70,9 @@ def model_card(merge_config, config_source, name, report) -> str:
         "([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). Embeddings, the final norm "
         f"and the LM head were merged by task arithmetic with weight {params['init']}.",
         "",
-        "| expert | calibration file | prompts | tokens |",
-        "|---|---|---|---|",
-        *[f"| {c['model']} | {c['file']} | {c['prompts']} | {c['tokens']} |"
+        "| expert | prompts from | template | prompts | tokens |",
+        "|---|---|---|---|---|",
+        *[f"| {c['model']} | {c['source']} | {c['template']} | {c['prompts']} | {c['tokens']} |"
           for c in report["calibration"]],
         "",
         "Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in params.items())
@@ -108,8 +108,10 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
         "seed": options.random_seed if options.random_seed is not None else 0,
         "device": str(device),
         "calibration": [
-            {"model": str(e.model), "file": f, "prompts": n, "tokens": calib.tokens(i)}
-            for i, (e, f, n) in enumerate(zip(recipe.experts, calib.files, calib.prompts))
+            {"model": str(e.model), "source": source, "hub_dataset": hub_dataset,
+             "template": e.params.template, "prompts": n, "tokens": calib.tokens(i)}
+            for i, (e, source, hub_dataset, n) in enumerate(
+                zip(recipe.experts, calib.sources, calib.hub_datasets, calib.prompts))
         ],
         "blocks": blocks,
         "seconds": time.time() - started,

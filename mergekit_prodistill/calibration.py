@@ -1,63 +1,22 @@
-"""Calibration prompts: read, sample, tokenise, and batch them by length.
+"""Calibration prompts: read, sample, template, tokenise, and batch them by length.
 
-Prompts are unlabeled text. A ``.jsonl`` file holds one JSON object per line with the
-prompt under ``text`` (or ``prompt`` / ``instruction``), or one JSON string per line; any
-other file holds one prompt per line. Relative paths are resolved against the working
-directory, as mergekit does for model paths.
+Where prompts come from (files, folders, datasets) is :mod:`mergekit_prodistill.sources`;
+the prompt formats are :mod:`mergekit_prodistill.templates`.
 """
 
-import json
 import logging
-import os
 import random
 from dataclasses import dataclass
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.templates import apply_template
+# read_prompts and PROMPT_FIELDS stay importable from here for existing callers.
+from mergekit_prodistill.sources import PROMPT_FIELDS, read_expert_prompts, read_prompts  # noqa: F401
+from mergekit_prodistill.templates import format_prompts
 
 LOG = logging.getLogger("mergekit_prodistill")
-
-PROMPT_FIELDS = ("text", "prompt", "instruction")
-
-
-def read_prompts(path: str) -> List[str]:
-    if not os.path.isfile(path):
-        raise ProDistillError(f"calibration file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except UnicodeDecodeError as exc:
-        raise ProDistillError(f"calibration file {path} is not UTF-8 text: {exc}") from None
-    except OSError as exc:
-        raise ProDistillError(f"calibration file {path} cannot be read: {exc}") from None
-
-    prompts = []
-    is_jsonl = path.endswith(".jsonl")
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        if not is_jsonl:
-            prompts.append(line)
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ProDistillError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if isinstance(record, dict):
-            record = next((record[k] for k in PROMPT_FIELDS if k in record), None)
-        if not isinstance(record, str):
-            raise ProDistillError(
-                f"{path}:{number}: expected a string or an object with a "
-                f"{' / '.join(repr(k) for k in PROMPT_FIELDS)} field"
-            )
-        if record.strip():
-            prompts.append(record)
-    if not prompts:
-        raise ProDistillError(f"calibration file {path} holds no prompts")
-    return prompts
 
 
 def sample_prompts(prompts: List[str], shots: int, seed: int) -> List[str]:
@@ -80,8 +39,17 @@ class Batch:
 
 
 def tokenize(prompts: List[str], tokenizer, max_length: int) -> List[List[int]]:
-    encoded = tokenizer(prompts, add_special_tokens=True, truncation=True, max_length=max_length)
-    return [ids for ids in encoded["input_ids"] if ids]
+    bos = tokenizer.bos_token
+    sequences = []
+    for text in prompts:
+        # Chat templates (and some hand-written ones) already start with the BOS text;
+        # letting the tokenizer add its own would give the model a doubled BOS.
+        special = not (bos and text.startswith(bos))
+        ids = tokenizer(text, add_special_tokens=special, truncation=True,
+                        max_length=max_length)["input_ids"]
+        if ids:
+            sequences.append(ids)
+    return sequences
 
 
 def make_batches(sequences: List[List[int]], batch_size: int) -> List[Batch]:
@@ -104,7 +72,8 @@ def make_batches(sequences: List[List[int]], batch_size: int) -> List[Batch]:
 class CalibrationSet:
     """Per expert: where its prompts came from, and their batches."""
 
-    files: List[str]
+    sources: List[str]  # as the recipe names them
+    hub_datasets: List[Optional[str]]  # the Hub id of each source, where there is one
     prompts: List[int]  # prompts used per expert
     batches: List[List[Batch]]
 
@@ -131,24 +100,27 @@ def load_tokenizer(model, fallback, trust_remote_code: bool):
 
 
 def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
-    """Read, sample, tokenise and batch every expert's calibration prompts."""
+    """Read, sample, template, tokenise and batch every expert's calibration prompts."""
     p = recipe.params
-    files, used, batches = [], [], []
+    calib = CalibrationSet([], [], [], [])
     for i, expert in enumerate(recipe.experts):
-        path = expert.params.calibration
-        prompts = read_prompts(path)
-        if len(prompts) < p.shots:
+        where = f"model {expert.model}"
+        source = read_expert_prompts(expert.params, where)
+        if len(source.texts) < p.shots:
             LOG.warning(
-                "calibration file %s holds %d prompts, fewer than shots=%d: using all of them",
-                path, len(prompts), p.shots,
+                "calibration source %s holds %d prompts, fewer than shots=%d: using all of them",
+                source.source, len(source.texts), p.shots,
             )
-        prompts = sample_prompts(prompts, p.shots, seed + i)
-        prompts = [apply_template(expert.params.template, x) for x in prompts]
+        prompts = sample_prompts(source.texts, p.shots, seed + i)
+        # One tokenizer and one list of token ids per expert: the merged stream and the
+        # expert's stream both start from exactly these ids.
         tokenizer = load_tokenizer(expert.model, recipe.base, options.trust_remote_code)
+        prompts = format_prompts(expert.params.template, prompts, tokenizer, where)
         sequences = tokenize(prompts, tokenizer, p.max_length)
         if not sequences:
-            raise ProDistillError(f"calibration file {path}: no prompt produced any token")
-        files.append(path)
-        used.append(len(sequences))
-        batches.append(make_batches(sequences, p.batch_size))
-    return CalibrationSet(files, used, batches)
+            raise ProDistillError(f"calibration source {source.source}: no prompt produced any token")
+        calib.sources.append(source.source)
+        calib.hub_datasets.append(source.hub_dataset)
+        calib.prompts.append(len(sequences))
+        calib.batches.append(make_batches(sequences, p.batch_size))
+    return calib

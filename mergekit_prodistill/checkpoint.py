@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from mergekit_prodistill.errors import ProDistillError
 
-PROGRESS = "progress"
+PROGRESS = ".progress"  # hidden: never published or uploaded
 
 
 def _file_identity(path: str) -> str:
@@ -36,10 +36,19 @@ def _file_identity(path: str) -> str:
     return f"{os.path.getsize(path)}:{digest.hexdigest()}"
 
 
-def fingerprint(recipe_yaml: str, settings: Dict, input_files: List[str]) -> str:
+def fingerprint(recipe_yaml: str, settings: Dict, model_files: List[str],
+                calibration_batches) -> str:
+    """What makes two runs the same merge: recipe, settings, models, calibration tokens.
+
+    Hashing the token ids covers every calibration source (files, folders, datasets)
+    together with its template, tokenizer, sampling and truncation.
+    """
     digest = hashlib.sha256(recipe_yaml.encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
-    for path in sorted(input_files):
+    for batches in calibration_batches:
+        for batch in batches:
+            digest.update(batch.input_ids.numpy().tobytes())
+    for path in sorted(model_files):
         digest.update(f"{os.path.abspath(path)}={_file_identity(path)}".encode())
     return digest.hexdigest()
 

@@ -1,4 +1,9 @@
-"""``mergekit-prodistill RECIPE OUT``: the same flags as ``mergekit-yaml``."""
+"""``mergekit-prodistill RECIPE OUT``: the same flags as ``mergekit-yaml``, plus publishing.
+
+``--push-to-hub REPO_ID`` (with ``--private`` and ``--revision``) uploads the finished
+merge; mergekit-yaml's own flags belong to mergekit and cannot grow, so publishing lives
+on this command only.
+"""
 
 import sys
 
@@ -13,13 +18,27 @@ from mergekit_prodistill.errors import ProDistillError
 @click.command("mergekit-prodistill", cls=PrettyPrintHelp)
 @click.argument("config_file")
 @click.argument("out_path")
+@click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
+              help="Upload the finished merge to this Hugging Face model repo (created if "
+              "missing). Token: HF_TOKEN or `hf auth login`.")
+@click.option("--private", is_flag=True, default=False,
+              help="With --push-to-hub: create the repo private.")
+@click.option("--revision", metavar="BRANCH", default=None,
+              help="With --push-to-hub: the branch to upload to (created if missing).")
 @add_merge_options
-def main(merge_options: MergeOptions, config_file: str, out_path: str):
+def main(merge_options: MergeOptions, config_file: str, out_path: str,
+         push_to_hub: str, private: bool, revision: str):
     """Merge the experts of a prodistill recipe into its base model."""
+    from mergekit_prodistill import hub, integration
     from mergekit_prodistill.distill import run_prodistill
 
+    integration.install()  # as under mergekit-yaml: the method is known by name (card link)
     merge_options.apply_global_options()
     try:
+        if (private or revision) and not push_to_hub:
+            raise ProDistillError("--private and --revision apply to --push-to-hub REPO_ID")
+        if push_to_hub:
+            hub.check_ready(push_to_hub)
         with open(config_file, encoding="utf-8") as f:
             source = f.read()
         config = MergeConfiguration.model_validate(yaml.safe_load(source))
@@ -29,6 +48,9 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str):
                 "'prodistill' recipes (use mergekit-yaml for the others)"
             )
         run_prodistill(config, out_path, merge_options, source)
+        if push_to_hub:
+            url = hub.push(out_path, push_to_hub, private=private, revision=revision)
+            print(f"uploaded {out_path} to {url}", file=sys.stderr)
     except (ProDistillError, OSError) as exc:
         print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))

@@ -13,7 +13,14 @@ from typing import Any, Dict, List, Literal, Optional
 
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from mergekit_prodistill.errors import ProDistillError
 
@@ -67,13 +74,28 @@ class ExpertParameters(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    calibration: str = Field(
-        description="file of unlabeled prompts: JSONL with a 'text' field, or one per line"
+    calibration: Optional[str] = Field(
+        None,
+        description="local prompts: a JSONL, text, Parquet, CSV or JSON file, a folder of "
+        "them, or a folder written by Dataset.save_to_disk",
+    )
+    dataset: Optional[str] = Field(
+        None,
+        description="a Hugging Face dataset: Hub id (read from the local cache when "
+        "offline) or local dataset folder",
+    )
+    subset: Optional[str] = Field(None, description="the dataset's configuration (subset)")
+    split: Optional[str] = Field(None, description="the dataset split (default: train)")
+    field: Optional[str] = Field(
+        None,
+        description="the JSON field or dataset column holding the prompt (default: the "
+        "first of text, prompt, instruction, question, problem)",
     )
     template: str = Field(
         "{prompt}",
-        description="the expert's prompt format: a string containing {prompt}, or a preset "
-        "name (vicuna, alpaca, alpaca-cot, alpaca-code)",
+        description="the expert's prompt format: a string containing {prompt}, a preset "
+        "name (vicuna, alpaca, alpaca-cot, alpaca-code), or chat (the tokenizer's own "
+        "chat template)",
     )
 
     @field_validator("template")
@@ -81,7 +103,19 @@ class ExpertParameters(BaseModel):
     def _known_template(cls, value: str) -> str:
         from mergekit_prodistill.templates import resolve_template
 
-        return resolve_template(value)
+        resolve_template(value)  # raises on an unknown preset; the name is kept for the card
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if (self.calibration is None) == (self.dataset is None):
+            raise ValueError(
+                "name the calibration prompts with exactly one of 'calibration:' (a local "
+                "file or folder) and 'dataset:' (a Hugging Face dataset)"
+            )
+        if self.subset is not None and self.dataset is None:
+            raise ValueError("'subset' applies to 'dataset:' sources only")
+        return self
 
 
 @dataclass(frozen=True)
@@ -117,7 +151,9 @@ def _validate(schema, raw: Dict[str, Any], where: str):
         return schema.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "?"
+        if not err["loc"]:  # a check across several keys
+            raise ProDistillError(f"{where}: {err['ctx']['error']}") from None
+        key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
             close = difflib.get_close_matches(key, schema.model_fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -216,7 +216,8 @@ def run_prodistill(
         checkpoint = Checkpoint(staging, fingerprint(
             merge_config.to_yaml(),
             {"seed": seed, "device": device.type, "dtype": recipe.dtype},
-            [*calib.files, *(f for m in [base, *experts] for f in m.shard_files())],
+            [f for m in [base, *experts] for f in m.shard_files()],
+            calib.batches,
         ))
     resumed = checkpoint.resume() if checkpoint else None
     units = UnitWriter(writer, checkpoint)

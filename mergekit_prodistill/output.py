@@ -10,16 +10,15 @@ import resource
 import shutil
 import sys
 import time
+from importlib import metadata
 
 import torch
-import yaml
-from mergekit.card import generate_card
 
-from mergekit_prodistill import __version__, integration
+from mergekit_prodistill import __version__, card, integration
 from mergekit_prodistill.checkpoint import PROGRESS
 
 STAGING = ".prodistill-staging"
-SCRATCH = "scratch"  # disk-backed activation streams, unless the recipe places them
+SCRATCH = ".scratch"  # hidden; disk-backed activation streams, unless the recipe places them
 REPORT = "prodistill_report.json"
 WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 
@@ -50,57 +49,24 @@ def peak_memory(device: torch.device) -> dict:
     return peak
 
 
-def _local_paths_absolute(merge_config):
-    """mergekit's card asks the Hub about relative paths; make existing local ones absolute."""
-
-    def fix(ref):
-        path = ref.model.path
-        if os.path.exists(path) and not os.path.isabs(path):
-            return ref.model_copy(update={"model": ref.model.model_copy(
-                update={"path": os.path.abspath(path)})})
-        return ref
-
-    models = [m.model_copy(update={"model": fix(m.model)}) for m in merge_config.models]
-    return merge_config.model_copy(update={
-        "models": models,
-        "base_model": fix(merge_config.base_model),
-    })
+def versions() -> dict:
+    found = {"mergekit-prodistill": __version__}
+    for package in ("mergekit", "transformers", "torch"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
 
 
-def model_card(merge_config, config_source, name, report) -> str:
-    card = generate_card(_local_paths_absolute(merge_config), config_source, name)
-    _, front, body = card.split("---\n", 2)
-    meta = yaml.safe_load(front)
-    meta["tags"] = list(dict.fromkeys([*meta.get("tags", []), "prodistill"]))
-    params = report["parameters"]
-    lines = [
-        "",
-        "### ProDistill",
-        "",
-        "Element-wise merging coefficients were trained block by block so that each merged "
-        "decoder block, fed the merged model's own activations, reproduces every expert's "
-        "block on that expert's unlabeled calibration prompts "
-        "([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). Embeddings, the final norm "
-        f"and the LM head were merged by task arithmetic with weight {params['init']}.",
-        "",
-        "| expert | calibration file | prompts | tokens |",
-        "|---|---|---|---|",
-        *[f"| {c['model']} | {c['file']} | {c['prompts']} | {c['tokens']} |"
-          for c in report["calibration"]],
-        "",
-        "Hyper-parameters: " + ", ".join(f"{k}={v}" for k, v in params.items())
-        + f", seed={report['seed']}.",
-        "",
-        "| block | loss before | loss after |",
-        "|---|---|---|",
-        *[f"| {b['block']} | {b['loss_before']:.4g} | {b['loss_after']:.4g} |"
-          for b in report["blocks"]],
-        "",
-        f"Merged with mergekit-prodistill {__version__} in {report['seconds']:.0f} s on "
-        f"{report['device']}.",
-        "",
-    ]
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body + "\n".join(lines)
+def listing(folder: str) -> list:
+    """The files under ``folder`` as sorted relative paths, hidden ones (working data) left out."""
+    found = []
+    for root, dirs, names in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.relpath(os.path.join(root, n), folder).replace(os.sep, "/")
+                  for n in names if not n.startswith(".")]
+    return sorted(found)
 
 
 def finish(staging, out_path, merge_config, arch_info, options, config_source, recipe,
@@ -121,21 +87,26 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
         "seed": options.random_seed if options.random_seed is not None else 0,
         "device": str(device),
         "calibration": [
-            {"model": str(e.model), "file": f, "prompts": n, "tokens": calib.tokens(i)}
-            for i, (e, f, n) in enumerate(zip(recipe.experts, calib.files, calib.prompts))
+            {"model": str(e.model), "source": source, "hub_dataset": hub_dataset,
+             "template": e.params.template, "prompts": n, "tokens": calib.tokens(i)}
+            for i, (e, source, hub_dataset, n) in enumerate(
+                zip(recipe.experts, calib.sources, calib.hub_datasets, calib.prompts))
         ],
         "blocks": blocks,
         "seconds": time.time() - started,
         **peak_memory(device),
+        "versions": versions(),
     }
-    with open(os.path.join(staging, REPORT), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
     if options.write_model_card:
-        card = model_card(merge_config, config_source, os.path.basename(os.path.abspath(out_path)), report)
-        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
-            f.write(card)
+        name = os.path.basename(os.path.abspath(out_path))
+        card.write_card(staging, merge_config, config_source, name, report)
         with open(os.path.join(staging, "mergekit_config.yml"), "w", encoding="utf-8") as f:
             f.write(config_source)
+    # The report is written last so it can list every file of the finished merge: that
+    # list is exactly what --push-to-hub uploads.
+    report["files"] = sorted([*listing(staging), REPORT])
+    with open(os.path.join(staging, REPORT), "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=2)
     publish(staging, out_path)
 
 

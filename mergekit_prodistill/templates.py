@@ -1,4 +1,14 @@
-"""Prompt templates: each expert sees its calibration prompts in its own format."""
+"""Prompt templates: each expert sees its calibration prompts in its own format.
+
+A template is a string containing ``{prompt}``, the name of a preset below (the formats
+the ProDistill authors used for their Llama-2-13B experts), or ``chat``: the expert
+tokenizer's own chat template, with the prompt as the user's message and the assistant's
+turn opened.
+"""
+
+from typing import List
+
+from mergekit_prodistill.errors import ProDistillError
 
 PRESETS = {
     "vicuna": (
@@ -23,15 +33,19 @@ PRESETS = {
 }
 
 PLACEHOLDER = "{prompt}"
+CHAT = "chat"
 
 
 def resolve_template(name_or_text: str) -> str:
-    """A preset's text, or a template string that must contain ``{prompt}``."""
+    """A preset's text, ``chat``, or a template string that must contain ``{prompt}``."""
     if name_or_text in PRESETS:
         return PRESETS[name_or_text]
+    if name_or_text == CHAT:
+        return CHAT
     if PLACEHOLDER not in name_or_text:
         raise ValueError(
-            f"must contain {PLACEHOLDER} or be one of the presets: {', '.join(PRESETS)}"
+            f"must contain {PLACEHOLDER}, be one of the presets {', '.join(PRESETS)}, "
+            f"or be '{CHAT}' (the tokenizer's chat template)"
         )
     return name_or_text
 
@@ -39,3 +53,24 @@ def resolve_template(name_or_text: str) -> str:
 def apply_template(template: str, prompt: str) -> str:
     # Plain replacement: prompts (code!) and templates may contain other braces.
     return template.replace(PLACEHOLDER, prompt)
+
+
+def format_prompts(template: str, prompts: List[str], tokenizer, where: str) -> List[str]:
+    """Wrap every prompt in ``template`` (a preset name, ``chat``, or a template string)."""
+    text = resolve_template(template)
+    if text != CHAT:
+        return [apply_template(text, p) for p in prompts]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ProDistillError(
+            f"{where}: template 'chat' needs a chat template, but the tokenizer has none; "
+            "name a preset or write the template with {prompt}"
+        )
+    try:
+        return [
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+    except Exception as exc:  # jinja2 errors raised by the model's own template
+        raise ProDistillError(f"{where}: the tokenizer's chat template failed: {exc}") from None

@@ -51,3 +51,11 @@ def run_cli(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def with_expert_parameters(recipe_text: str, *updates: dict) -> str:
+    """The recipe with each expert's ``parameters:`` replaced by the matching dict."""
+    doc = yaml.safe_load(recipe_text)
+    for entry, params in zip(doc["models"], updates):
+        entry["parameters"] = params
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -19,7 +19,7 @@ STAGING = ".prodistill-staging"
 
 
 def progress(out):
-    path = out / STAGING / "progress" / "state.json"
+    path = out / STAGING / ".progress" / "state.json"
     try:
         return json.loads(path.read_text())["blocks_done"]
     except (OSError, ValueError):
@@ -57,8 +57,8 @@ def test_sigkill_then_rerun_gives_identical_tensors(families, tmp_path):
 def test_changed_recipe_is_not_resumed(families, tmp_path):
     fam = families("llama", 2)
     out = tmp_path / "out"
-    (out / STAGING / "progress").mkdir(parents=True)
-    (out / STAGING / "progress" / "state.json").write_text(
+    (out / STAGING / ".progress").mkdir(parents=True)
+    (out / STAGING / ".progress" / "state.json").write_text(
         json.dumps({"fingerprint": "another merge", "blocks_done": 1, "report_blocks": []}))
     with pytest.raises(ProDistillError, match="unfinished merge of a different recipe"):
         merge(fam.recipe("prodistill", epochs=1, shots=4), out)

@@ -1,0 +1,33 @@
+"""The flagship recipe validates offline, with the prompt formats its experts were trained with."""
+
+from pathlib import Path
+
+import yaml
+from mergekit.config import MergeConfiguration
+
+from mergekit_prodistill.card import hub_model_id
+from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.templates import PRESETS, resolve_template
+
+FLAGSHIP = Path(__file__).resolve().parents[1] / "examples" / "wizard-13b" / "recipe.yml"
+
+
+def test_flagship_recipe_validates_offline():
+    config = MergeConfiguration.model_validate(yaml.safe_load(FLAGSHIP.read_text()))
+    recipe = parse_recipe(config)
+    assert str(recipe.base) == "meta-llama/Llama-2-13b-hf" and recipe.dtype == "bfloat16"
+    experts = {str(e.model): e.params for e in recipe.experts}
+    assert list(experts) == ["WizardLMTeam/WizardLM-13B-V1.2", "WizardLMTeam/WizardMath-13B-V1.0",
+                             "layoric/llama-2-13b-code-alpaca"]
+    chat, maths, code = experts.values()
+    assert resolve_template(chat.template).startswith("A chat between a curious user")
+    assert resolve_template(maths.template).endswith("### Response: Let's think step by step.")
+    assert "Create a Python script for this problem:" in resolve_template(code.template)
+    assert {chat.template, maths.template, code.template} <= set(PRESETS)
+    # Prompts come from training data, named by Hub id and column.
+    assert (maths.dataset, maths.subset, maths.split, maths.field) == (
+        "openai/gsm8k", "main", "train", "question")
+    assert all(p.dataset and p.field and p.calibration is None for p in experts.values())
+    assert recipe.params.shots == 64 and recipe.params.max_length == 512
+    # Every model is a Hub id, so the card's base_model lists all four.
+    assert all(hub_model_id(m) == m for m in [str(recipe.base), *experts])

@@ -16,7 +16,7 @@ from typing import List
 import torch
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.templates import apply_template
+from mergekit_prodistill.templates import PLACEHOLDER, apply_template
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -24,15 +24,21 @@ PROMPT_FIELDS = ("text", "prompt", "instruction")
 
 
 def read_prompts(path: str) -> List[str]:
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise ProDistillError(f"calibration file {path} does not exist")
+    if not os.path.isfile(path):
+        raise ProDistillError(f"calibration file {path} is not a file")
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError as exc:
-        raise ProDistillError(f"calibration file {path} is not UTF-8 text: {exc}") from None
+        raise ProDistillError(
+            f"calibration file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
     except OSError as exc:
-        raise ProDistillError(f"calibration file {path} cannot be read: {exc}") from None
+        raise ProDistillError(
+            f"calibration file {path} cannot be read: {exc.strerror or exc}"
+        ) from None
 
     prompts = []
     is_jsonl = path.endswith(".jsonl")
@@ -82,6 +88,32 @@ class Batch:
 def tokenize(prompts: List[str], tokenizer, max_length: int) -> List[List[int]]:
     encoded = tokenizer(prompts, add_special_tokens=True, truncation=True, max_length=max_length)
     return [ids for ids in encoded["input_ids"] if ids]
+
+
+def warn_if_truncated(path: str, template: str, lengths: List[int], max_length: int) -> None:
+    """Prompts longer than ``max_length`` tokens are cut at the end; say so.
+
+    What is cut is the end of the prompt and the template text after it (for example
+    "### Response:"), so a model sees an unfinished prompt. Every prompt cut usually means
+    ``max_length`` is too small for the template.
+    """
+    cut = [n for n in lengths if n > max_length]
+    if not cut:
+        return
+    ending = template.split(PLACEHOLDER)[-1].strip()
+    lost = f"the template's ending {ending!r}" if ending else "their ends"
+    if len(cut) == len(lengths):
+        LOG.warning(
+            "calibration file %s: all %d prompts are longer than max_length=%d tokens after "
+            "templating (the longest has %d); each is cut to its first %d tokens and loses "
+            "%s; raise max_length", path, len(cut), max_length, max(cut), max_length, lost,
+        )
+    else:
+        LOG.warning(
+            "calibration file %s: %d of %d prompts are longer than max_length=%d tokens "
+            "after templating and are cut, losing %s", path, len(cut), len(lengths),
+            max_length, lost,
+        )
 
 
 def make_batches(sequences: List[List[int]], batch_size: int) -> List[Batch]:
@@ -141,6 +173,8 @@ def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
         prompts = sample_prompts(prompts, p.shots, seed + i)
         prompts = [apply_template(expert.params.template, x) for x in prompts]
         tokenizer = load_tokenizer(expert.model, recipe.base, options.trust_remote_code)
+        full = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+        warn_if_truncated(path, expert.params.template, [len(ids) for ids in full], p.max_length)
         sequences = tokenize(prompts, tokenizer, p.max_length)
         if not sequences:
             raise ProDistillError(f"calibration file {path}: no prompt produced any token")

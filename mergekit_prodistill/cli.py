@@ -22,7 +22,13 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str):
     try:
         with open(config_file, encoding="utf-8") as f:
             source = f.read()
-        config = MergeConfiguration.model_validate(yaml.safe_load(source))
+        try:
+            # safe_load: a recipe is data; YAML tags that construct objects are refused.
+            config = MergeConfiguration.model_validate(yaml.safe_load(source))
+        except (yaml.YAMLError, ValueError, RuntimeError) as exc:
+            raise ProDistillError(
+                f"{config_file} is not a valid mergekit recipe: {' '.join(str(exc).split())}"
+            ) from None
         if config.merge_method != "prodistill":
             raise ProDistillError(
                 f"{config_file}: merge_method is '{config.merge_method}'; this command runs "

@@ -7,7 +7,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.errors import ProDistillError, one_line
 
 
 @click.command("mergekit-prodistill", cls=PrettyPrintHelp)
@@ -27,7 +27,7 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str):
             config = MergeConfiguration.model_validate(yaml.safe_load(source))
         except (yaml.YAMLError, ValueError, RuntimeError) as exc:
             raise ProDistillError(
-                f"{config_file} is not a valid mergekit recipe: {' '.join(str(exc).split())}"
+                f"{config_file} is not a valid mergekit recipe: {one_line(exc)}"
             ) from None
         if config.merge_method != "prodistill":
             raise ProDistillError(

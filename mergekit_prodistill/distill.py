@@ -28,6 +28,7 @@ from mergekit_prodistill import calibration, output, preflight
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.config import ProDistillParameters, ProDistillRecipe, parse_recipe
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.vocab import plan_vocabulary
 from mergekit_prodistill.weights import ModelTensors, check_shape, merge
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -145,7 +146,8 @@ def run_prodistill(
     started = time.time()
     recipe: ProDistillRecipe = parse_recipe(merge_config)
     p = recipe.params
-    preflight.check_before_merge(recipe, merge_config, options, out_path)
+    checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
+    vocabulary = plan_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
     seed = options.random_seed if options.random_seed is not None else 0
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(options.device or "cpu")
@@ -169,6 +171,7 @@ def run_prodistill(
     cast_out = (lambda t: t.to(dtype_from_name(out_dtype))) if out_dtype else (lambda t: t)
 
     calib = calibration.load_for_experts(recipe, options, seed)
+    merged_ids = vocabulary.calibration_ids(calib)
     runner = BlockRunner(base_config, device)
     staging = output.start_staging(out_path)
     writer = TensorWriter(
@@ -182,9 +185,10 @@ def run_prodistill(
         """Merge one non-block tensor with lambda = init; also return the inputs."""
         base_t = base.load(weight)
         expert_ts = [e.load(weight) for e in experts]
-        for e, t in zip(experts, expert_ts):
-            check_shape(weight.name, base_t, t, e.model)
-        merged = merge(base_t, [t - base_t for t in expert_ts], init).to(base_t.dtype)
+        base_a, aligned = vocabulary.align(weight, base_t, expert_ts)
+        for e, t in zip(experts, aligned):
+            check_shape(weight.name, base_a, t, e.model)
+        merged = merge(base_a, [t - base_a for t in aligned], init).to(base_t.dtype)
         writer.save_tensor(weight.name, cast_out(merged))
         return merged, expert_ts
 
@@ -193,7 +197,7 @@ def run_prodistill(
     for weight in module.pre_weights():
         merged, expert_ts = task_arithmetic(weight)
         if weight.vocabulary_axis == 0 and z1 is None:
-            z1 = [[merged[b.input_ids].to(cache_device) for b in batches] for batches in calib.batches]
+            z1 = [[merged[ids].to(cache_device) for ids in expert_ids] for expert_ids in merged_ids]
             z2 = [[t[b.input_ids].to(cache_device) for b in batches]
                   for t, batches in zip(expert_ts, calib.batches)]
         del merged, expert_ts
@@ -277,5 +281,5 @@ def run_prodistill(
 
     output.finish(
         staging, out_path, merge_config, arch_info, options, config_source, recipe,
-        calib, report_blocks, started, device,
+        calib, report_blocks, started, device, vocabulary,
     )

@@ -69,6 +69,7 @@ def model_card(merge_config, config_source, name, report) -> str:
         "block on that expert's unlabeled calibration prompts "
         "([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). Embeddings, the final norm "
         f"and the LM head were merged by task arithmetic with weight {params['init']}.",
+        *(["", report["vocabulary"]] if report.get("vocabulary") else []),
         "",
         "| expert | calibration file | prompts | tokens |",
         "|---|---|---|---|",
@@ -91,13 +92,19 @@ def model_card(merge_config, config_source, name, report) -> str:
 
 
 def finish(staging, out_path, merge_config, arch_info, options, config_source, recipe,
-           calib, blocks, started, device):
+           calib, blocks, started, device, vocabulary):
     """Write config, tokenizer, card and report into the staging folder, then publish."""
     config_source = config_source or merge_config.to_yaml()
     cfg = integration.model_out_config(merge_config, arch_info, options.trust_remote_code)
-    cfg.save_pretrained(staging)
-    if options.copy_tokenizer:
+    if vocabulary.tokenizer is not None:
+        # A built vocabulary is always saved, and sets vocab_size, as mergekit does.
+        integration.update_config_vocab(cfg, arch_info, vocabulary.tokenizer,
+                                        pad_to_multiple_of=vocabulary.pad_to_multiple_of)
+        integration.set_chat_template(vocabulary.tokenizer, merge_config)
+        vocabulary.tokenizer.save_pretrained(staging)
+    elif options.copy_tokenizer:
         integration.copy_tokenizer(merge_config, staging, options=options)
+    cfg.save_pretrained(staging)
     integration.copy_tagalong_files(
         merge_config, staging, files=arch_info.tagalong_files or [], options=options
     )
@@ -111,6 +118,7 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
             {"model": str(e.model), "file": f, "prompts": n, "tokens": calib.tokens(i)}
             for i, (e, f, n) in enumerate(zip(recipe.experts, calib.files, calib.prompts))
         ],
+        "vocabulary": vocabulary.summary,
         "blocks": blocks,
         "seconds": time.time() - started,
         **peak_memory(device),

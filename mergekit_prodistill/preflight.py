@@ -29,7 +29,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_prodistill import calibration, output
 from mergekit_prodistill.config import ProDistillRecipe
-from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.errors import ProDistillError, one_line
 
 # Bytes per element of the safetensors dtype names.
 SAFETENSORS_ITEMSIZE = {
@@ -65,10 +65,6 @@ class Checked:
     models: Dict[ModelReference, ModelFiles]
     vocabulary_rows: Dict[ModelReference, int]  # input embedding rows per model
     output_bytes: int
-
-
-def one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
 
 
 def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguration,

@@ -126,6 +126,7 @@ def _prodistill_section(report, plot: Optional[str]) -> List[str]:
         "block on that expert's unlabeled calibration prompts "
         "([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). Embeddings, the final norm "
         f"and the LM head were merged by task arithmetic with weight {params['init']}.",
+        *(["", report["vocabulary"]] if report.get("vocabulary") else []),
         "",
         "#### Calibration prompts",
         "",

@@ -12,7 +12,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.errors import ProDistillError, one_line
 
 
 @click.command("mergekit-prodistill", cls=PrettyPrintHelp)
@@ -41,7 +41,13 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str,
             hub.check_ready(push_to_hub)
         with open(config_file, encoding="utf-8") as f:
             source = f.read()
-        config = MergeConfiguration.model_validate(yaml.safe_load(source))
+        try:
+            # safe_load: a recipe is data; YAML tags that construct objects are refused.
+            config = MergeConfiguration.model_validate(yaml.safe_load(source))
+        except (yaml.YAMLError, ValueError, RuntimeError) as exc:
+            raise ProDistillError(
+                f"{config_file} is not a valid mergekit recipe: {one_line(exc)}"
+            ) from None
         if config.merge_method != "prodistill":
             raise ProDistillError(
                 f"{config_file}: merge_method is '{config.merge_method}'; this command runs "

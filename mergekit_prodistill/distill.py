@@ -25,12 +25,13 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, output
+from mergekit_prodistill import calibration, output, preflight
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.checkpoint import Checkpoint, UnitWriter, fingerprint
 from mergekit_prodistill.config import ProDistillParameters, ProDistillRecipe, parse_recipe
 from mergekit_prodistill.errors import Interrupted, ProDistillError
+from mergekit_prodistill.vocab import plan_vocabulary
 from mergekit_prodistill.weights import ModelTensors, check_shape, merge
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -181,6 +182,8 @@ def run_prodistill(
     started = time.time()
     recipe: ProDistillRecipe = parse_recipe(merge_config)
     p = recipe.params
+    checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
+    vocabulary = plan_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
     seed = options.random_seed if options.random_seed is not None else 0
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(options.device or "cpu")
@@ -203,6 +206,7 @@ def run_prodistill(
     cast_out = (lambda t: t.to(dtype_from_name(out_dtype))) if out_dtype else (lambda t: t)
 
     calib = calibration.load_for_experts(recipe, options, seed)
+    merged_ids = vocabulary.calibration_ids(calib)
     created_out = not os.path.exists(out_path)
     staging = output.start_staging(out_path)
     writer = TensorWriter(
@@ -214,7 +218,7 @@ def run_prodistill(
     checkpoint = None
     if p.epochs:
         checkpoint = Checkpoint(staging, fingerprint(
-            merge_config.to_yaml(),
+            repr(merge_config),  # to_yaml() refuses recipes that share YAML anchors
             {"seed": seed, "device": device.type, "dtype": recipe.dtype},
             [f for m in [base, *experts] for f in m.shard_files()],
             calib.batches,
@@ -223,13 +227,14 @@ def run_prodistill(
     units = UnitWriter(writer, checkpoint)
 
     try:
-        report_blocks = _merge(recipe, module, base, experts, calib, device, generator,
-                               units, cast_out, checkpoint, resumed, options.quiet,
+        report_blocks = _merge(recipe, module, base, experts, calib, merged_ids, vocabulary,
+                               device, generator, units, cast_out, checkpoint, resumed,
+                               options.quiet,
                                p.activation_dir or os.path.join(staging, output.SCRATCH))
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
         output.finish(
             staging, out_path, merge_config, arch_info, options, config_source, recipe,
-            calib, report_blocks, started, device,
+            calib, report_blocks, started, device, vocabulary,
         )
     except BaseException as exc:
         resumable = checkpoint is not None and checkpoint.has_progress()
@@ -245,8 +250,8 @@ def run_prodistill(
     shutil.rmtree(staging)
 
 
-def _merge(recipe, module, base, experts, calib, device, generator, units, cast_out,
-           checkpoint, resumed, quiet, activation_dir) -> List[dict]:
+def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
+           units, cast_out, checkpoint, resumed, quiet, activation_dir) -> List[dict]:
     """Merge every tensor in order; returns the per-block report."""
     p = recipe.params
     num_layers = module.num_layers()
@@ -257,13 +262,15 @@ def _merge(recipe, module, base, experts, calib, device, generator, units, cast_
         """Merge one non-block tensor with lambda = init; also return the inputs."""
         base_t = base.load(weight)
         expert_ts = [e.load(weight) for e in experts]
-        for e, t in zip(experts, expert_ts):
-            check_shape(weight.name, base_t, t, e.model)
-        merged = merge(base_t, [t - base_t for t in expert_ts], init).to(base_t.dtype)
+        base_a, aligned = vocabulary.align(weight, base_t, expert_ts)
+        for e, t in zip(experts, aligned):
+            check_shape(weight.name, base_a, t, e.model)
+        merged = merge(base_a, [t - base_a for t in aligned], init).to(base_t.dtype)
         units.save_tensor(weight.name, cast_out(merged))
         return merged, expert_ts
 
-    # Embeddings: merged rows start z1, each expert's own rows start its z2.
+    # Embeddings: merged rows start z1, each expert's own rows start its z2 (the same
+    # prompts, as ids of the merged vocabulary and of the expert's own).
     z1 = z2 = store = contexts = runner = None
     if train:
         runner = BlockRunner(module.config, device)
@@ -281,9 +288,8 @@ def _merge(recipe, module, base, experts, calib, device, generator, units, cast_
             if train and weight.vocabulary_axis == 0:
                 for i, batches in enumerate(calib.batches):
                     for b, batch in enumerate(batches):
-                        ids = batch.input_ids.to(merged.device)
-                        z1[i][b].copy_(merged[ids])
-                        z2[i][b].copy_(expert_ts[i][ids])
+                        z1[i][b].copy_(merged[merged_ids[i][b].to(merged.device)])
+                        z2[i][b].copy_(expert_ts[i][batch.input_ids.to(merged.device)])
             del merged, expert_ts
         units.end_unit("pre")
     if train:

@@ -229,7 +229,7 @@ def run_prodistill(
     try:
         report_blocks = _merge(recipe, module, base, experts, calib, merged_ids, vocabulary,
                                device, generator, units, cast_out, checkpoint, resumed,
-                               options.quiet,
+                               options,
                                p.activation_dir or os.path.join(staging, output.SCRATCH))
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
         output.finish(
@@ -251,7 +251,7 @@ def run_prodistill(
 
 
 def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
-           units, cast_out, checkpoint, resumed, quiet, activation_dir) -> List[dict]:
+           units, cast_out, checkpoint, resumed, options, activation_dir) -> List[dict]:
     """Merge every tensor in order; returns the per-block report."""
     p = recipe.params
     num_layers = module.num_layers()
@@ -273,7 +273,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
     # prompts, as ids of the merged vocabulary and of the expert's own).
     z1 = z2 = store = contexts = runner = None
     if train:
-        runner = BlockRunner(module.config, device)
+        runner = BlockRunner(module.config, device, options.trust_remote_code)
         hidden = module.config.hidden_size
         store = ActivationStore(calib.shapes(), hidden, _activation_dtype(recipe, module, device),
                                 p.activation_placement, device, activation_dir)
@@ -297,7 +297,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
                     for batches in calib.batches]
 
     progress = tqdm.tqdm(total=num_layers, initial=blocks_done, desc="ProDistill blocks",
-                         disable=quiet)
+                         disable=options.quiet)
     for index in range(blocks_done, num_layers):
         block_started = time.time()
         weight_infos = module.layer_weights(index)

@@ -11,7 +11,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass
-from typing import List
+from typing import List, Tuple
 
 import torch
 
@@ -126,20 +126,26 @@ def load_tokenizer(model, fallback, trust_remote_code: bool):
     raise ProDistillError(f"model {model}: no tokenizer found in it or in the base model")
 
 
+def expert_prompts(recipe, index: int, seed: int) -> Tuple[List[str], int]:
+    """Expert ``index``'s sampled, templated prompts, and how many its file holds."""
+    expert = recipe.experts[index]
+    prompts = read_prompts(expert.params.calibration)
+    sampled = sample_prompts(prompts, recipe.params.shots, seed + index)
+    return [apply_template(expert.params.template, x) for x in sampled], len(prompts)
+
+
 def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
     """Read, sample, tokenise and batch every expert's calibration prompts."""
     p = recipe.params
     files, used, batches = [], [], []
     for i, expert in enumerate(recipe.experts):
         path = expert.params.calibration
-        prompts = read_prompts(path)
-        if len(prompts) < p.shots:
+        prompts, available = expert_prompts(recipe, i, seed)
+        if available < p.shots:
             LOG.warning(
                 "calibration file %s holds %d prompts, fewer than shots=%d: using all of them",
-                path, len(prompts), p.shots,
+                path, available, p.shots,
             )
-        prompts = sample_prompts(prompts, p.shots, seed + i)
-        prompts = [apply_template(expert.params.template, x) for x in prompts]
         tokenizer = load_tokenizer(expert.model, recipe.base, options.trust_remote_code)
         sequences = tokenize(prompts, tokenizer, p.max_length)
         if not sequences:

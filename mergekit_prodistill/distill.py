@@ -24,7 +24,7 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, output
+from mergekit_prodistill import calibration, output, plan
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.config import ProDistillParameters, ProDistillRecipe, parse_recipe
 from mergekit_prodistill.errors import ProDistillError
@@ -145,6 +145,7 @@ def run_prodistill(
     started = time.time()
     recipe: ProDistillRecipe = parse_recipe(merge_config)
     p = recipe.params
+    plan.check_fits(recipe, options)  # before any weight is read
     seed = options.random_seed if options.random_seed is not None else 0
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(options.device or "cpu")

@@ -108,17 +108,36 @@ def child_env() -> dict:
                 PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
 
 
+def run_command(command, *args) -> str:
+    """Run one of the installed commands in a child process; return its output."""
+    proc = subprocess.run([str(BIN / command), *map(str, args)], env=child_env(),
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{command} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc.stdout
+
+
 def merge(command, recipe, out, *flags) -> dict:
     """Run one merge in a child process; return its wall time and ProDistill report."""
     started = time.perf_counter()
-    proc = subprocess.run([str(BIN / command), str(recipe), str(out), "--quiet", *flags],
-                          env=child_env(), capture_output=True, text=True)
+    run_command(command, recipe, out, "--quiet", *flags)
     wall = time.perf_counter() - started
-    if proc.returncode:
-        raise SystemExit(f"{command} failed:\n{proc.stdout}\n{proc.stderr}")
     report = Path(out) / "prodistill_report.json"
     return {"wall": wall, **(json.loads(report.read_text()) if report.exists() else {})}
 
 
 def gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB"
+
+
+def planned_peak(recipe, **options) -> int:
+    """The plan's predicted peak on the CPU for a recipe file (no weights read)."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_prodistill.config import parse_recipe
+    from mergekit_prodistill.plan import make_plan
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text()))
+    return make_plan(parse_recipe(config), MergeOptions(**options)).total("cpu")

@@ -1,14 +1,15 @@
 """Achieved FLOP rate of the training step against this machine's plain matmul rate.
 
 Builds one Llama-style block (random weights, base + experts) and calibration batches of
-real width, and times `distill.distill_block`, the loop's own training step, over a few
-epochs. Its FLOPs are counted as the plan counts them (forward + backward = 3 forwards of
-the block's matmuls and attention products). Between runs it times a plain matmul of the
-same dtype and a comparable shape, alternating, and prints the ratio of the medians
-(goal: >= 0.40). Then it profiles one step with torch.profiler and prints the top
-operators by self CPU time.
+real width, and times `distill.distill_block`, the loop's own training, with 1 and with
+1 + N epochs: the difference over N is the time of N steps, without the per-block set-up.
+A step's FLOPs are counted as the plan counts them (forward + backward = 3 forwards of the
+block's matmuls and attention products, one batch per expert). Between runs it times a
+plain matmul of the same dtype and a comparable shape, alternating, and prints the ratio
+of the medians (goal: >= 0.40). Then it profiles a block's training with torch.profiler
+and prints the top operators by self CPU time, by name and by input shapes.
 
-    python bench/flops.py [--hidden 1024] [--dtype bfloat16] [--tokens 128] [--batch 8]
+    python bench/flops.py [--hidden 1024] [--dtype bfloat16] [--tokens 256] [--batch 8]
 """
 
 import argparse
@@ -79,41 +80,47 @@ def main():
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--experts", type=int, default=2)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=2, help="extra epochs (= steps) timed")
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
-    setup = build(args)
-    *block, step_flops = setup
+    *block, step_flops = build(args)
     train(*block, epochs=1)  # warm-up
+
+    def seconds(epochs):
+        started = time.perf_counter()
+        train(*block, epochs=epochs)
+        return time.perf_counter() - started
 
     step_rates, mm_rates = [], []
     for _ in range(args.rounds):
-        started = time.perf_counter()
-        train(*block, epochs=args.epochs)
-        step_rates.append(step_flops * args.epochs / (time.perf_counter() - started))
+        step_seconds = (seconds(1 + args.steps) - seconds(1)) / args.steps
+        step_rates.append(step_flops / step_seconds)
         mm_rates.append(matmul_rate(args))
-    step, mm = statistics.median(step_rates), statistics.median(mm_rates)
+    rate, mm = statistics.median(step_rates), statistics.median(mm_rates)
     print(f"block: hidden {args.hidden}, intermediate {args.intermediate}, {args.experts} "
           f"experts, batch {args.batch} x {args.tokens} tokens, {args.dtype}, "
           f"{torch.get_num_threads()} threads")
-    print(f"training step: {step_flops / 1e9:.1f} GFLOP per step, "
-          f"{step / 1e9:.1f} GFLOP/s (runs: {', '.join(f'{r / 1e9:.1f}' for r in step_rates)})")
+    print(f"training step: {step_flops / 1e9:.1f} GFLOP, {step_flops / rate:.2f} s at the "
+          f"median rate {rate / 1e9:.1f} GFLOP/s "
+          f"(runs: {', '.join(f'{r / 1e9:.1f}' for r in step_rates)})")
     print(f"plain matmul [{args.batch * args.tokens} x {args.hidden}] @ [{args.hidden} x "
           f"{args.intermediate}]: {mm / 1e9:.1f} GFLOP/s "
           f"(runs: {', '.join(f'{r / 1e9:.1f}' for r in mm_rates)})")
-    print(f"ratio: {step / mm:.2f} (goal >= 0.40)")
+    print(f"ratio: {rate / mm:.2f} (goal >= 0.40)")
 
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        train(*block, epochs=1)
-    print("\none training step, top operators by self CPU time:")
+        train(*block, epochs=1 + args.steps)
+    print(f"\none block, {1 + args.steps} steps (set-up included), top operators by self CPU:")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15,
+                                    max_name_column_width=45))
     print(prof.key_averages(group_by_input_shape=True).table(
-        sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=40,
-        max_shapes_column_width=60))
+        sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=30,
+        max_shapes_column_width=70))
 
 
 if __name__ == "__main__":

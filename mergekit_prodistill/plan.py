@@ -46,9 +46,12 @@ SLACK = "allocator slack"
 TERMS = (WEIGHTS, LAMBDA, CACHE, CONTEXTS, TRANSIENT, OUTPUT, SLACK)
 
 # Allocators keep freed blocks for reuse, so a process holds more than its live tensors.
-# CPU: glibc's adaptive mmap threshold; bench/plan_accuracy.py measured peak RSS 12-18%
-# above the live bytes this module predicts. CUDA: PyTorch's caching allocator; assumed.
+# CPU: glibc serves allocations under 32 MiB from its heap, which keeps freed blocks, and
+# maps larger ones, returned at once; bench/plan_accuracy.py measured peak RSS 15% above
+# the live bytes when every block tensor is small, and none above for 13B-sized tensors.
+# CUDA: PyTorch's caching allocator; assumed, not measured.
 SLACK_FRACTION = {"cpu": 0.15, "cuda": 0.10}
+HEAP_LIMIT = 32 * 2**20
 
 # Streams per expert alive at once (dual inputs): z1 and z2, plus the teacher outputs
 # while training, plus the new merged stream while the trained block is applied.
@@ -82,8 +85,9 @@ def gpu(name: str, bf16: float, fp32: float, memory_gbps: float, memory_gb: floa
 
 DEVICE_CLASSES = (
     DeviceClass(
-        "cpu-2core", "cpu", {"float32": 0.18, "bfloat16": 0.77, "float16": 0.10}, 10, 24, 1.0,
-        "plain matmul rates and copy bandwidth measured on the 2-core development machine",
+        "cpu-2core", "cpu", {"float32": 0.18, "bfloat16": 0.77, "float16": 0.10}, 5, 24, 1.0,
+        "2-core x86: idle 2048^3 matmul rates; Adam's element-wise rate (2.6 GB/s measured "
+        "under load, 5 assumed idle)",
     ),
     gpu("a100-80gb", 140, 14, 1500, 80,
         "45% of peak bf16 (312), fp32 without TF32 at 70% of 19.5, 75% of 2.0 TB/s"),
@@ -114,6 +118,7 @@ class ModelShape:
     tied: bool
     attention_types: int  # kinds of attention mask (full, sliding)
     head_norm_values: int  # per token, values through q/k norms (Qwen3); 0 without them
+    heap_share: float  # share of the block's parameters in tensors under HEAP_LIMIT in fp32
 
 
 @dataclass(frozen=True)
@@ -190,13 +195,13 @@ class Plan:
         lines.append("  (phase)".ljust(width) + "".join(f"{peaks[d][0]:>14}" for d in devices))
         for term in TERMS:
             lines.append(f"  {term}".ljust(width)
-                         + "".join(f"{fmt_bytes(peaks[d][1].get(term, 0)):>14}" for d in devices))
+                         + "".join(f"{cell(peaks[d][1].get(term, 0)):>14}" for d in devices))
         lines.append("  total".ljust(width)
                      + "".join(f"{fmt_bytes(self.total(d)):>14}" for d in devices))
         if self.cache_at == "disk":
             lines.append(f"  {CACHE} on disk: {fmt_bytes(self.cache_bytes)}")
         lines.append("  available now".ljust(width) + "".join(
-            f"{fmt_bytes(self.available[d]) if self.available.get(d) else 'unknown':>14}"
+            f"{cell(self.available[d]) if self.available.get(d) else 'unknown':>14}"
             for d in devices))
         f = self.flops
         lines += [
@@ -224,6 +229,10 @@ def fmt_bytes(n: float) -> str:
         if n >= size:
             return f"{n / size:.2f} {unit}"
     return f"{n:.0f} B"
+
+
+def cell(n: float) -> str:
+    return fmt_bytes(n) if n else "-"
 
 
 def fmt_seconds(t: float) -> str:
@@ -290,6 +299,7 @@ def model_shape(base_config, expert_configs) -> ModelShape:
         head_norm_values=(heads + getattr(base_config, "num_key_value_heads", heads))
         * (getattr(base_config, "head_dim", None) or hidden // heads)
         if any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in params) else 0,
+        heap_share=sum(n for n in numels if 4 * n < HEAP_LIMIT) / sum(numels),
     )
 
 
@@ -487,7 +497,8 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
     dev = str(device)
     if available is None:
         available = {dev: available_memory(device), "cpu": available_memory(torch.device("cpu"))}
-    split = {at: place(per_phase, contexts, buffer, dev, at) for at in (dev, "cpu", None)}
+    split = {at: place(per_phase, contexts, buffer, dev, at, shape.heap_share)
+             for at in (dev, "cpu", None)}
     cache_at = cache_placement(device, {"device": peak_total(split[dev], dev),
                                         "cpu": peak_total(split["cpu"], "cpu"),
                                         "rest": peak_total(split[None], dev)}, available)
@@ -522,7 +533,8 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
     )
 
 
-def place(per_phase, contexts: int, buffer: int, dev: str, cache_at: Optional[str]):
+def place(per_phase, contexts: int, buffer: int, dev: str, cache_at: Optional[str],
+          heap_share: float):
     """device -> phase -> term -> bytes, with the cache on ``cache_at`` (None: disk).
 
     Weights, lambda, activations of the running batch, masks and positions live on the
@@ -536,7 +548,8 @@ def place(per_phase, contexts: int, buffer: int, dev: str, cache_at: Optional[st
         if cache_at is not None:
             phases[cache_at][name][CACHE] = terms[CACHE]
     for device, by_phase in phases.items():
-        fraction = SLACK_FRACTION.get(device.split(":")[0], 0.0)
+        kind = device.split(":")[0]
+        fraction = SLACK_FRACTION.get(kind, 0.0) * (heap_share if kind == "cpu" else 1.0)
         for terms in by_phase.values():
             terms[SLACK] = int(fraction * sum(terms.values()))
     return phases

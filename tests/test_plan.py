@@ -64,7 +64,9 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     assert train[plan.WEIGHTS] == (1 + experts) * BLOCK_13B * bf16 + 2 * BLOCK_13B * bf16
     assert p.cache_at == "cuda"
     assert train[plan.CACHE] == 3 * experts * slots * HIDDEN * bf16
-    assert p.phases["cpu"]["train"] == {plan.OUTPUT: 5_000_000_000, plan.SLACK: 750_000_000}
+    assert p.phases["cpu"]["train"][plan.OUTPUT] == 5_000_000_000  # mergekit's default shard
+    # 13B tensors are mapped by the C allocator and returned at once: next to no slack.
+    assert p.phases["cpu"]["train"][plan.SLACK] < 10**6 and p.shape.heap_share < 1e-4
 
     matmuls = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE
     batch = 16 * 512 * (2 * matmuls + 4 * 512 * HEADS * 128)
@@ -80,7 +82,7 @@ def test_plan_command_prints_the_table(wizard_13b):
     for row in (plan.WEIGHTS, plan.LAMBDA, plan.CACHE, plan.TRANSIENT, plan.OUTPUT):
         assert row in out
     lam = next(line for line in out.splitlines() if plan.LAMBDA in line)
-    assert lam.split()[-4:-2] == ["15.23", "GB"]  # on cuda; nothing of it on the CPU
+    assert lam.split()[-3:] == ["15.23", "GB", "-"]  # on cuda; nothing of it on the CPU
     assert "2.00 GB" in next(line for line in out.splitlines() if plan.OUTPUT in line)
     for cls in plan.DEVICE_CLASSES:
         assert cls.name in out

@@ -7,13 +7,14 @@ the prompt formats are :mod:`mergekit_prodistill.templates`.
 import logging
 import random
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from mergekit_prodistill.errors import ProDistillError
 # read_prompts and PROMPT_FIELDS stay importable from here for existing callers.
-from mergekit_prodistill.sources import PROMPT_FIELDS, read_expert_prompts, read_prompts  # noqa: F401
+from mergekit_prodistill.sources import (  # noqa: F401 (read_prompts, PROMPT_FIELDS: API)
+    PROMPT_FIELDS, Prompts, read_expert_prompts, read_prompts)
 from mergekit_prodistill.templates import PLACEHOLDER, format_prompts, resolve_template
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -125,23 +126,29 @@ def load_tokenizer(model, fallback, trust_remote_code: bool):
     raise ProDistillError(f"model {model}: no tokenizer found in it or in the base model")
 
 
+def expert_prompts(recipe, index: int, seed: int, tokenizer) -> Tuple[List[str], Prompts]:
+    """Expert ``index``'s sampled prompts wrapped in its template, and their source."""
+    expert = recipe.experts[index]
+    where = f"model {expert.model}"
+    source = read_expert_prompts(expert.params, where)
+    sampled = sample_prompts(source.texts, recipe.params.shots, seed + index)
+    return format_prompts(expert.params.template, sampled, tokenizer, where), source
+
+
 def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
     """Read, sample, template, tokenise and batch every expert's calibration prompts."""
     p = recipe.params
     calib = CalibrationSet([], [], [], [])
     for i, expert in enumerate(recipe.experts):
-        where = f"model {expert.model}"
-        source = read_expert_prompts(expert.params, where)
+        tokenizer = load_tokenizer(expert.model, recipe.base, options.trust_remote_code)
+        # One tokenizer and one list of token ids per expert: the merged stream and the
+        # expert's stream both start from exactly these ids.
+        prompts, source = expert_prompts(recipe, i, seed, tokenizer)
         if len(source.texts) < p.shots:
             LOG.warning(
                 "calibration source %s holds %d prompts, fewer than shots=%d: using all of them",
                 source.source, len(source.texts), p.shots,
             )
-        prompts = sample_prompts(source.texts, p.shots, seed + i)
-        # One tokenizer and one list of token ids per expert: the merged stream and the
-        # expert's stream both start from exactly these ids.
-        tokenizer = load_tokenizer(expert.model, recipe.base, options.trust_remote_code)
-        prompts = format_prompts(expert.params.template, prompts, tokenizer, where)
         full = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
         warn_if_truncated(source.source, resolve_template(expert.params.template),
                           [len(ids) for ids in full],

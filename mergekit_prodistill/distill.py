@@ -25,7 +25,7 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, output, preflight
+from mergekit_prodistill import calibration, output, plan, preflight
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.checkpoint import Checkpoint, UnitWriter, fingerprint
@@ -184,6 +184,7 @@ def run_prodistill(
     p = recipe.params
     checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
     vocabulary = plan_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
+    plan.check_fits(recipe, options)  # before any weight is read
     seed = options.random_seed if options.random_seed is not None else 0
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(options.device or "cpu")

@@ -41,8 +41,9 @@ def main():
     }
     times = {name: [] for name in recipes}
     for round_ in range(args.rounds + 1):
-        for name, recipe in recipes.items():
-            wall = common.merge("mergekit-yaml", recipe, root / "out")["wall"]
+        for i, (name, recipe) in enumerate(recipes.items()):
+            # One folder per recipe: a folder holding another recipe's merge is refused.
+            wall = common.merge("mergekit-yaml", recipe, root / f"out-{i}")["wall"]
             if round_:  # the first round only warms the page cache
                 times[name].append(wall)
                 print(f"{name:<20} {wall:6.1f} s", flush=True)

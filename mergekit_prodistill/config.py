@@ -41,6 +41,20 @@ class ProDistillParameters(BaseModel):
         description="one coefficient per weight element, per weight tensor, or per expert "
         "and block (the paper's ablation)",
     )
+    continue_tokens: int = Field(
+        0,
+        ge=0,
+        description="tokens each expert generates greedily after each of its calibration "
+        "prompts; the distillation then runs on prompt + continuation (0: prompts only, "
+        "as in the paper)",
+    )
+    head_epochs: int = Field(
+        0,
+        ge=0,
+        description="epochs training the final norm and LM head coefficients to match each "
+        "expert's next-token distribution (0: task arithmetic with weight init, as in the "
+        "paper)",
+    )
     inputs: Literal["dual", "merged", "expert"] = Field(
         "dual",
         description="block inputs: merged stream for the student and the expert's own "

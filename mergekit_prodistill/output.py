@@ -70,7 +70,7 @@ def listing(folder: str) -> list:
 
 
 def finish(staging, out_path, merge_config, arch_info, options, config_source, recipe,
-           calib, blocks, started, device):
+           calib, blocks, started, device, head=None):
     """Write config, tokenizer, card and report into the staging folder, then publish."""
     config_source = config_source or merge_config.to_yaml()
     cfg = integration.model_out_config(merge_config, arch_info, options.trust_remote_code)
@@ -93,6 +93,7 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
                 zip(recipe.experts, calib.sources, calib.hub_datasets, calib.prompts))
         ],
         "blocks": blocks,
+        **({"head": head} if head else {}),
         "seconds": time.time() - started,
         **peak_memory(device),
         "versions": versions(),

@@ -44,3 +44,35 @@ def position_errors(merged, experts: Dict[str, torch.nn.Module], tokenizer,
             "answer_token_agreement": float((agree * predicts).sum() / predicts.sum()),
         }
     return result
+
+
+SCALES = (0.5, 0.7, 0.9, 1.0)
+INTERFERENCE = 0.3
+
+
+@torch.no_grad()
+def task_vector_scaling(base_path, expert_paths: Dict[str, str], tokenizer, tests,
+                        score) -> Dict[str, Dict[str, float]]:
+    """Why data-free merges fail here: each task's accuracy for theta_0 + s * tau_task
+    alone, and for theta_0 + tau_task + 0.3 * (every other task vector)."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(base_path).eval()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    taus = {}
+    for task, path in expert_paths.items():
+        expert = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+        taus[task] = {k: expert[k] - base[k] for k in base}
+
+    def accuracy(task, coeffs):
+        model.load_state_dict({k: base[k] + sum(c * taus[t][k] for t, c in coeffs.items())
+                               for k in base})
+        return score(model, tokenizer, tests[task])
+
+    result = {}
+    for task in taus:
+        row = {f"alone x{s}": accuracy(task, {task: s}) for s in SCALES}
+        others = {t: INTERFERENCE for t in taus if t != task}
+        row[f"x1 + others x{INTERFERENCE}"] = accuracy(task, {task: 1.0, **others})
+        result[task] = row
+    return result

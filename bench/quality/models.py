@@ -1,9 +1,9 @@
 """Build (once) and cache the benchmark's checkpoints: a base model and one expert per task.
 
 The base is a small Llama pretrained on neighbouring string skills, so it knows the prompt
-format and much of the machinery but none of the tasks. Each expert is the base fully fine-tuned on one task. Everything is
-saved as sharded safetensors with the tokenizer, as real checkpoints are, together with
-one unlabeled calibration prompt file per task. A fingerprint of the settings names the
+format and much of the machinery but none of the tasks. Each expert is the base fully
+fine-tuned on one task. Everything is saved as sharded safetensors with the tokenizer, as
+real checkpoints are, together with one unlabeled calibration prompt file per task. A fingerprint of the settings names the
 cache folder, so changing a setting rebuilds and an unchanged one reuses.
 """
 

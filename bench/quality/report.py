@@ -149,6 +149,7 @@ def markdown(results: Dict) -> str:
         if default and group != "change":
             out.append(_row("`prodistill` (defaults)", default))
         out += [_row(_label(r), r) for r in rows] + [""]
+    out += _scaling_md(results)
     out += _diagnostics_md(results)
     out += _blocks_md(results)
     out += [
@@ -165,6 +166,26 @@ def markdown(results: Dict) -> str:
         "",
     ]
     return "\n".join(out)
+
+
+def _scaling_md(results: Dict) -> List[str]:
+    scaling = results.get("task_vector_scaling")
+    if not scaling:
+        return []
+    columns = list(next(iter(scaling.values())))
+    return [
+        "## Task vectors, one at a time",
+        "",
+        "Exact match (%) on each task of the base plus that task's vector scaled (`alone xS`), "
+        "and of the expert plus a share of every other task vector: how linear the skills "
+        "are in the weights, which data-free methods rely on.",
+        "",
+        "| task | " + " | ".join(columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+        *[f"| {t} | " + " | ".join(_pct(row[c]) for c in columns) + " |"
+          for t, row in scaling.items()],
+        "",
+    ]
 
 
 def _diagnostics_md(results: Dict) -> List[str]:
@@ -237,6 +258,9 @@ def _plots(results: Dict, folder: Path) -> None:
     y = list(range(len(rows)))[::-1]
     ax.barh(y, [r["normalised_mean"] for r in rows],
             color=[COLORS[r["group"]] for r in rows], height=0.7)
+    for yi, r in zip(y, rows):
+        ax.text(0.005, yi, f"{r['normalised_mean']:.3f}", va="center", fontsize=7,
+                color="white" if r["normalised_mean"] > 0.1 else "black")
     for t in TASKS:
         ax.scatter([r["normalised"][t] for r in rows], y, marker=TASK_MARKERS.get(t, "o"),
                    s=14, color="black", zorder=3, label=f"task {t}")

@@ -113,6 +113,10 @@ def main(argv=None) -> dict:
                 args.cache / "merges" / name).eval()
             results["diagnostics"][name] = diagnose.position_errors(
                 model, experts, tokenizer, tests)
+    print("scaling single task vectors")
+    results["task_vector_scaling"] = diagnose.task_vector_scaling(
+        ckpt.base, ckpt.experts, tokenizer, tests,
+        lambda model, tok, pairs: evaluate.score(model, tok, pairs, 10)["exact"])
     results["run_seconds"] = time.time() - started
     report.write(results, args.results)
     print(report.main_table(results))

@@ -36,13 +36,15 @@ class BatchContext:
 
 
 class BlockRunner:
-    def __init__(self, config: transformers.PretrainedConfig, device: torch.device):
+    def __init__(self, config: transformers.PretrainedConfig, device: torch.device,
+                 trust_remote_code: bool = False):
         self.config = copy.deepcopy(config)
         # A mask format every decoder layer in transformers accepts, on every device.
         self.config._attn_implementation = "sdpa"
         self.device = device
         with torch.device("meta"):
-            skeleton = transformers.AutoModelForCausalLM.from_config(self.config)
+            skeleton = transformers.AutoModelForCausalLM.from_config(
+                self.config, trust_remote_code=trust_remote_code)
         decoder = skeleton.get_decoder()
         if not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
             raise ProDistillError(

@@ -7,15 +7,16 @@ the prompt formats are :mod:`mergekit_prodistill.templates`.
 import logging
 import random
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 from mergekit_prodistill import continuation
 from mergekit_prodistill.errors import ProDistillError
 # read_prompts and PROMPT_FIELDS stay importable from here for existing callers.
-from mergekit_prodistill.sources import PROMPT_FIELDS, read_expert_prompts, read_prompts  # noqa: F401
-from mergekit_prodistill.templates import format_prompts
+from mergekit_prodistill.sources import (  # noqa: F401 (read_prompts, PROMPT_FIELDS: API)
+    PROMPT_FIELDS, Prompts, read_expert_prompts, read_prompts)
+from mergekit_prodistill.templates import PLACEHOLDER, format_prompts, resolve_template
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -51,6 +52,32 @@ def tokenize(prompts: List[str], tokenizer, max_length: int) -> List[List[int]]:
         if ids:
             sequences.append(ids)
     return sequences
+
+
+def warn_if_truncated(path: str, template: str, lengths: List[int], max_length: int) -> None:
+    """Prompts longer than ``max_length`` tokens are cut at the end; say so.
+
+    What is cut is the end of the prompt and the template text after it (for example
+    "### Response:"), so a model sees an unfinished prompt. Every prompt cut usually means
+    ``max_length`` is too small for the template.
+    """
+    cut = [n for n in lengths if n > max_length]
+    if not cut:
+        return
+    ending = template.split(PLACEHOLDER)[-1].strip() if PLACEHOLDER in template else ""
+    lost = f"the template's ending {ending!r}" if ending else "their ends"
+    if len(cut) == len(lengths):
+        LOG.warning(
+            "calibration file %s: all %d prompts are longer than max_length=%d tokens after "
+            "templating (the longest has %d); each is cut to its first %d tokens and loses "
+            "%s; raise max_length", path, len(cut), max_length, max(cut), max_length, lost,
+        )
+    else:
+        LOG.warning(
+            "calibration file %s: %d of %d prompts are longer than max_length=%d tokens "
+            "after templating and are cut, losing %s", path, len(cut), len(lengths),
+            max_length, lost,
+        )
 
 
 def make_batches(sequences: List[List[int]], batch_size: int) -> List[Batch]:
@@ -100,23 +127,33 @@ def load_tokenizer(model, fallback, trust_remote_code: bool):
     raise ProDistillError(f"model {model}: no tokenizer found in it or in the base model")
 
 
+def expert_prompts(recipe, index: int, seed: int, tokenizer) -> Tuple[List[str], Prompts]:
+    """Expert ``index``'s sampled prompts wrapped in its template, and their source."""
+    expert = recipe.experts[index]
+    where = f"model {expert.model}"
+    source = read_expert_prompts(expert.params, where)
+    sampled = sample_prompts(source.texts, recipe.params.shots, seed + index)
+    return format_prompts(expert.params.template, sampled, tokenizer, where), source
+
+
 def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
     """Read, sample, template, tokenise and batch every expert's calibration prompts."""
     p = recipe.params
     calib = CalibrationSet([], [], [], [])
     for i, expert in enumerate(recipe.experts):
-        where = f"model {expert.model}"
-        source = read_expert_prompts(expert.params, where)
+        tokenizer = load_tokenizer(expert.model, recipe.base, options.trust_remote_code)
+        # One tokenizer and one list of token ids per expert: the merged stream and the
+        # expert's stream both start from exactly these ids.
+        prompts, source = expert_prompts(recipe, i, seed, tokenizer)
         if len(source.texts) < p.shots:
             LOG.warning(
                 "calibration source %s holds %d prompts, fewer than shots=%d: using all of them",
                 source.source, len(source.texts), p.shots,
             )
-        prompts = sample_prompts(source.texts, p.shots, seed + i)
-        # One tokenizer and one list of token ids per expert: the merged stream and the
-        # expert's stream both start from exactly these ids.
-        tokenizer = load_tokenizer(expert.model, recipe.base, options.trust_remote_code)
-        prompts = format_prompts(expert.params.template, prompts, tokenizer, where)
+        full = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
+        warn_if_truncated(source.source, resolve_template(expert.params.template),
+                          [len(ids) for ids in full],
+                          p.max_length)
         sequences = tokenize(prompts, tokenizer, p.max_length)
         if not sequences:
             raise ProDistillError(f"calibration source {source.source}: no prompt produced any token")

@@ -136,6 +136,7 @@ def _prodistill_section(report, plot: Optional[str]) -> List[str]:
         "decoder block, fed the merged model's own activations, reproduces every expert's "
         f"block on that expert's unlabeled calibration prompts{continued} "
         f"([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). {ending}",
+        *(["", report["vocabulary"]] if report.get("vocabulary") else []),
         "",
         "#### Calibration prompts",
         "",

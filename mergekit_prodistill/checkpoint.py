@@ -36,14 +36,14 @@ def _file_identity(path: str) -> str:
     return f"{os.path.getsize(path)}:{digest.hexdigest()}"
 
 
-def fingerprint(recipe_yaml: str, settings: Dict, model_files: List[str],
+def fingerprint(recipe_text: str, settings: Dict, model_files: List[str],
                 calibration_batches) -> str:
     """What makes two runs the same merge: recipe, settings, models, calibration tokens.
 
     Hashing the token ids covers every calibration source (files, folders, datasets)
     together with its template, tokenizer, sampling and truncation.
     """
-    digest = hashlib.sha256(recipe_yaml.encode())
+    digest = hashlib.sha256(recipe_text.encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
     for batches in calibration_batches:
         for batch in batches:

@@ -2,7 +2,9 @@
 
 ``--push-to-hub REPO_ID`` (with ``--private`` and ``--revision``) uploads the finished
 merge; mergekit-yaml's own flags belong to mergekit and cannot grow, so publishing lives
-on this command only.
+on this command only. ``mergekit-prodistill plan RECIPE`` prints what the merge will need
+(memory per device, FLOPs, time) from the configs and the calibration files, without
+reading any weight.
 """
 
 import sys
@@ -12,10 +14,50 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.errors import ProDistillError, one_line
 
 
-@click.command("mergekit-prodistill", cls=PrettyPrintHelp)
+def read_recipe(config_file: str):
+    """The recipe's text and its configuration; only prodistill recipes are accepted."""
+    with open(config_file, encoding="utf-8") as f:
+        source = f.read()
+    try:
+        # safe_load: a recipe is data; YAML tags that construct objects are refused.
+        config = MergeConfiguration.model_validate(yaml.safe_load(source))
+    except (yaml.YAMLError, ValueError, RuntimeError) as exc:
+        raise ProDistillError(
+            f"{config_file} is not a valid mergekit recipe: {one_line(exc)}"
+        ) from None
+    if config.merge_method != "prodistill":
+        raise ProDistillError(
+            f"{config_file}: merge_method is '{config.merge_method}'; this command runs "
+            "'prodistill' recipes (use mergekit-yaml for the others)"
+        )
+    return source, config
+
+
+def fail(exc: Exception):
+    print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
+    sys.exit(getattr(exc, "exit_code", 2))
+
+
+class MergeOrPlan(PrettyPrintHelp):
+    """The merge command; ``plan`` as its first argument runs the plan command instead."""
+
+    def main(self, args=None, prog_name=None, **kwargs):
+        args = list(sys.argv[1:] if args is None else args)
+        if args[:1] == ["plan"]:
+            name = f"{prog_name or self.name} plan"
+            return plan_command.main(args[1:], prog_name=name, **kwargs)
+        return super().main(args, prog_name, **kwargs)
+
+    def format_usage(self, ctx, formatter):
+        super().format_usage(ctx, formatter)
+        formatter.write(f"   or: {ctx.command_path} plan [OPTIONS] CONFIG_FILE   "
+                        "(memory, FLOPs and time; reads no weights)\n")
+
+
+@click.command("mergekit-prodistill", cls=MergeOrPlan)
 @click.argument("config_file")
 @click.argument("out_path")
 @click.option("--push-to-hub", "push_to_hub", metavar="REPO_ID", default=None,
@@ -39,21 +81,33 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str,
             raise ProDistillError("--private and --revision apply to --push-to-hub REPO_ID")
         if push_to_hub:
             hub.check_ready(push_to_hub)
-        with open(config_file, encoding="utf-8") as f:
-            source = f.read()
-        config = MergeConfiguration.model_validate(yaml.safe_load(source))
-        if config.merge_method != "prodistill":
-            raise ProDistillError(
-                f"{config_file}: merge_method is '{config.merge_method}'; this command runs "
-                "'prodistill' recipes (use mergekit-yaml for the others)"
-            )
+        source, config = read_recipe(config_file)
         run_prodistill(config, out_path, merge_options, source)
         if push_to_hub:
             url = hub.push(out_path, push_to_hub, private=private, revision=revision)
             print(f"uploaded {out_path} to {url}", file=sys.stderr)
     except (ProDistillError, OSError) as exc:
-        print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
-        sys.exit(getattr(exc, "exit_code", 2))
+        fail(exc)
+
+
+@click.command("plan", cls=PrettyPrintHelp)
+@click.argument("config_file")
+@add_merge_options
+def plan_command(merge_options: MergeOptions, config_file: str):
+    """Print the memory, FLOPs and time a prodistill recipe needs, reading no weights.
+
+    Takes the merge's flags (--cuda, --device, --out-shard-size, ...), since they change
+    the plan.
+    """
+    from mergekit_prodistill.config import parse_recipe
+    from mergekit_prodistill.plan import make_plan
+
+    merge_options.apply_global_options()
+    try:
+        _, config = read_recipe(config_file)
+        print(make_plan(parse_recipe(config), merge_options).render())
+    except (ProDistillError, OSError) as exc:
+        fail(exc)
 
 
 if __name__ == "__main__":

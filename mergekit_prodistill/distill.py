@@ -25,12 +25,13 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, head, output
+from mergekit_prodistill import calibration, head, output, plan, preflight
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.checkpoint import Checkpoint, UnitWriter, fingerprint
 from mergekit_prodistill.config import ProDistillParameters, ProDistillRecipe, parse_recipe
 from mergekit_prodistill.errors import Interrupted, ProDistillError
+from mergekit_prodistill.vocab import plan_vocabulary
 from mergekit_prodistill.weights import ModelTensors, check_shape, merge
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -194,6 +195,9 @@ def run_prodistill(
     started = time.time()
     recipe: ProDistillRecipe = parse_recipe(merge_config)
     p = recipe.params
+    checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
+    vocabulary = plan_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
+    plan.check_fits(recipe, options)  # before any weight is read
     seed = options.random_seed if options.random_seed is not None else 0
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(options.device or "cpu")
@@ -216,6 +220,7 @@ def run_prodistill(
     cast_out = (lambda t: t.to(dtype_from_name(out_dtype))) if out_dtype else (lambda t: t)
 
     calib = calibration.load_for_experts(recipe, options, seed)
+    merged_ids = vocabulary.calibration_ids(calib)
     created_out = not os.path.exists(out_path)
     staging = output.start_staging(out_path)
     writer = TensorWriter(
@@ -227,7 +232,7 @@ def run_prodistill(
     checkpoint = None
     if p.epochs:
         checkpoint = Checkpoint(staging, fingerprint(
-            merge_config.to_yaml(),
+            repr(merge_config),  # to_yaml() refuses recipes that share YAML anchors
             {"seed": seed, "device": device.type, "dtype": recipe.dtype},
             [f for m in [base, *experts] for f in m.shard_files()],
             calib.batches,
@@ -237,13 +242,13 @@ def run_prodistill(
 
     try:
         report_blocks, head_report = _merge(
-            recipe, module, base, experts, calib, device, generator, units, cast_out,
-            checkpoint, resumed, options.quiet,
+            recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
+            units, cast_out, checkpoint, resumed, options,
             p.activation_dir or os.path.join(staging, output.SCRATCH))
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
         output.finish(
             staging, out_path, merge_config, arch_info, options, config_source, recipe,
-            calib, report_blocks, started, device, head_report,
+            calib, report_blocks, started, device, vocabulary, head_report,
         )
     except BaseException as exc:
         resumable = checkpoint is not None and checkpoint.has_progress()
@@ -259,8 +264,8 @@ def run_prodistill(
     shutil.rmtree(staging)
 
 
-def _merge(recipe, module, base, experts, calib, device, generator, units, cast_out,
-           checkpoint, resumed, quiet, activation_dir):
+def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
+           units, cast_out, checkpoint, resumed, options, activation_dir):
     """Merge every tensor in order; returns the per-block report and the head's (or None)."""
     p = recipe.params
     num_layers = module.num_layers()
@@ -271,16 +276,18 @@ def _merge(recipe, module, base, experts, calib, device, generator, units, cast_
         """Merge one non-block tensor with lambda = init; also return the inputs."""
         base_t = base.load(weight)
         expert_ts = [e.load(weight) for e in experts]
-        for e, t in zip(experts, expert_ts):
-            check_shape(weight.name, base_t, t, e.model)
-        merged = merge(base_t, [t - base_t for t in expert_ts], init).to(base_t.dtype)
+        base_a, aligned = vocabulary.align(weight, base_t, expert_ts)
+        for e, t in zip(experts, aligned):
+            check_shape(weight.name, base_a, t, e.model)
+        merged = merge(base_a, [t - base_a for t in aligned], init).to(base_t.dtype)
         units.save_tensor(weight.name, cast_out(merged))
         return merged, expert_ts
 
-    # Embeddings: merged rows start z1, each expert's own rows start its z2.
+    # Embeddings: merged rows start z1, each expert's own rows start its z2 (the same
+    # prompts, as ids of the merged vocabulary and of the expert's own).
     z1 = z2 = store = contexts = runner = None
     if train:
-        runner = BlockRunner(module.config, device)
+        runner = BlockRunner(module.config, device, options.trust_remote_code)
         hidden = module.config.hidden_size
         store = ActivationStore(calib.shapes(), hidden, _activation_dtype(recipe, module, device),
                                 p.activation_placement, device, activation_dir)
@@ -295,9 +302,8 @@ def _merge(recipe, module, base, experts, calib, device, generator, units, cast_
             if train and weight.vocabulary_axis == 0:
                 for i, batches in enumerate(calib.batches):
                     for b, batch in enumerate(batches):
-                        ids = batch.input_ids.to(merged.device)
-                        z1[i][b].copy_(merged[ids])
-                        z2[i][b].copy_(expert_ts[i][ids])
+                        z1[i][b].copy_(merged[merged_ids[i][b].to(merged.device)])
+                        z2[i][b].copy_(expert_ts[i][batch.input_ids.to(merged.device)])
             del merged, expert_ts
         units.end_unit("pre")
     if train:
@@ -305,7 +311,7 @@ def _merge(recipe, module, base, experts, calib, device, generator, units, cast_
                     for batches in calib.batches]
 
     progress = tqdm.tqdm(total=num_layers, initial=blocks_done, desc="ProDistill blocks",
-                         disable=quiet)
+                         disable=options.quiet)
     for index in range(blocks_done, num_layers):
         block_started = time.time()
         weight_infos = module.layer_weights(index)
@@ -385,8 +391,8 @@ def _merge(recipe, module, base, experts, calib, device, generator, units, cast_
         norm_w, head_w, untied = head.find_norm_and_head(
             module.pre_weights(), module.post_weights(), present)
         trained_head, head_report = head.train_head(
-            norm_w, head_w, untied, base, experts, z1, z2, contexts, module.config, p,
-            generator, device)
+            norm_w, head_w, untied, base, experts, vocabulary.align, z1, z2, contexts,
+            module.config, p, generator, device)
     for weight in module.post_weights():
         if weight.optional and not present(weight):
             continue  # e.g. no lm_head with tied embeddings, as mergekit does

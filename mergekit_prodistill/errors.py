@@ -14,6 +14,5 @@ class Interrupted(ProDistillError):
 
 
 def one_line(exc: BaseException) -> str:
-    """The first line of a third-party exception's message, for a one-line error."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """Another library's error message, fit to end a one-line ProDistillError."""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -78,6 +78,7 @@ def train_head(
     head_trainable: bool,
     base,
     experts,
+    align,
     merged_hidden: List[List[torch.Tensor]],
     expert_hidden: List[List[torch.Tensor]],
     contexts,
@@ -93,11 +94,15 @@ def train_head(
     trained = {norm_weight.name: "weight"}
     if head_trainable:
         trained[head_weight.name] = "head"
-    base_w = {"weight": base.load(norm_weight), "head": base.load(head_weight)}
-    deltas = []
-    for e in experts:
-        deltas.append({"weight": e.load(norm_weight) - base_w["weight"],
-                       "head": e.load(head_weight) - base_w["head"]})
+    # Vocabulary-indexed tensors in the output's row order (``align``, as the embeddings
+    # are merged), so teacher and student distributions range over the same tokens.
+    base_w, expert_w = {}, [{} for _ in experts]
+    for own, weight in (("weight", norm_weight), ("head", head_weight)):
+        base_w[own], aligned = align(weight, base.load(weight), [e.load(weight) for e in experts])
+        for w, t in zip(expert_w, aligned):
+            w[own] = t
+    deltas = [{n: w[n] - base_w[n] for n in base_w} for w in expert_w]
+    del expert_w
     coeffs = init_coefficients(base_w, len(experts), p)
     if not head_trainable:
         # Tied: the head is the input embedding, merged by task arithmetic with init.

@@ -26,6 +26,8 @@ _PATCHED = "__prodistill_wrapped__"
 model_out_config = _mk_merge._model_out_config
 copy_tokenizer = _mk_merge._copy_tokenizer
 copy_tagalong_files = _mk_merge._copy_tagalong_files
+update_config_vocab = _mk_merge._update_config_vocab
+set_chat_template = _mk_merge._set_chat_template
 
 
 def _route(run_merge, exit_on_error: bool):

@@ -70,13 +70,19 @@ def listing(folder: str) -> list:
 
 
 def finish(staging, out_path, merge_config, arch_info, options, config_source, recipe,
-           calib, blocks, started, device, head=None):
+           calib, blocks, started, device, vocabulary, head=None):
     """Write config, tokenizer, card and report into the staging folder, then publish."""
     config_source = config_source or merge_config.to_yaml()
     cfg = integration.model_out_config(merge_config, arch_info, options.trust_remote_code)
-    cfg.save_pretrained(staging)
-    if options.copy_tokenizer:
+    if vocabulary.tokenizer is not None:
+        # A built vocabulary is always saved, and sets vocab_size, as mergekit does.
+        integration.update_config_vocab(cfg, arch_info, vocabulary.tokenizer,
+                                        pad_to_multiple_of=vocabulary.pad_to_multiple_of)
+        integration.set_chat_template(vocabulary.tokenizer, merge_config)
+        vocabulary.tokenizer.save_pretrained(staging)
+    elif options.copy_tokenizer:
         integration.copy_tokenizer(merge_config, staging, options=options)
+    cfg.save_pretrained(staging)
     integration.copy_tagalong_files(
         merge_config, staging, files=arch_info.tagalong_files or [], options=options
     )
@@ -92,6 +98,7 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
             for i, (e, source, hub_dataset, n) in enumerate(
                 zip(recipe.experts, calib.sources, calib.hub_datasets, calib.prompts))
         ],
+        "vocabulary": vocabulary.summary,
         "blocks": blocks,
         **({"head": head} if head else {}),
         "seconds": time.time() - started,

@@ -146,9 +146,13 @@ def _read_lines(path: str):
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except UnicodeDecodeError as exc:
-        raise ProDistillError(f"calibration file {path} is not UTF-8 text: {exc}") from None
+        raise ProDistillError(
+            f"calibration file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
     except OSError as exc:
-        raise ProDistillError(f"calibration file {path} cannot be read: {exc}") from None
+        raise ProDistillError(
+            f"calibration file {path} cannot be read: {exc.strerror or exc}"
+        ) from None
     return [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]
 
 

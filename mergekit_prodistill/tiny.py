@@ -24,7 +24,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import yaml
@@ -342,11 +342,16 @@ def build_tiny_family(
     seed: int = 0,
     max_shard_size: int | str = "100KB",
     expert_scale: float = 0.05,
+    extra_tokens: Sequence[Sequence[str]] = (),
 ) -> TinyFamily:
     """Build a base model, `n_experts` perturbed experts and calibration files under `root`.
 
     Layout: root/base, root/expert_{i}, root/calibration/expert_{i}.jsonl.
     Existing model directories are replaced.
+
+    `extra_tokens[i]` (optional) are tokens added to expert i's tokenizer, with as many
+    new embedding (and LM head) rows, the way a fine-tune that adds a `[PAD]` token
+    grows its vocabulary.
     """
     from transformers import AutoModelForCausalLM
 
@@ -389,7 +394,12 @@ def build_tiny_family(
             for name, t in state.items():
                 params[name].copy_(t)
         d = root / f"expert_{i}"
-        _save(model, tokenizer, d, max_shard_size)
+        added = tuple(extra_tokens[i]) if i < len(extra_tokens) else ()
+        if added:
+            _save(*_with_added_tokens(model, tokenizer, added, seed * 1000 + 31 * (i + 1)),
+                  d, max_shard_size)
+        else:
+            _save(model, tokenizer, d, max_shard_size)
         experts.append(d)
 
     calib_dir = root / "calibration"
@@ -411,6 +421,25 @@ def build_tiny_family(
         arch=arch,
         flavours=[FLAVOUR_NAMES[i % len(FLAVOUR_NAMES)] for i in range(n_experts)],
     )
+
+
+@torch.no_grad()
+def _with_added_tokens(model, tokenizer, tokens: Sequence[str], seed: int):
+    """Copies of `model` and `tokenizer` with `tokens` appended; the new rows are random."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    model = copy.deepcopy(model)
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    gen = torch.Generator().manual_seed(seed)
+    matrices = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                if m is not None}
+    for weight in matrices.values():
+        new = weight[old_rows:]
+        new.copy_(float(weight[:old_rows].std()) * torch.randn(new.shape, generator=gen))
+    return model, tokenizer
 
 
 def _save(model, tokenizer, directory: Path, max_shard_size) -> None:

@@ -39,7 +39,12 @@ class ModelTensors:
         ).execute()
 
     def load_all(self, weights: Sequence[WeightInfo]) -> Dict[str, torch.Tensor]:
-        return {w.name: self.load(w) for w in weights}
+        tensors = {w.name: self.load(w) for w in weights}
+        # Close the shard's memory map: otherwise every page read from it stays mapped,
+        # and counted in RSS, until the loader moves on to the next shard (10 GB each in
+        # common checkpoints). Tensors still in use keep their pages.
+        LoaderCache().get(self.model).flush()
+        return tensors
 
 
 def check_shape(name: str, base: torch.Tensor, other: torch.Tensor, model) -> None:

@@ -4,6 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Tests must never reach a model hub. Set before huggingface_hub is imported (by mergekit
+# below): it reads these once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
 import pytest
 import yaml
 from mergekit.config import MergeConfiguration
@@ -12,10 +17,6 @@ from mergekit.options import MergeOptions
 
 from mergekit_prodistill import integration
 from mergekit_prodistill.tiny import build_tiny_family
-
-# Tests must never reach a model hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 integration.install()  # what the start-up hook does once mergekit is imported
 

@@ -89,3 +89,15 @@ def test_new_parameters_are_validated(families, tmp_path, key, value):
     fam = families("llama", 2)
     with pytest.raises(ProDistillError, match=rf"parameter '{key}' = {value}"):
         merge(fam.recipe("prodistill", **{key: value}), tmp_path / "out")
+
+
+def test_head_training_and_continuations_with_differing_vocabularies(families, tmp_path):
+    fam = families("llama", 2, extra_tokens=((), ("[PAD]",)))  # expert 1 adds a row
+    out = merge(fam.recipe("prodistill", epochs=2, shots=8, batch_size=4, lr=0.05,
+                           continue_tokens=4, head_epochs=5), tmp_path / "out")
+    report = json.loads((out / "prodistill_report.json").read_text())
+    assert report["head"]["loss_after"] < report["head"]["loss_before"]
+    merged, base = load_tensors(out), load_tensors(fam.base)
+    assert merged["lm_head.weight"].shape == (769, 64)
+    assert not torch.equal(merged["lm_head.weight"][:768], base["lm_head.weight"])
+    assert torch.isfinite(merged["lm_head.weight"]).all()

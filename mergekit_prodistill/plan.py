@@ -1,0 +1,636 @@
+"""Predict a merge's memory, FLOPs and time before any weight is read.
+
+The plan reads only each model's ``config.json`` (plus the dtype in the safetensors header
+of a local checkpoint) and the calibration files, tokenised with the model's own tokenizer
+when one is at hand, else estimated from their length. It follows the block loop in
+``distill.py`` phase by phase:
+
+* ``load``: block l of the base, every task vector, and the expert block being read; the
+  two streams of every expert plus the teacher outputs being computed.
+* ``train``: base + task vectors, the merged block and its gradient, lambda with its
+  gradient and Adam's two moments (fp32), three streams per expert, and the larger of one
+  batch's forward/backward activations and the next step's merged block being built.
+* ``write``: base + task vectors, lambda, the trained block in fp32 and in the compute
+  dtype, four streams per expert (the new merged stream is built beside the old one).
+* ``embed``: the embedding (or LM head) of every model, its task vectors and the merge.
+
+Every phase also holds the masks and positions of all batches and one output shard (the
+writer flushes a shard once it is full). Each device's peak is its largest phase. The
+Python runtime itself (torch and libraries, about 0.5 GB on CPU) is not included: it is
+already in use when the check runs. ``README.md`` ("Planning and memory") gives the
+formulas and the measured error.
+"""
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from mergekit.common import dtype_from_name
+
+from mergekit_prodistill import calibration
+from mergekit_prodistill.errors import ProDistillError
+
+# Memory terms, in the order the table prints them.
+WEIGHTS = "block weights"
+LAMBDA = "lambda + grads + Adam"
+CACHE = "activation cache"
+CONTEXTS = "masks and positions"
+TRANSIENT = "forward/backward, one batch"
+OUTPUT = "output buffer, one shard"
+SLACK = "allocator slack"
+TERMS = (WEIGHTS, LAMBDA, CACHE, CONTEXTS, TRANSIENT, OUTPUT, SLACK)
+
+# Allocators keep freed blocks for reuse, so a process holds more than its live tensors.
+# CPU: glibc serves allocations under 32 MiB from its heap, which keeps freed blocks, and
+# maps larger ones, returned at once; bench/plan_accuracy.py measured peak RSS 15% above
+# the live bytes when every block tensor is small, and none above for 13B-sized tensors.
+# CUDA: PyTorch's caching allocator; assumed, not measured.
+SLACK_FRACTION = {"cpu": 0.15, "cuda": 0.10}
+HEAP_LIMIT = 32 * 2**20
+
+# Streams per expert alive at once: z1 and z2. The teacher outputs and the advanced merged
+# stream are written in place, batch by batch, into those two buffers.
+STREAMS = {"load": 2, "train": 2, "write": 2, "embed": 2}
+PHASES = {"load": "reading a block", "train": "training a block",
+          "write": "writing a block", "embed": "merging the embeddings"}
+# Without a tokenizer, count one token per this many characters: a deliberately high
+# count for English prose and code under Llama-style tokenizers (they average 3.5-4.5).
+CHARS_PER_TOKEN = 3.0
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class DeviceClass:
+    """Achievable (not peak) rates of a device class, for the time estimate."""
+
+    name: str
+    kind: str  # the torch device type
+    tflops: Dict[str, float]  # dense matmul TFLOP/s reached in practice, per dtype
+    memory_gbps: float  # element-wise memory bandwidth, GB/s
+    memory_gb: float  # device memory, GB
+    disk_gbps: float  # checkpoint read/write rate, GB/s
+    basis: str
+
+
+def gpu(name: str, bf16: float, fp32: float, memory_gbps: float, memory_gb: float,
+        basis: str) -> DeviceClass:
+    return DeviceClass(name, "cuda", {"float32": fp32, "bfloat16": bf16, "float16": bf16},
+                       memory_gbps, memory_gb, 2.0, basis)
+
+
+DEVICE_CLASSES = (
+    DeviceClass(
+        "cpu-2core", "cpu", {"float32": 0.18, "bfloat16": 0.77, "float16": 0.10}, 5, 24, 1.0,
+        "2-core x86: idle 2048^3 matmul rates; Adam's element-wise rate (2.6 GB/s measured "
+        "under load, 5 assumed idle)",
+    ),
+    gpu("a100-80gb", 140, 14, 1500, 80,
+        "45% of peak bf16 (312), fp32 without TF32 at 70% of 19.5, 75% of 2.0 TB/s"),
+    gpu("h100-80gb", 445, 47, 2500, 80,
+        "SXM: 45% of peak bf16 (989), fp32 without TF32 at 70% of 67, 75% of 3.35 TB/s"),
+    gpu("h200-141gb", 445, 47, 3600, 141, "as the H100 with 75% of 4.8 TB/s"),
+)
+
+
+def dtype_bytes(name: str) -> int:
+    return torch.empty((), dtype=dtype_from_name(name)).element_size()
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """One decoder block and the tensors around it, from config.json alone."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    head_dim: int
+    intermediate: int
+    block_numel: int  # parameters of one block
+    block_tensors: int
+    largest: int  # elements of the block's largest tensor
+    matmul_numel: int  # elements of the block's matrices: 2 FLOPs each per token
+    vocab: Tuple[int, ...]  # embedding rows of the base, then of each expert
+    tied: bool
+    attention_types: int  # kinds of attention mask (full, sliding)
+    head_norm_values: int  # per token, values through q/k norms (Qwen3); 0 without them
+    heap_share: float  # share of the block's parameters in tensors under HEAP_LIMIT in fp32
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Calibration batches of every expert as (prompts, padded width)."""
+
+    batches: Tuple[Tuple[Tuple[int, int], ...], ...]
+    tokens: Tuple[int, ...]  # real tokens per expert
+    source: str
+
+    def slots(self, expert: int) -> int:
+        """Token positions of one expert's stream, padding included."""
+        return sum(rows * width for rows, width in self.batches[expert])
+
+
+@dataclass
+class Plan:
+    """What a merge will need: bytes per device and phase, FLOPs and bytes moved."""
+
+    recipe: object
+    shape: ModelShape
+    work: Workload
+    dtypes: Dict[str, str]  # weights, compute, cache, output
+    device: str
+    cache_at: str  # device name, "cpu" or "disk"
+    phases: Dict[str, Dict[str, Dict[str, int]]]  # device -> phase -> term -> bytes
+    flops: Dict[str, float]
+    moved_bytes: float  # element-wise traffic of all training steps
+    io_bytes: float  # checkpoints read and output written
+    cache_bytes: int  # the activation cache at its largest, wherever it is
+    available: Dict[str, Optional[int]] = field(default_factory=dict)
+
+    def peak(self, device: str) -> Tuple[str, Dict[str, int]]:
+        """The phase with the most bytes on ``device`` and its terms."""
+        name = max(self.phases[device], key=lambda ph: sum(self.phases[device][ph].values()))
+        return name, self.phases[device][name]
+
+    def total(self, device: str) -> int:
+        return peak_total(self.phases, device)
+
+    def seconds(self, cls: DeviceClass) -> float:
+        rate = cls.tflops.get(self.dtypes["compute"], cls.tflops["float32"]) * 1e12
+        return (
+            (self.flops["training"] + self.flops["forwards"]) / rate
+            + self.moved_bytes / (cls.memory_gbps * GB)
+            + self.io_bytes / (cls.disk_gbps * GB)
+        )
+
+    def render(self) -> str:
+        s, p = self.shape, self.recipe.params
+        lines = [
+            f"ProDistill plan: {len(self.recipe.experts)} experts onto {self.recipe.base}",
+            f"  {s.num_layers} blocks of {s.block_numel / 1e6:.1f}M parameters (hidden "
+            f"{s.hidden}, intermediate {s.intermediate}, {s.heads} heads); vocabulary "
+            + "/".join(str(v) for v in sorted(set(s.vocab))),
+            f"  calibration ({self.work.source}): "
+            + ", ".join(f"{n} prompts/{t} tokens" for n, t in zip(
+                (sum(r for r, _ in b) for b in self.work.batches), self.work.tokens))
+            + f"; batch_size {p.batch_size}, max_length {p.max_length}",
+            f"  dtypes: weights {self.dtypes['weights']}, compute {self.dtypes['compute']}, "
+            f"lambda float32 ({p.granularity}), cache {self.dtypes['cache']} on "
+            f"{self.cache_at}, output {self.dtypes['output']}",
+        ]
+        if len(set(s.vocab)) > 1:
+            lines.append(
+                "  note: vocabulary sizes differ between the models; embeddings and LM head "
+                "must have the same shape in every model to be merged"
+            )
+        devices = list(self.phases)
+        peaks = {d: self.peak(d) for d in devices}
+        width = max(len(t) for t in TERMS) + 2
+        lines += ["", "memory at each device's peak".ljust(width)
+                  + "".join(f"{d:>14}" for d in devices)]
+        lines.append("  (phase)".ljust(width) + "".join(f"{peaks[d][0]:>14}" for d in devices))
+        for term in TERMS:
+            lines.append(f"  {term}".ljust(width)
+                         + "".join(f"{cell(peaks[d][1].get(term, 0)):>14}" for d in devices))
+        lines.append("  total".ljust(width)
+                     + "".join(f"{fmt_bytes(self.total(d)):>14}" for d in devices))
+        if self.cache_at == "disk":
+            lines.append(f"  {CACHE} on disk: {fmt_bytes(self.cache_bytes)}")
+        lines.append("  available now".ljust(width) + "".join(
+            f"{cell(self.available[d]) if self.available.get(d) else 'unknown':>14}"
+            for d in devices))
+        f = self.flops
+        lines += [
+            "",
+            f"compute: training {f['training']:.3g} FLOPs (forward + backward, "
+            f"{f['steps']} steps x {p.epochs} epochs x {s.num_layers} blocks), forwards "
+            f"{f['forwards']:.3g} FLOPs (teacher outputs, losses, stream updates), "
+            f"element-wise traffic {fmt_bytes(self.moved_bytes)}, checkpoint I/O "
+            f"{fmt_bytes(self.io_bytes)}",
+            "",
+            "time estimate (achievable rates, see README)",
+        ]
+        for cls in DEVICE_CLASSES:
+            fits = ""
+            if cls.kind == torch.device(self.device).type:
+                fits = "fits" if self.total(self.device) <= cls.memory_gb * GB else "too big"
+                fits = f"{fits} in {cls.memory_gb:.0f} GB; "
+            lines.append(f"  {cls.name:<12} {fmt_seconds(self.seconds(cls)):>10}   "
+                         f"{fits}{cls.basis}")
+        return "\n".join(lines)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def cell(n: float) -> str:
+    return fmt_bytes(n) if n else "-"
+
+
+def fmt_seconds(t: float) -> str:
+    if t >= 3600:
+        return f"{t / 3600:.1f} h"
+    return f"{t / 60:.1f} min" if t >= 60 else f"{t:.1f} s"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_config(model, trust_remote_code: bool):
+    try:
+        return model.config(trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ProDistillError(f"model {model}: cannot read its config.json ({exc})") from None
+
+
+def checkpoint_dtype(model) -> Optional[str]:
+    """The dtype of a local safetensors checkpoint, read from one shard's header."""
+    path = model.model.path
+    index = os.path.join(path, "model.safetensors.index.json")
+    try:
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                shard = os.path.join(path, next(iter(json.load(f)["weight_map"].values())))
+        else:
+            shard = os.path.join(path, "model.safetensors")
+        with open(shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError, StopIteration, KeyError):
+        return None
+    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+    dtypes = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+    return next((names[d] for d in dtypes if d in names), None)
+
+
+def config_dtype(config) -> str:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(value).replace("torch.", "") if value else "float32"
+
+
+def model_shape(base_config, expert_configs) -> ModelShape:
+    from mergekit_prodistill.blocks import BlockRunner
+
+    runner = BlockRunner(base_config, torch.device("meta"))
+    params = dict(runner.layer(0).named_parameters())
+    numels = [p.numel() for p in params.values()]
+    hidden = base_config.hidden_size
+    heads = base_config.num_attention_heads
+    return ModelShape(
+        num_layers=len(runner.attention_types),
+        hidden=hidden,
+        heads=heads,
+        head_dim=getattr(base_config, "head_dim", None) or hidden // heads,
+        intermediate=getattr(base_config, "intermediate_size", 4 * hidden),
+        block_numel=sum(numels),
+        block_tensors=len(numels),
+        largest=max(numels),
+        matmul_numel=sum(p.numel() for p in params.values() if p.dim() == 2),
+        vocab=tuple(c.vocab_size for c in (base_config, *expert_configs)),
+        tied=bool(getattr(base_config, "tie_word_embeddings", False)),
+        attention_types=len(set(runner.attention_types)),
+        head_norm_values=(heads + getattr(base_config, "num_key_value_heads", heads))
+        * (getattr(base_config, "head_dim", None) or hidden // heads)
+        if any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in params) else 0,
+        heap_share=sum(n for n in numels if 4 * n < HEAP_LIMIT) / sum(numels),
+    )
+
+
+def workload(recipe, options, seed: int) -> Workload:
+    """Every expert's batches, from its prompts, tokenised or estimated from length."""
+    p = recipe.params
+    batches, tokens, estimated = [], [], False
+    for i, expert in enumerate(recipe.experts):
+        try:
+            tokenizer = calibration.load_tokenizer(expert.model, recipe.base,
+                                                   options.trust_remote_code)
+        except ProDistillError:
+            tokenizer = None
+        prompts, _ = calibration.expert_prompts(recipe, i, seed, tokenizer)
+        if tokenizer is not None:
+            lengths = [len(s) for s in calibration.tokenize(prompts, tokenizer, p.max_length)]
+        else:
+            estimated = True
+            lengths = [min(p.max_length, 1 + math.ceil(len(x) / CHARS_PER_TOKEN)) for x in prompts]
+        # Each expert's continuation may add up to continue_tokens (the worst case).
+        lengths = [n + p.continue_tokens for n in lengths]
+        made = calibration.make_batches([[0] * n for n in lengths], p.batch_size)
+        batches.append(tuple(tuple(b.input_ids.shape) for b in made))
+        tokens.append(sum(lengths))
+    source = f"estimated at {CHARS_PER_TOKEN:g} characters per token" if estimated \
+        else "tokenizer"
+    return Workload(tuple(batches), tuple(tokens), source)
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def saved_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
+    """Activations one batch's forward keeps for backward.
+
+    Measured on transformers' Llama-family blocks (sdpa) with saved-tensor hooks: per
+    token 8 values of hidden size in the compute dtype plus 4 bytes (fp32 norm inputs)
+    and 4 of intermediate size, plus one compute-dtype value per (query, key) pair for
+    the attention mask. Q/k norms (Qwen3) keep their input and an fp32 copy.
+    """
+    tokens = rows * width
+    per_token = (8 * es + 4) * shape.hidden + 4 * es * shape.intermediate \
+        + (4 + es) * shape.head_norm_values
+    return tokens * per_token + rows * width * width * es
+
+
+def forward_backward_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
+    """Saved activations plus backward's working set: the gradients of two
+    intermediate-size activations, and the loss's three fp32 copies of the output."""
+    tokens = rows * width
+    return saved_bytes(shape, rows, width, es) + tokens * (
+        2 * es * shape.intermediate + 12 * shape.hidden)
+
+
+def forward_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
+    """Working set of a forward without gradients: a few activations at a time."""
+    return rows * width * (4 * shape.hidden + 3 * shape.intermediate) * es
+
+
+def batch_flops(shape: ModelShape, rows: int, width: int) -> float:
+    """Forward FLOPs of one batch: the block's matmuls plus the attention products."""
+    return rows * width * (2 * shape.matmul_numel + 4 * width * shape.heads * shape.head_dim)
+
+
+def lambda_count(shape: ModelShape, experts: int, granularity: str) -> int:
+    per_expert = {"element": shape.block_numel, "tensor": shape.block_tensors, "task": 1}
+    return experts * per_expert[granularity]
+
+
+def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cache_b: int,
+                device_type: str):
+    """Bytes of every memory term in every phase of one block (see the module doc)."""
+    P, big, T = shape.block_numel, shape.largest, len(wb) - 1
+    # A block read in another dtype than stored is converted from the shard's memory map,
+    # whose pages stay mapped until the block is read.
+    mapped = P * max(stored_b) if stored_b != wb else 0
+    base = P * wb[0]
+    deltas = sum(P * max(wb[0], w) for w in wb[1:])
+    lam = lambda_count(shape, T, p.granularity)
+    widest = max((b for bs in work.batches for b in bs), key=lambda b: b[0] * b[1])
+    stream = sum(work.slots(i) for i in range(T)) * shape.hidden * cache_b
+    # Adam on CUDA runs foreach kernels: one fp32 temporary the size of all of lambda.
+    adam = 4 * lam if device_type == "cuda" else 8 * min(lam, big)
+    embed = shape.hidden * shape.vocab[0]
+    return {
+        "load": {
+            WEIGHTS: base + deltas + P * wb[-1] + mapped,
+            CACHE: STREAMS["load"] * stream,
+            TRANSIENT: forward_bytes(shape, *widest, cb),
+        },
+        "train": {
+            WEIGHTS: base + deltas + 2 * P * cb,
+            LAMBDA: 16 * lam,
+            CACHE: STREAMS["train"] * stream,
+            TRANSIENT: max(forward_backward_bytes(shape, *widest, cb),
+                           P * cb + 12 * big, adam),
+        },
+        "write": {
+            WEIGHTS: base + deltas + P * (4 + cb),
+            LAMBDA: 4 * lam,
+            CACHE: STREAMS["write"] * stream,
+            TRANSIENT: forward_bytes(shape, *widest, cb),
+        },
+        "embed": {
+            WEIGHTS: embed * (2 * wb[0] + sum(w + max(wb[0], w) for w in wb[1:])),
+            CACHE: STREAMS["embed"] * stream,
+        },
+    }
+
+
+def step_traffic(shape: ModelShape, wb: List[int], cb: int, lam: int) -> float:
+    """Bytes read and written by one step's element-wise work (not the matmuls).
+
+    Per weight element: building theta_0 + sum_i lambda_i tau_i in fp32 and casting it
+    (about 12 bytes per expert + the reads), back-propagating every expert's batch into
+    the merged block's gradient, the chain rule grad * tau_i (about 12 + weight bytes per
+    expert), and Adam's passes over lambda, its gradient and moments (76 bytes).
+    """
+    P, T = shape.block_numel, len(wb) - 1
+    element = 4 if lam >= P else 0  # element-wise lambda is read like a weight
+    merge = P * (wb[0] + 8 + cb) + sum(P * (max(wb[0], w) + element + 12) for w in wb[1:])
+    backward = 2 * T * P * cb
+    chain = sum(P * (cb + 12 + max(wb[0], w)) for w in wb[1:])
+    return merge + backward + chain + 76 * lam
+
+
+def output_buffer(shape: ModelShape, out_b: int, shard_size: int) -> int:
+    """The writer holds tensors until a shard is full: at most one shard (or tensor)."""
+    embed = shape.hidden * shape.vocab[0]
+    total = out_b * (shape.num_layers * shape.block_numel + embed * (1 if shape.tied else 2))
+    largest = out_b * max(embed, shape.largest)
+    return min(total, max(largest, shard_size) if shard_size > 0 else total)
+
+
+def cache_settings(recipe, device: torch.device, compute: str) -> Tuple[str, Optional[str]]:
+    """The activation dtype and directory the merge will use (see distill._activation_dtype):
+    the recipe's ``activation_dtype``, else the weights' dtype, with float16 becoming
+    float32 on a CPU. No directory means the scratch folder inside the output's staging
+    folder when the streams must go to disk.
+    """
+    p = recipe.params
+    dtype = p.activation_dtype if p.activation_dtype != "auto" else compute
+    if dtype == "float16" and device.type == "cpu":
+        dtype = "float32"
+    return dtype, p.activation_dir
+
+
+def cache_placement(device: torch.device, totals: Dict[str, int],
+                    free: Dict[str, Optional[int]]) -> str:
+    """Where the activation cache goes: on the device if it fits there beside the rest,
+    else in (pinned) CPU memory if it fits there, else in a disk-backed file.
+
+    ``totals`` holds the compute device's peak bytes with the cache on it ("device") and
+    without it ("rest"), and the CPU's peak with the cache on it ("cpu"); ``free`` maps
+    device names to their free bytes. When even the rest does not fit, the cache stays on
+    the device: moving it would not help, and the check names the knob to turn.
+    """
+    dev = str(device)
+    if free.get(dev) is None or totals["device"] <= free[dev]:
+        return dev
+    if device.type != "cpu" and (free.get("cpu") is None or totals["cpu"] <= free["cpu"]):
+        return "cpu"
+    return "disk" if totals["rest"] <= free[dev] else dev
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = None) -> Plan:
+    """Plan ``recipe`` under ``options`` from configs and prompts alone.
+
+    ``available`` maps a device name to the bytes free on it (default: what this machine
+    shows); the cache is placed according to it.
+    """
+    p = recipe.params
+    device = torch.device(options.device or "cpu")
+    seed = options.random_seed if options.random_seed is not None else 0
+    trust = options.trust_remote_code
+    base_config = load_config(recipe.base, trust)
+    expert_configs = [load_config(e.model, trust) for e in recipe.experts]
+    shape = model_shape(base_config, expert_configs)
+    stored = [checkpoint_dtype(m) or config_dtype(c)
+              for m, c in zip([recipe.base] + [e.model for e in recipe.experts],
+                              [base_config] + expert_configs)]
+    loaded = [recipe.dtype or s for s in stored]
+    wb = [dtype_bytes(d) for d in loaded]
+    compute = loaded[0]
+    cache_dtype, _ = cache_settings(recipe, device, compute)
+    out = recipe.out_dtype or compute
+    work = workload(recipe, options, seed)
+
+    per_phase = phase_bytes(shape, work, p, wb, [dtype_bytes(d) for d in stored],
+                            dtype_bytes(compute),
+                            dtype_bytes(cache_dtype), device.type)
+    if not p.epochs:
+        del per_phase["train"]  # no merged block, gradients or Adam state
+    contexts = sum(rows * width * width * shape.attention_types
+                   + 4 * width * shape.head_dim * dtype_bytes(compute) + 9 * rows * width
+                   for bs in work.batches for rows, width in bs)
+    buffer = output_buffer(shape, dtype_bytes(out), options.out_shard_size)
+
+    dev = str(device)
+    if available is None:
+        available = {dev: available_memory(device), "cpu": available_memory(torch.device("cpu"))}
+    split = {at: place(per_phase, contexts, buffer, dev, at, shape.heap_share)
+             for at in (dev, "cpu", None)}
+    cache_at = cache_placement(device, {"device": peak_total(split[dev], dev),
+                                        "cpu": peak_total(split["cpu"], "cpu"),
+                                        "rest": peak_total(split[None], dev)}, available)
+    phases = split.get(cache_at, split[None])
+
+    fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in work.batches]
+    steps = max(len(bs) for bs in work.batches)
+    per_step = 3 * sum(sum(f) / len(f) for f in fwd)  # forward + backward = 3 forwards
+    evals = 3 if p.epochs else 2  # teacher outputs, loss before training, new stream
+    lam = lambda_count(shape, len(recipe.experts), p.granularity)
+    checkpoint = [shape.num_layers * shape.block_numel
+                  + shape.hidden * v * (1 if shape.tied else 2) for v in shape.vocab]
+    return Plan(
+        recipe=recipe,
+        shape=shape,
+        work=work,
+        dtypes={"weights": compute, "compute": compute, "cache": cache_dtype, "output": out},
+        device=dev,
+        cache_at=cache_at,
+        phases=phases,
+        flops={
+            "training": shape.num_layers * p.epochs * steps * per_step,
+            "forwards": shape.num_layers * evals * sum(sum(f) for f in fwd),
+            "steps": steps,
+        },
+        moved_bytes=shape.num_layers * p.epochs * steps
+        * step_traffic(shape, wb, dtype_bytes(compute), lam),
+        io_bytes=sum(n * dtype_bytes(d) for n, d in zip(checkpoint, stored))
+        + checkpoint[0] * dtype_bytes(out),
+        cache_bytes=max(t[CACHE] for t in per_phase.values()),
+        available=available,
+    )
+
+
+def place(per_phase, contexts: int, buffer: int, dev: str, cache_at: Optional[str],
+          heap_share: float):
+    """device -> phase -> term -> bytes, with the cache on ``cache_at`` (None: disk).
+
+    Weights, lambda, activations of the running batch, masks and positions live on the
+    compute device; the output buffer and a cache that leaves the device on the CPU.
+    """
+    phases = {dev: {}, "cpu": {}}
+    for name, terms in per_phase.items():
+        phases[dev][name] = {k: v for k, v in terms.items() if k != CACHE}
+        phases[dev][name][CONTEXTS] = contexts
+        phases["cpu"].setdefault(name, {})[OUTPUT] = buffer
+        if cache_at is not None:
+            phases[cache_at][name][CACHE] = terms[CACHE]
+    for device, by_phase in phases.items():
+        kind = device.split(":")[0]
+        fraction = SLACK_FRACTION.get(kind, 0.0) * (heap_share if kind == "cpu" else 1.0)
+        for terms in by_phase.values():
+            terms[SLACK] = int(fraction * sum(terms.values()))
+    return phases
+
+
+def peak_total(phases, device: str) -> int:
+    return max(sum(terms.values()) for terms in phases[device].values())
+
+
+def available_memory(device: torch.device) -> Optional[int]:
+    """Bytes this process can still allocate on ``device``; None when it cannot be told."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return None
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    free = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = dict(line.split(":", 1) for line in f)
+        free = int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    # A container's memory limit (cgroup v2) can be tighter than the machine's.
+    try:
+        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as f:
+            used = int(f.read())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+KNOBS = {
+    WEIGHTS: "run on a device with more memory (--device / --cuda) or set 'dtype: bfloat16'",
+    LAMBDA: "run on a device with more memory (--device / --cuda), merge fewer experts at "
+    "once, or set 'granularity: tensor'",
+    CACHE: "lower 'shots' or 'max_length', or store the cache in a smaller dtype or in an "
+    "activation directory on disk",
+    CONTEXTS: "lower 'shots' or 'max_length'",
+    TRANSIENT: "lower 'batch_size' or 'max_length'",
+    OUTPUT: "lower --out-shard-size",
+}
+
+
+def check_fits(recipe, options) -> Plan:
+    """Refuse to start a merge whose plan exceeds the memory this machine shows."""
+    plan = make_plan(recipe, options)
+    for device, free in plan.available.items():
+        if device not in plan.phases or free is None or plan.total(device) <= free:
+            continue
+        phase, terms = plan.peak(device)
+        largest = max((t for t in terms if t != SLACK), key=terms.get)
+        parts = ", ".join(f"{t} {fmt_bytes(v)}" for t, v in terms.items() if v)
+        raise ProDistillError(
+            f"plan: the merge needs {fmt_bytes(plan.total(device))} on {device} while "
+            f"{PHASES[phase]} ({parts}) but {fmt_bytes(free)} is free; the largest part "
+            f"is the {largest}: {KNOBS[largest]} (see mergekit-prodistill plan)"
+        )
+    if plan.cache_at == "disk":
+        _, directory = cache_settings(recipe, torch.device(plan.device), plan.dtypes["compute"])
+        directory = directory or tempfile.gettempdir()
+        free = shutil.disk_usage(directory).free
+        if free < plan.cache_bytes:
+            raise ProDistillError(
+                f"plan: the activation cache needs {fmt_bytes(plan.cache_bytes)} but neither "
+                f"memory nor {directory} ({fmt_bytes(free)} free) can hold it; lower 'shots' "
+                "or 'max_length', or place the activation directory on a larger disk"
+            )
+    return plan

@@ -1,0 +1,380 @@
+"""Bad input is refused before any weight is read: one clear line, nothing written."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+
+from conftest import BIN, merge, run_cli
+from mergekit_prodistill import calibration, preflight, sources
+from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.weights import ModelTensors
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Fail the test if the merge reads a tensor: every check must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight was read before the input was checked")
+
+    monkeypatch.setattr(ModelTensors, "load", refuse)
+
+
+def refused(doc: dict, out, match: str, **options) -> str:
+    """Run the recipe, expect a one-line ProDistillError matching ``match``, nothing written."""
+    with pytest.raises(ProDistillError, match=match) as info:
+        merge(yaml.safe_dump(doc), out, **options)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert not out.exists()
+    return message
+
+
+def recipe(fam, **params) -> dict:
+    return yaml.safe_load(fam.recipe("prodistill", **params))
+
+
+# --------------------------------------------------------------------------- the recipe
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (lambda d: d["parameters"].update(epoch=3),
+         r"recipe parameters: unknown parameter 'epoch' \(did you mean 'epochs'\?\)"),
+        (lambda d: d["models"][0]["parameters"].update(templat="alpaca"),
+         r"unknown parameter 'templat' \(did you mean 'template'\?\)"),
+        (lambda d: d["parameters"].update(lr=0), r"parameter 'lr' = 0: .*greater than 0"),
+        (lambda d: d["parameters"].update(lr=-0.1), r"parameter 'lr' = -0.1: .*greater than 0"),
+        (lambda d: d["parameters"].update(epochs=-1), r"parameter 'epochs' = -1: .*greater than or equal to 0"),
+        (lambda d: d["parameters"].update(shots=0), r"parameter 'shots' = 0: .*greater than or equal to 1"),
+        (lambda d: d["parameters"].update(init=float("nan")), r"parameter 'init' = nan: .*finite"),
+        (lambda d: d["parameters"].update(init=float("inf")), r"parameter 'init' = inf: .*finite"),
+        (lambda d: d["parameters"].update(lr=[0.1, 0.01]), r"parameter 'lr' must be a single value"),
+        (lambda d: d["models"][1].pop("parameters"), r"name the calibration prompts with exactly one of 'calibration:'"),
+        (lambda d: d.pop("base_model"), r"prodistill needs 'base_model:'"),
+        (lambda d: d.update(dtype="bf16"), r"dtype 'bf16' is not one of bfloat16, float16, float32"),
+        (lambda d: d.update(out_dtype="fp8"), r"out_dtype 'fp8' is not one of"),
+    ],
+    ids=["unknown-key", "unknown-expert-key", "lr-zero", "lr-negative", "epochs-negative",
+         "shots-zero", "init-nan", "init-inf", "gradient", "no-calibration", "no-base",
+         "dtype", "out-dtype"],
+)
+def test_recipe_errors(families, tmp_path, no_weight_reads, change, match):
+    doc = recipe(families("llama", 2), epochs=1)
+    change(doc)
+    refused(doc, tmp_path / "out", match)
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _write(path, content: bytes):
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda d: d / "missing.jsonl", r"calibration path .*missing.jsonl does not exist"),
+        (lambda d: _write(d / "empty.jsonl", b"\n  \n"), r"empty.jsonl holds no prompts"),
+        (lambda d: d, r"calibration folder .* holds no prompt files"),
+        (lambda d: _write(d / "latin1.txt", "caf\u00e9\n".encode("latin-1")),
+         r"latin1.txt is not UTF-8 text \(byte 3"),
+        (lambda d: _write(d / "bad.jsonl", b'{"text": "a"}\n{"text": "b"}\n{"text": "c"\n'),
+         r"bad.jsonl:3: not valid JSON"),
+        (lambda d: _write(d / "num.jsonl", b'{"text": "a"}\n\n42\n'),
+         r"num.jsonl:3: expected a string or an object with a 'text' / 'prompt' / 'instruction'"),
+    ],
+    ids=["missing", "empty", "empty-folder", "not-utf8", "malformed-jsonl", "wrong-record"],
+)
+def test_calibration_file_errors(families, tmp_path, no_weight_reads, make, match):
+    doc = recipe(families("llama", 2))
+    (tmp_path / "prompts").mkdir()
+    doc["models"][1]["parameters"]["calibration"] = str(make(tmp_path / "prompts"))
+    refused(doc, tmp_path / "out", match)
+
+
+def test_unreadable_calibration_file(families, tmp_path, no_weight_reads, monkeypatch):
+    # Root reads any file whatever its mode, so simulate the refusal the OS would give.
+    real_open = open
+
+    def deny(path, *args, **kwargs):
+        if str(path).endswith("expert_0.jsonl"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(sources, "open", deny, raising=False)
+    refused(recipe(families("llama", 2)), tmp_path / "out",
+            r"expert_0.jsonl cannot be read: Permission denied")
+
+
+def _load_calibration(fam, caplog, **params):
+    config = MergeConfiguration.model_validate(recipe(fam, **params))
+    with caplog.at_level(logging.WARNING, logger="mergekit_prodistill"):
+        return calibration.load_for_experts(parse_recipe(config), MergeOptions(), seed=0)
+
+
+def test_fewer_prompts_than_shots_warns_and_uses_them_all(families, caplog):
+    fam = families("llama", 2)  # 32 prompts per expert
+    calib = _load_calibration(fam, caplog, shots=40, batch_size=8)
+    assert calib.prompts == [32, 32]
+    assert "holds 32 prompts, fewer than shots=40: using all of them" in caplog.text
+    caplog.clear()
+    assert _load_calibration(fam, caplog, shots=8).prompts == [8, 8]
+    assert "fewer than shots" not in caplog.text
+
+
+def test_prompts_longer_than_max_length_are_cut_with_a_warning(families, caplog):
+    fam = families("llama", 2)
+    # Alpaca's header alone is longer than 16 tokens: every prompt loses its ending.
+    config = recipe(fam, max_length=16, shots=8, continue_tokens=0)  # the prompts alone
+    config["models"][0]["parameters"]["template"] = "alpaca"
+    config = MergeConfiguration.model_validate(config)
+    with caplog.at_level(logging.WARNING, logger="mergekit_prodistill"):
+        calib = calibration.load_for_experts(parse_recipe(config), MergeOptions(), seed=0)
+    assert "all 8 prompts are longer than max_length=16 tokens after templating" in caplog.text
+    assert "'### Response:'" in caplog.text
+    assert max(b.input_ids.shape[1] for b in calib.batches[0]) == 16
+
+    caplog.clear()
+    calibration.warn_if_truncated("f.jsonl", "{prompt}", [5, 20, 9], 10)
+    assert "1 of 3 prompts are longer than max_length=10" in caplog.text
+    caplog.clear()
+    calibration.warn_if_truncated("f.jsonl", "{prompt}", [5, 10], 10)
+    assert not caplog.text
+
+
+# --------------------------------------------------------------------------- the models
+
+
+def _copy_model(src, dst, drop=()):
+    shutil.copytree(src, dst)
+    for name in drop:
+        (dst / name).unlink()
+    return dst
+
+
+def _with_expert(doc, index, path):
+    doc["models"][index]["model"] = str(path)
+    return doc
+
+
+def test_model_folder_missing_or_without_weights(families, tmp_path, no_weight_reads):
+    fam = families("llama", 2)
+    doc = recipe(fam)
+    doc["base_model"] = str(tmp_path / "nowhere")
+    refused(doc, tmp_path / "out", r"model .*nowhere: folder .*nowhere does not exist")
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((fam.base / "config.json").read_text())
+    refused(_with_expert(recipe(fam), 0, empty), tmp_path / "out",
+            r"model .*empty: no model.safetensors or model.safetensors.index.json in")
+
+
+def test_hub_id_that_cannot_be_fetched(families, tmp_path, no_weight_reads, monkeypatch):
+    import huggingface_hub.constants
+
+    # Read once at import; set it here so the test never waits on a network timeout.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    refused(_with_expert(recipe(families("llama", 2)), 0, "nobody/no-such-model"),
+            tmp_path / "out", r"no folder nobody/no-such-model here, and the Hugging Face Hub "
+                              r"could not provide it")
+
+
+def test_missing_or_truncated_shard(families, tmp_path, no_weight_reads):
+    fam = families("llama", 2)
+    index = json.loads((fam.experts[0] / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+
+    gone = _copy_model(fam.experts[0], tmp_path / "gone", drop=[shard])
+    refused(_with_expert(recipe(fam), 0, gone), tmp_path / "out",
+            rf"shard {shard} listed in model.safetensors.index.json is missing")
+
+    cut = _copy_model(fam.experts[0], tmp_path / "cut")
+    data = (cut / shard).read_bytes()
+    (cut / shard).write_bytes(data[: len(data) - 100])
+    refused(_with_expert(recipe(fam), 0, cut), tmp_path / "out",
+            rf"{shard} is truncated \({len(data) - 100} bytes, its header needs {len(data)}\)")
+
+
+def test_expert_of_another_architecture(families, tmp_path, no_weight_reads):
+    doc = _with_expert(recipe(families("llama", 2)), 1, families("mistral", 2).experts[1])
+    refused(doc, tmp_path / "out",
+            r"model .* is MistralForCausalLM but the base model is LlamaForCausalLM")
+
+
+def test_expert_with_other_layer_count(families, tmp_path, no_weight_reads):
+    doc = _with_expert(recipe(families("llama", 2)), 0,
+                       families("llama", 2, num_layers=3).experts[0])
+    refused(doc, tmp_path / "out", r"model .* has 3 layers but the base model has 2")
+
+
+def test_expert_with_other_tensor_shape(families, tmp_path, no_weight_reads):
+    other = families("llama", 2, intermediate_size=96).experts[0]
+    refused(_with_expert(recipe(families("llama", 2)), 0, other), tmp_path / "out",
+            r"tensor model.layers.0.mlp.up_proj.weight: model .* has shape \(96, 64\) but "
+            r"the base model has \(128, 64\)")
+
+
+def test_expert_missing_a_tensor(families, tmp_path, no_weight_reads):
+    fam = families("llama", 2)
+    from safetensors.torch import load_file, save_file
+
+    broken = _copy_model(fam.experts[0], tmp_path / "broken")
+    index_path = broken / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    name = "model.layers.1.self_attn.o_proj.weight"
+    shard = broken / index["weight_map"].pop(name)
+    tensors = load_file(shard)
+    del tensors[name]
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index_path.write_text(json.dumps(index))
+    refused(_with_expert(recipe(fam), 0, broken), tmp_path / "out",
+            rf"model .*broken has no tensor {name}")
+
+
+def test_remote_code_needs_the_flag(families, tmp_path, no_weight_reads):
+    fam = families("llama", 2)
+    custom = _copy_model(fam.experts[0], tmp_path / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="tiny_custom", architectures=["TinyCustomForCausalLM"],
+                  auto_map={"AutoModelForCausalLM": "modeling_tiny.TinyCustomForCausalLM"})
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "modeling_tiny.py").write_text("raise SystemExit('remote code ran')\n")
+    refused(_with_expert(recipe(fam), 0, custom), tmp_path / "out",
+            r"TinyCustomForCausalLM is not part of transformers and its config.json points to "
+            r"code shipped with the model \(auto_map\); pass --trust-remote-code")
+
+
+def _pickled_copy(src, dst):
+    """The same model saved as a pickled pytorch_model.bin instead of safetensors."""
+    from safetensors.torch import load_file
+
+    dst.mkdir()
+    state = {}
+    for f in src.glob("*.safetensors"):
+        state.update(load_file(f))
+    torch.save(state, dst / "pytorch_model.bin")
+    for f in src.iterdir():
+        if not f.name.startswith("model"):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_pickled_weights_only_with_explicit_trust(families, tmp_path, no_weight_reads, monkeypatch):
+    fam = families("llama", 2)
+    pickled = _pickled_copy(fam.experts[0], tmp_path / "pickled")
+    doc = _with_expert(recipe(fam, epochs=0, shots=4), 0, pickled)
+    refused(doc, tmp_path / "out", r"model .*pickled has only pickled weights "
+                                   r"\(pytorch_model.bin\), which can run code when loaded; "
+                                   r"convert them to safetensors, or pass --trust-remote-code")
+    refused(doc, tmp_path / "out", r"only pickled weights", lazy_unpickle=True)
+
+
+def test_pickled_weights_merge_the_same_when_trusted(families, tmp_path):
+    from test_merge import load_tensors
+
+    fam = families("llama", 2)
+    pickled = _pickled_copy(fam.experts[0], tmp_path / "pickled")
+    doc = _with_expert(recipe(fam, epochs=0, shots=4), 0, pickled)
+    a = load_tensors(merge(yaml.safe_dump(doc), tmp_path / "a", trust_remote_code=True))
+    b = load_tensors(merge(fam.recipe("prodistill", epochs=0, shots=4), tmp_path / "b"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- the output
+
+
+def test_output_folder_holding_another_model_is_refused(families, tmp_path, no_weight_reads):
+    fam = families("llama", 2)
+    before = {p.name: p.stat().st_mtime_ns for p in fam.base.iterdir()}
+    with pytest.raises(ProDistillError, match=r"output folder .*base already holds "
+                                              r"config.json, model-00001-of-"):
+        merge(fam.recipe("prodistill"), fam.base)
+    assert {p.name: p.stat().st_mtime_ns for p in fam.base.iterdir()} == before
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "mergekit_config.yml").write_text(fam.recipe("prodistill", epochs=3))
+    (other / "model.safetensors").write_bytes(b"old")
+    with pytest.raises(ProDistillError, match=r"output folder .*other already holds a different "
+                                              r"merge \(its mergekit_config.yml is not this "
+                                              r"recipe\); choose another folder, or delete"):
+        merge(fam.recipe("prodistill", epochs=4), other)
+    assert (other / "model.safetensors").read_bytes() == b"old"
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(ProDistillError, match=r"output path .*file exists and is not a folder"):
+        merge(fam.recipe("prodistill"), a_file)
+
+
+def test_output_folder_rules(families, tmp_path):
+    fam = families("llama", 2)
+    config = MergeConfiguration.model_validate(recipe(fam, epochs=3))
+    preflight.check_output_folder(str(tmp_path / "new"), config)
+    (tmp_path / "empty").mkdir()
+    preflight.check_output_folder(str(tmp_path / "empty"), config)
+    # The same recipe again (formatted differently) may replace its own earlier result.
+    same = tmp_path / "same"
+    same.mkdir()
+    (same / "mergekit_config.yml").write_text(yaml.safe_dump(recipe(fam, epochs=3), indent=4))
+    (same / "model.safetensors").write_bytes(b"old")
+    preflight.check_output_folder(str(same), config)
+    # Unrelated files are left alone and do not stop the merge.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    preflight.check_output_folder(str(tmp_path / "notes"), config)
+
+
+def test_not_enough_disk(families, tmp_path, no_weight_reads, monkeypatch):
+    fam = families("llama", 2)
+    config = MergeConfiguration.model_validate(recipe(fam))
+    checked = preflight.check_before_merge(parse_recipe(config), config, MergeOptions(),
+                                           str(tmp_path / "out"))
+    # The estimate is exactly the merged tensors' bytes (float32 like the base).
+    from test_merge import load_tensors
+
+    base = load_tensors(fam.base)
+    assert checked.output_bytes == sum(t.numel() * 4 for t in base.values())
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(preflight.shutil, "disk_usage",
+                        lambda path: usage._replace(free=checked.output_bytes // 2))
+    refused(recipe(fam), tmp_path / "out",
+            r"not enough free disk for the output: it needs about 0.07 GB, and .* has 0.00 GB free")
+    # Writing bfloat16 halves the estimate.
+    doc = recipe(fam)
+    doc["out_dtype"] = "bfloat16"
+    config = MergeConfiguration.model_validate(doc)
+    monkeypatch.undo()
+    halved = preflight.check_before_merge(parse_recipe(config), config, MergeOptions(),
+                                          str(tmp_path / "out"))
+    assert halved.output_bytes * 2 == checked.output_bytes
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def test_model_error_is_one_line_from_mergekit_yaml(families, tmp_path):
+    # mergekit-prodistill prints the same line (test_cli checks both commands).
+    other = families("llama", 2, intermediate_size=96).experts[0]
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(_with_expert(recipe(families("llama", 2)), 0, other)))
+    out = tmp_path / "out"
+    proc = run_cli(BIN / "mergekit-yaml", path, out, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "mergekit-prodistill: error: tensor model.layers.0.mlp.up_proj.weight: model "), lines
+    assert not out.exists()

@@ -9,6 +9,7 @@ Embeddings, the final norm and the LM head are merged by task arithmetic with
 lambda = init. Only one block of the base and of each expert is ever in memory.
 """
 
+import contextlib
 import logging
 import math
 import os
@@ -157,6 +158,25 @@ def distill_block(runner, index, layer, base_w, deltas, student_in, targets, con
     return [{n: t.detach() for n, t in c.items()} for c in coeffs]
 
 
+@contextlib.contextmanager
+def denormals_flushed(enabled: bool):
+    """Flush subnormal floats to zero while training.
+
+    Tiny activations and task-vector products become subnormal, which makes CPU kernels
+    many times slower (24x on the tiny test merge) and carries no signal for the
+    coefficients. Untrained merges keep exact IEEE arithmetic, so that they equal
+    mergekit's task arithmetic bit for bit.
+    """
+    if not enabled:
+        yield
+        return
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def _adam(params, lr):
     # The fused kernel does Adam's update in one pass over each tensor.
     return torch.optim.Adam(params, lr=lr, fused=True)
@@ -241,10 +261,11 @@ def run_prodistill(
     units = UnitWriter(writer, checkpoint)
 
     try:
-        report_blocks, head_report = _merge(
-            recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
-            units, cast_out, checkpoint, resumed, options,
-            p.activation_dir or os.path.join(staging, output.SCRATCH))
+        with denormals_flushed(p.epochs > 0):
+            report_blocks, head_report = _merge(
+                recipe, module, base, experts, calib, merged_ids, vocabulary, device,
+                generator, units, cast_out, checkpoint, resumed, options,
+                p.activation_dir or os.path.join(staging, output.SCRATCH))
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
         output.finish(
             staging, out_path, merge_config, arch_info, options, config_source, recipe,

@@ -11,6 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from mergekit_prodistill import continuation
 from mergekit_prodistill.errors import ProDistillError
 # read_prompts and PROMPT_FIELDS stay importable from here for existing callers.
 from mergekit_prodistill.sources import (  # noqa: F401 (read_prompts, PROMPT_FIELDS: API)
@@ -156,6 +157,13 @@ def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
         sequences = tokenize(prompts, tokenizer, p.max_length)
         if not sequences:
             raise ProDistillError(f"calibration source {source.source}: no prompt produced any token")
+        if p.continue_tokens:
+            sequences = continuation.continue_prompts(
+                expert.model.local_path(cache_dir=options.transformers_cache), sequences,
+                p.continue_tokens, tokenizer, dtype=recipe.dtype,
+                device=torch.device(options.device or "cpu"), batch_size=p.batch_size,
+                trust_remote_code=options.trust_remote_code,
+            )
         calib.sources.append(source.source)
         calib.hub_datasets.append(source.hub_dataset)
         calib.prompts.append(len(sequences))

@@ -118,14 +118,24 @@ def _prodistill_section(report, plot: Optional[str]) -> List[str]:
     run.append(("device", report["device"]))
     run += [(f"{package} version", version)
             for package, version in report.get("versions", {}).items()]
+    continued = (", each followed by the expert's own greedy continuation (up to "
+                 f"{params['continue_tokens']} tokens)") if params.get("continue_tokens") else ""
+    head = report.get("head")
+    ending = (
+        f"Embeddings were merged by task arithmetic with weight {params['init']}; the final "
+        "norm and LM head coefficients were trained to match each expert's next-token "
+        f"distribution (KL {head['loss_before']:.4g} -> {head['loss_after']:.4g})."
+        if head else
+        "Embeddings, the final norm and the LM head were merged by task arithmetic with "
+        f"weight {params['init']}."
+    )
     return [
         "### ProDistill",
         "",
         "Element-wise merging coefficients were trained block by block so that each merged "
         "decoder block, fed the merged model's own activations, reproduces every expert's "
-        "block on that expert's unlabeled calibration prompts "
-        "([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). Embeddings, the final norm "
-        f"and the LM head were merged by task arithmetic with weight {params['init']}.",
+        f"block on that expert's unlabeled calibration prompts{continued} "
+        f"([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). {ending}",
         *(["", report["vocabulary"]] if report.get("vocabulary") else []),
         "",
         "#### Calibration prompts",

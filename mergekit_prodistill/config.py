@@ -31,8 +31,8 @@ class ProDistillParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     init: float = Field(0.5, description="initial value of every merging coefficient")
-    lr: float = Field(0.01, gt=0, description="Adam learning rate for the coefficients")
-    epochs: int = Field(20, ge=0, description="passes over the calibration data per block")
+    lr: float = Field(0.1, gt=0, description="Adam learning rate for the coefficients")
+    epochs: int = Field(50, ge=0, description="passes over the calibration data per block")
     shots: int = Field(64, ge=1, description="calibration prompts used per expert")
     batch_size: int = Field(16, ge=1, description="prompts per expert in one step")
     max_length: int = Field(512, ge=1, description="tokens kept per prompt")
@@ -40,6 +40,20 @@ class ProDistillParameters(BaseModel):
         "element",
         description="one coefficient per weight element, per weight tensor, or per expert "
         "and block (the paper's ablation)",
+    )
+    continue_tokens: int = Field(
+        64,
+        ge=0,
+        description="tokens each expert generates greedily after each of its calibration "
+        "prompts; the distillation then runs on prompt + continuation (0: prompts only, "
+        "as in the paper)",
+    )
+    head_epochs: int = Field(
+        0,
+        ge=0,
+        description="epochs training the final norm and LM head coefficients to match each "
+        "expert's next-token distribution (0: task arithmetic with weight init, as in the "
+        "paper)",
     )
     inputs: Literal["dual", "merged", "expert"] = Field(
         "dual",

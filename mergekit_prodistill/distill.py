@@ -26,7 +26,7 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, output, plan, preflight
+from mergekit_prodistill import calibration, head, output, plan, preflight
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.checkpoint import Checkpoint, UnitWriter, fingerprint
@@ -62,6 +62,19 @@ def init_coefficients(base_w, num_experts, p: ProDistillParameters):
             for name, w in base_w.items()
         })
     return coeffs
+
+
+def coefficient_stats(coeffs) -> Dict[str, List]:
+    """Per expert: mean of the tensors' mean coefficients, and spread over all elements."""
+    stats = {"coefficient_mean": [], "coefficient_std": [], "coefficient_range": []}
+    for cf in coeffs:
+        tensors = list({id(t): t.detach().float() for t in cf.values()}.values())
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        stats["coefficient_mean"].append(
+            float(torch.stack([t.detach().float().mean() for t in cf.values()]).mean()))
+        stats["coefficient_std"].append(float(flat.std()) if flat.numel() > 1 else 0.0)
+        stats["coefficient_range"].append([float(flat.min()), float(flat.max())])
+    return stats
 
 
 def merged_weights(base_w, deltas, coeffs, dtype):
@@ -249,14 +262,14 @@ def run_prodistill(
 
     try:
         with denormals_flushed(p.epochs > 0):
-            report_blocks = _merge(recipe, module, base, experts, calib, merged_ids, vocabulary,
-                                   device, generator, units, cast_out, checkpoint, resumed,
-                                   options,
-                                   p.activation_dir or os.path.join(staging, output.SCRATCH))
+            report_blocks, head_report = _merge(
+                recipe, module, base, experts, calib, merged_ids, vocabulary, device,
+                generator, units, cast_out, checkpoint, resumed, options,
+                p.activation_dir or os.path.join(staging, output.SCRATCH))
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
         output.finish(
             staging, out_path, merge_config, arch_info, options, config_source, recipe,
-            calib, report_blocks, started, device, vocabulary,
+            calib, report_blocks, started, device, vocabulary, head_report,
         )
     except BaseException as exc:
         resumable = checkpoint is not None and checkpoint.has_progress()
@@ -273,8 +286,8 @@ def run_prodistill(
 
 
 def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
-           units, cast_out, checkpoint, resumed, options, activation_dir) -> List[dict]:
-    """Merge every tensor in order; returns the per-block report."""
+           units, cast_out, checkpoint, resumed, options, activation_dir):
+    """Merge every tensor in order; returns the per-block report and the head's (or None)."""
     p = recipe.params
     num_layers = module.num_layers()
     train = p.epochs > 0
@@ -383,8 +396,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
             "loss_before": loss_before,
             "loss_after": loss_after,
             "epoch_losses": epoch_losses,
-            "coefficient_mean": [float(torch.stack([c.mean() for c in cf.values()]).mean())
-                                 for cf in coeffs],
+            **coefficient_stats(coeffs),
             "seconds": time.time() - block_started,
         })
         checkpoint.save_state(index + 1, [z1, z2], generator, report_blocks)
@@ -394,12 +406,23 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
         del base_w, deltas, coeffs, final, block_w
     progress.close()
 
+    present = lambda w: base.has(w) or any(e.has(w) for e in experts)  # noqa: E731
+    trained_head, head_report = {}, None
+    if p.head_epochs and train:
+        norm_w, head_w, untied = head.find_norm_and_head(
+            module.pre_weights(), module.post_weights(), present)
+        trained_head, head_report = head.train_head(
+            norm_w, head_w, untied, base, experts, vocabulary.align, z1, z2, contexts,
+            module.config, p, generator, device)
     for weight in module.post_weights():
-        if weight.optional and not (base.has(weight) or any(e.has(weight) for e in experts)):
+        if weight.optional and not present(weight):
             continue  # e.g. no lm_head with tied embeddings, as mergekit does
-        task_arithmetic(weight)
+        if weight.name in trained_head:
+            units.save_tensor(weight.name, cast_out(trained_head[weight.name]))
+        else:
+            task_arithmetic(weight)
     units.end_unit("post")
-    return report_blocks
+    return report_blocks, head_report
 
 
 def _cast(weights: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:

@@ -70,7 +70,7 @@ def listing(folder: str) -> list:
 
 
 def finish(staging, out_path, merge_config, arch_info, options, config_source, recipe,
-           calib, blocks, started, device, vocabulary):
+           calib, blocks, started, device, vocabulary, head=None):
     """Write config, tokenizer, card and report into the staging folder, then publish."""
     config_source = config_source or merge_config.to_yaml()
     cfg = integration.model_out_config(merge_config, arch_info, options.trust_remote_code)
@@ -100,6 +100,7 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
         ],
         "vocabulary": vocabulary.summary,
         "blocks": blocks,
+        **({"head": head} if head else {}),
         "seconds": time.time() - started,
         **peak_memory(device),
         "versions": versions(),

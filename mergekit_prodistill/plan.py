@@ -319,6 +319,8 @@ def workload(recipe, options, seed: int) -> Workload:
         else:
             estimated = True
             lengths = [min(p.max_length, 1 + math.ceil(len(x) / CHARS_PER_TOKEN)) for x in prompts]
+        # Each expert's continuation may add up to continue_tokens (the worst case).
+        lengths = [n + p.continue_tokens for n in lengths]
         made = calibration.make_batches([[0] * n for n in lengths], p.batch_size)
         batches.append(tuple(tuple(b.input_ids.shape) for b in made))
         tokens.append(sum(lengths))

@@ -82,7 +82,8 @@ def final_hidden(path, prompts, tokenizer):
 
 def test_training_lowers_every_block_loss_and_moves_toward_experts(families, tmp_path):
     fam = families("llama", 2, num_layers=3)
-    pd = merge(fam.recipe("prodistill", epochs=20, lr=0.05, shots=16, batch_size=8), tmp_path / "pd")
+    pd = merge(fam.recipe("prodistill", epochs=20, lr=0.05, shots=16, batch_size=8,
+                          continue_tokens=8), tmp_path / "pd")
     ta = merge(fam.recipe("task_arithmetic", weight=0.5), tmp_path / "ta")
 
     report = json.loads((pd / "prodistill_report.json").read_text())
@@ -103,8 +104,8 @@ def test_training_lowers_every_block_loss_and_moves_toward_experts(families, tmp
 @pytest.mark.parametrize("inputs", ["dual", "merged", "expert"])
 def test_ablations_run_and_train(families, tmp_path, granularity, inputs):
     fam = families("qwen2", 2)
-    out = merge(fam.recipe("prodistill", epochs=3, lr=0.05, shots=8, granularity=granularity,
-                           inputs=inputs), tmp_path / "out")
+    out = merge(fam.recipe("prodistill", epochs=3, lr=0.05, shots=8, continue_tokens=0,
+                           granularity=granularity, inputs=inputs), tmp_path / "out")
     report = json.loads((out / "prodistill_report.json").read_text())
     assert all(b["loss_after"] <= b["loss_before"] for b in report["blocks"])
     assert report["parameters"]["granularity"] == granularity

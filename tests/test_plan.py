@@ -60,9 +60,11 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     p = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
     assert p.shape.num_layers == 40 and p.shape.block_numel == BLOCK_13B
     assert p.work.source.startswith("estimated")  # no tokenizer shipped
-    assert [b for bs in p.work.batches for b in bs] == [(16, 512)] * 12  # 3 x 64 prompts
+    # 3 x 64 prompts of max_length 512, plus room for continue_tokens 64 (the default)
+    width = 512 + 64
+    assert [b for bs in p.work.batches for b in bs] == [(16, width)] * 12
     train = p.phases["cuda"]["train"]
-    bf16, experts, slots = 2, 3, 64 * 512
+    bf16, experts, slots = 2, 3, 64 * width
     assert train[plan.LAMBDA] == 16 * experts * BLOCK_13B  # lambda, grad, Adam m and v
     assert train[plan.WEIGHTS] == (1 + experts) * BLOCK_13B * bf16 + 2 * BLOCK_13B * bf16
     assert p.cache_at == "cuda"
@@ -72,8 +74,8 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     assert p.phases["cpu"]["train"][plan.SLACK] < 10**6 and p.shape.heap_share < 1e-4
 
     matmuls = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE
-    batch = 16 * 512 * (2 * matmuls + 4 * 512 * HEADS * 128)
-    assert p.flops["training"] == 40 * 20 * 4 * 3 * experts * batch
+    batch = 16 * width * (2 * matmuls + 4 * width * HEADS * 128)
+    assert p.flops["training"] == 40 * 50 * 4 * 3 * experts * batch  # 50 epochs (default)
     assert p.flops["forwards"] == 40 * 3 * experts * 4 * batch
 
 

@@ -136,7 +136,7 @@ def test_fewer_prompts_than_shots_warns_and_uses_them_all(families, caplog):
 def test_prompts_longer_than_max_length_are_cut_with_a_warning(families, caplog):
     fam = families("llama", 2)
     # Alpaca's header alone is longer than 16 tokens: every prompt loses its ending.
-    config = recipe(fam, max_length=16, shots=8)
+    config = recipe(fam, max_length=16, shots=8, continue_tokens=0)  # the prompts alone
     config["models"][0]["parameters"]["template"] = "alpaca"
     config = MergeConfiguration.model_validate(config)
     with caplog.at_level(logging.WARNING, logger="mergekit_prodistill"):

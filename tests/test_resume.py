@@ -29,7 +29,8 @@ def progress(out):
 def test_sigkill_then_rerun_gives_identical_tensors(families, tmp_path):
     fam = families("llama", 2, num_layers=6)
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(fam.recipe("prodistill", epochs=20, lr=0.05, shots=8, batch_size=4))
+    recipe.write_text(fam.recipe("prodistill", epochs=20, lr=0.05, shots=8, batch_size=4,
+                                 continue_tokens=8))
     merge(recipe.read_text(), tmp_path / "whole", random_seed=7)
 
     out = tmp_path / "resumed"
@@ -119,7 +120,8 @@ def test_bfloat16_activations_train(families, tmp_path):
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(families, tmp_path):
     fam = families("llama", 2, num_layers=6)
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(fam.recipe("prodistill", epochs=20, lr=0.05, shots=8, batch_size=4))
+    recipe.write_text(fam.recipe("prodistill", epochs=20, lr=0.05, shots=8, batch_size=4,
+                                 continue_tokens=8))
     out = tmp_path / "out"
     proc = subprocess.Popen([BIN / "mergekit-yaml", recipe, out, "--quiet"],
                             env=dict(os.environ, HF_HUB_OFFLINE="1"),

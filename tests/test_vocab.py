@@ -114,7 +114,7 @@ def test_same_size_vocabularies_have_no_vocabulary_note(families, tmp_path):
 def test_calibration_ids_follow_the_merged_vocabulary(families, tmp_path):
     # Two experts add different tokens at the same id: the union gives them two ids.
     fam = families("llama", 2, extra_tokens=(("<a>",), ("<b>",)))
-    doc = yaml.safe_load(fam.recipe("prodistill", shots=8))
+    doc = yaml.safe_load(fam.recipe("prodistill", shots=8, continue_tokens=0))  # prompts alone
     doc["models"][0]["parameters"]["calibration"] = with_prompt(fam, tmp_path, 0, "x <a> y")
     doc["models"][1]["parameters"]["calibration"] = with_prompt(fam, tmp_path, 1, "x <b> y")
     config = MergeConfiguration.model_validate(doc)

@@ -1,0 +1,124 @@
+"""Recipes for every merge in the benchmark, run through the real ``mergekit-yaml``.
+
+Each merge is one subprocess of the ``mergekit-yaml`` next to this Python, so what is
+measured is exactly what a user runs: mergekit's own methods through mergekit, and
+ProDistill through the start-up hook that routes ``merge_method: prodistill`` to it.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+from models import Checkpoints
+
+REPO = Path(__file__).resolve().parents[2]
+MERGEKIT_YAML = Path(sys.executable).parent / "mergekit-yaml"
+
+
+@dataclass
+class Merge:
+    """One row of the results: a name, the group it is plotted in, and its recipe."""
+
+    name: str
+    group: str
+    method: str
+    parameters: Dict = field(default_factory=dict)  # global parameters
+    weight: Optional[float] = None  # per-expert weight for mergekit's methods
+    density: Optional[float] = None
+    note: str = ""
+    seconds: float = 0.0  # wall time of its mergekit-yaml run
+
+    def recipe(self, ckpt: Checkpoints) -> str:
+        models = []
+        for task, path in ckpt.experts.items():
+            if self.method == "prodistill":
+                params = {"calibration": str(ckpt.calibration[task])}
+            else:
+                params = {"weight": self.weight}
+                if self.density is not None:
+                    params["density"] = self.density
+            models.append({"model": str(path), "parameters": params})
+        doc = {"merge_method": self.method}
+        if self.method != "linear":  # mergekit's linear merge has no base model
+            doc["base_model"] = str(ckpt.base)
+        doc["models"] = models
+        if self.parameters:
+            doc["parameters"] = dict(self.parameters)
+        doc["dtype"] = "float32"
+        return yaml.safe_dump(doc, sort_keys=False)
+
+
+def run_merge(merge: Merge, ckpt: Checkpoints, work: Path, threads: int, log=print) -> Path:
+    """Write the recipe, run ``mergekit-yaml`` on it, return the merged model's folder."""
+    work.mkdir(parents=True, exist_ok=True)
+    recipe = work / f"{merge.name}.yml"
+    recipe.write_text(merge.recipe(ckpt), encoding="utf-8")
+    out = work / merge.name
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS=str(threads),
+    )
+    started = time.time()
+    proc = subprocess.run(
+        [str(MERGEKIT_YAML), str(recipe), str(out), "--random-seed", "0", "--quiet"],
+        env=env, capture_output=True, text=True,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"mergekit-yaml failed on {recipe}:\n{proc.stdout}\n{proc.stderr}")
+    merge.seconds = time.time() - started
+    log(f"  merged {merge.name} in {merge.seconds:.0f} s")
+    return out
+
+
+# The recipe the paper describes: prompts only, final norm and LM head by task arithmetic,
+# with the same optimiser budget as the defaults so that only the calibration differs.
+PAPER = {"continue_tokens": 0, "head_epochs": 0, "lr": 0.1, "epochs": 50}
+# mergekit-prodistill 0.1.0's defaults, before this benchmark.
+FIRST_DEFAULTS = {"continue_tokens": 0, "head_epochs": 0, "lr": 0.01, "epochs": 20}
+TA_WEIGHTS = (0.3, 0.5, 0.7, 1.0)
+SHOTS = (1, 4, 16)  # 64 is the default
+EPOCHS = (1, 5, 10, 20)  # 50 is the default
+DEFAULT_SHOTS, DEFAULT_EPOCHS = 64, 50
+
+
+def plan() -> List[Merge]:
+    """Every merge of the benchmark, in the order they run."""
+    pd = lambda name, group, note="", **params: Merge(  # noqa: E731
+        name, group, "prodistill", params, note=note)
+    merges = [
+        Merge("linear", "mergekit", "linear", weight=1.0, note="average of the experts"),
+        *[Merge(f"task_arithmetic-{w}", "mergekit", "task_arithmetic", weight=w)
+          for w in TA_WEIGHTS],
+        Merge("ties", "mergekit", "ties", weight=1.0, density=0.5),
+        Merge("dare_ties", "mergekit", "dare_ties", weight=1.0, density=0.5, note="seed 0"),
+        pd("prodistill", "prodistill", "the package defaults"),
+        pd("prodistill-paper", "prodistill", "prompts only; norm and head by task arithmetic",
+           **PAPER),
+        pd("prodistill-0.1.0", "prodistill", "the first release's defaults", **FIRST_DEFAULTS),
+        # One change at a time, from the defaults.
+        pd("no-continuation", "change", "continue_tokens: 0", continue_tokens=0),
+        pd("lr-0.01", "change", "lr: 0.01", lr=0.01),
+        pd("head-trained", "change", "head_epochs: 50", head_epochs=50),
+        pd("init-0.33", "change", "init: 0.33", init=0.33),
+        pd("shots-128", "change", "shots: 128", shots=128),
+        pd("prompts-only-head-trained", "change", "continue_tokens: 0, head_epochs: 50",
+           continue_tokens=0, head_epochs=50),
+        # The paper's ablations, from the defaults.
+        pd("granularity-tensor", "granularity", granularity="tensor"),
+        pd("granularity-task", "granularity", granularity="task"),
+        pd("inputs-merged", "inputs", inputs="merged"),
+        pd("inputs-expert", "inputs", inputs="expert"),
+        *[pd(f"shots-{n}", "shots", shots=n) for n in SHOTS],
+        *[pd(f"epochs-{n}", "epochs", epochs=n) for n in EPOCHS],
+    ]
+    assert len({m.name for m in merges}) == len(merges)
+    return merges

@@ -1,0 +1,70 @@
+"""Pretrain the base model and fully fine-tune one expert per task from it.
+
+Supervised next-token training on "<s>prompt answer</s>", with the loss on the answer and
+the end-of-sequence token only. Deterministic for a given seed; CPU only.
+"""
+
+import math
+import random
+import time
+from typing import List, Tuple
+
+import torch
+
+from tasks import EOS
+
+
+def encode_examples(tokenizer, pairs: List[Tuple[str, str]]):
+    """Token ids and loss masks (1 on answer and EOS targets)."""
+    eos = tokenizer.convert_tokens_to_ids(EOS)
+    out = []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids + [eos]
+        out.append((p + a, [0] * len(p) + [1] * len(a)))
+    return out
+
+
+def collate(batch, pad_id: int):
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    loss_mask = torch.zeros(len(batch), width)
+    for row, (seq, lm) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        loss_mask[row, : len(seq)] = torch.tensor(lm, dtype=torch.float)
+    return ids, mask, loss_mask
+
+
+def train(model, tokenizer, pairs, *, steps: int, lr: float, batch_size: int, seed: int,
+          log=print, name: str = "") -> None:
+    """AdamW with linear warm-up and cosine decay; answer-only cross entropy."""
+    data = encode_examples(tokenizer, pairs)
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+    )
+    model.train()
+    started, running = time.time(), None
+    for step in range(steps):
+        ids, mask, loss_mask = collate(rng.sample(data, batch_size), tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        target_mask = loss_mask[:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        loss = (loss * target_mask.reshape(-1)).sum() / target_mask.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        running = float(loss.detach()) if running is None else 0.95 * running + 0.05 * float(loss.detach())
+        if (step + 1) % max(1, steps // 5) == 0:
+            log(f"  {name} step {step + 1}/{steps}: loss {running:.4f} ({time.time() - started:.0f} s)")
+    model.eval()

@@ -1,0 +1,173 @@
+"""Train the final norm's and the LM head's merging coefficients after the last block.
+
+The paper's recipe merges the final norm and the LM head by task arithmetic. Yet the LM
+head is where experts that read the same hidden state must write different tokens, and
+its task vectors are among the largest. Here its coefficients (and the final norm's) are
+trained like a block's: element-wise by default, starting from ``init``, with Adam, so that
+on each expert's calibration sequences the merged model's next-token distribution,
+read from the merged stream, matches the expert's own, read from the expert's stream
+(KL divergence per real token, averaged over experts). No labels are needed.
+
+With tied embeddings there is no LM head tensor: the head is the merged input embedding,
+which the merged stream already started from, so only the final norm is trained.
+"""
+
+import logging
+import math
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import transformers
+from torch.func import functional_call
+
+from mergekit_prodistill.errors import ProDistillError
+
+LOG = logging.getLogger("mergekit_prodistill")
+
+
+def find_norm_and_head(pre_weights, post_weights, is_present):
+    """(final norm, LM head, whether the head is its own tensor) as WeightInfos.
+
+    The head is the vocabulary-indexed matrix among the last weights; when no checkpoint
+    holds it (``is_present``), it is tied to the input embedding, which is returned
+    instead and is not trained.
+    """
+    norm = head = None
+    for weight in post_weights:
+        if weight.vocabulary_axis is not None and weight.name.endswith(".weight"):
+            head = weight if is_present(weight) else None
+        elif weight.name.endswith("norm.weight"):
+            norm = weight
+    if norm is None:
+        raise ProDistillError("no final norm found among the model's last weights; "
+                              "set head_epochs: 0")
+    if head is not None:
+        return norm, head, True
+    embedding = next((w for w in pre_weights if w.vocabulary_axis == 0), None)
+    if embedding is None:
+        raise ProDistillError("no LM head or input embedding found; set head_epochs: 0")
+    return norm, embedding, False
+
+
+def final_norm(config) -> torch.nn.Module:
+    """The architecture's own final norm module, without weights (on ``meta``)."""
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    norm = getattr(skeleton.get_decoder(), "norm", None)
+    if norm is None:
+        raise ProDistillError(
+            f"architecture {type(skeleton).__name__}: no final norm found; set head_epochs: 0"
+        )
+    return norm.eval()
+
+
+def log_probs(norm, norm_w, head_w, hidden):
+    normed = functional_call(norm, {"weight": norm_w}, (hidden,))
+    return torch.log_softmax(torch.nn.functional.linear(normed, head_w).float(), dim=-1)
+
+
+def masked_kl(student_logp, teacher_logp, token_mask):
+    """KL(teacher || student) per real token, averaged over real tokens."""
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    return (kl * token_mask).sum() / token_mask.sum()
+
+
+def train_head(
+    norm_weight,
+    head_weight,
+    head_trainable: bool,
+    base,
+    experts,
+    align,
+    merged_hidden: List[List[torch.Tensor]],
+    expert_hidden: List[List[torch.Tensor]],
+    contexts,
+    config,
+    p,
+    generator: torch.Generator,
+    device: torch.device,
+) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """Trained final norm (and untied LM head) for the merged model, and a report."""
+    from mergekit_prodistill.distill import coefficient_stats, init_coefficients, merged_weights
+
+    norm = final_norm(config)
+    trained = {norm_weight.name: "weight"}
+    if head_trainable:
+        trained[head_weight.name] = "head"
+    # Vocabulary-indexed tensors in the output's row order (``align``, as the embeddings
+    # are merged), so teacher and student distributions range over the same tokens.
+    base_w, expert_w = {}, [{} for _ in experts]
+    for own, weight in (("weight", norm_weight), ("head", head_weight)):
+        base_w[own], aligned = align(weight, base.load(weight), [e.load(weight) for e in experts])
+        for w, t in zip(expert_w, aligned):
+            w[own] = t
+    deltas = [{n: w[n] - base_w[n] for n in base_w} for w in expert_w]
+    del expert_w
+    coeffs = init_coefficients(base_w, len(experts), p)
+    if not head_trainable:
+        # Tied: the head is the input embedding, merged by task arithmetic with init.
+        for c in coeffs:
+            c["head"] = torch.tensor(p.init, dtype=torch.float32, device=base_w["head"].device)
+    params = list({id(t): t for c in coeffs for t in c.values() if t.requires_grad}.values())
+    optimizer = torch.optim.Adam(params, lr=p.lr)
+    compute_dtype = merged_hidden[0][0].dtype
+
+    def weights_now():
+        mixed = {}
+        for name, base_t in base_w.items():
+            total = coeffs[0][name] * deltas[0][name]
+            for c, d in zip(coeffs[1:], deltas[1:]):
+                total = total + c[name] * d[name]
+            mixed[name] = (base_t + total).to(compute_dtype)
+        return mixed
+
+    def teacher(i, b):
+        with torch.no_grad():
+            w = {n: (base_w[n] + deltas[i][n]).to(compute_dtype) for n in base_w}
+            return log_probs(norm, w["weight"], w["head"], expert_hidden[i][b].to(device))
+
+    def full_loss() -> float:
+        with torch.no_grad():
+            w = weights_now()
+            per_expert = []
+            for i, batches in enumerate(merged_hidden):
+                total, tokens = 0.0, 0
+                for b, x in enumerate(batches):
+                    mask = contexts[i][b].token_mask
+                    kl = masked_kl(log_probs(norm, w["weight"], w["head"], x.to(device)),
+                                   teacher(i, b), mask)
+                    total += float(kl) * int(mask.sum())
+                    tokens += int(mask.sum())
+                per_expert.append(total / tokens)
+        return sum(per_expert) / len(per_expert)
+
+    report = {"loss_before": full_loss(), "epoch_losses": []}
+    steps = max(len(b) for b in merged_hidden)
+    for epoch in range(p.head_epochs):
+        orders = [torch.randperm(len(b), generator=generator) for b in merged_hidden]
+        epoch_loss = 0.0
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            w = weights_now()
+            step_loss = 0.0
+            for i, order in enumerate(orders):
+                b = int(order[step % len(order)])
+                student = log_probs(norm, w["weight"], w["head"], merged_hidden[i][b].to(device))
+                loss = masked_kl(student, teacher(i, b), contexts[i][b].token_mask) / len(orders)
+                loss.backward(retain_graph=i + 1 < len(orders))
+                step_loss += loss.item()
+            if not math.isfinite(step_loss):
+                raise ProDistillError(
+                    f"final norm and LM head: the loss became {step_loss} at epoch "
+                    f"{epoch + 1}; lower 'lr' (now {p.lr})"
+                )
+            optimizer.step()
+            epoch_loss += step_loss
+        report["epoch_losses"].append(epoch_loss / steps)
+    report["loss_after"] = full_loss()
+    report.update(coefficient_stats([{n: c[n] for n in trained.values()} for c in coeffs]))
+    LOG.info("final norm and LM head: KL %.4g -> %.4g", report["loss_before"], report["loss_after"])
+    with torch.no_grad():
+        final = merged_weights(base_w, deltas, [{n: c[n].detach() for n in base_w} for c in coeffs],
+                               torch.float32)
+    return {name: final[own].to(base_w[own].dtype) for name, own in trained.items()}, report

@@ -128,8 +128,6 @@ class Checkpoint:
                         t.copy_(saved.get_tensor(f"{s}.{i}.{b}"))
             generator.set_state(saved.get_tensor("generator"))
 
-    def remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class UnitWriter:

@@ -58,8 +58,10 @@ def randn(name: str, shape, seed: int) -> torch.Tensor:
 
 
 def write_family(root, config, n_experts: int, dtype=torch.bfloat16, prompts: int = 16,
-                 expert_scale: float = 0.1, seed: int = 0) -> TinyFamily:
-    """Base + experts (each base tensor plus expert_scale x its std of noise) + prompts."""
+                 expert_scale: float = 0.1, seed: int = 0, tau_std=None) -> TinyFamily:
+    """Base + experts + prompts. An expert is each base tensor plus noise: expert_scale x
+    the tensor's std, or, with ``tau_std``, noise of that std in every tensor (real
+    fine-tunes of 7-13B models differ from their base by ~1e-3 per element)."""
     root = Path(root)
     names = ["base"] + [f"expert_{i}" for i in range(n_experts)]
     tokenizer = build_tokenizer()
@@ -76,7 +78,7 @@ def write_family(root, config, n_experts: int, dtype=torch.bfloat16, prompts: in
                     else 0.02 * randn(n, sh, seed)).to(dtype) for n, sh in shapes.items()}
         save_file(base, root / "base" / shard, metadata={"format": "pt"})
         for i in range(n_experts):
-            expert = {n: (t.float() + expert_scale * (0.1 if t.dim() == 1 else 0.02)
+            expert = {n: (t.float() + (tau_std or expert_scale * (0.1 if t.dim() == 1 else 0.02))
                           * randn(n, t.shape, seed + i + 1)).to(dtype) for n, t in base.items()}
             save_file(expert, root / f"expert_{i}" / shard, metadata={"format": "pt"})
             del expert

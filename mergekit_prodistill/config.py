@@ -61,10 +61,11 @@ class ProDistillParameters(BaseModel):
         "stream for the teacher (dual), or one stream for both (the paper's ablation)",
     )
 
-    activation_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    activation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
-        description="dtype of the cached activation streams and of the block forward "
-        "passes; auto: the weights' dtype (float16 becomes float32 on a CPU)",
+        description="dtype of the cached activation streams, the block forward passes and "
+        "training; auto: the weights' dtype, with float16 (whose range cannot hold the "
+        "coefficients' gradients) becoming bfloat16 on GPUs that have it, else float32",
     )
     activation_placement: Literal["auto", "device", "cpu", "disk"] = Field(
         "auto",
@@ -75,12 +76,31 @@ class ProDistillParameters(BaseModel):
         None, description="folder for disk-backed activation streams"
     )
 
+    @field_validator("activation_dtype", mode="before")
+    @classmethod
+    def _no_float16(cls, value):
+        if value == "float16":
+            raise ValueError(
+                "float16 cannot carry the merging coefficients' gradients (about 1e-9 at "
+                "13B widths, below its range): use bfloat16 or float32 (auto picks "
+                "bfloat16 on GPUs that have it)")
+        return value
+
     @field_validator("init")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
             raise ValueError("must be a finite number")
         return value
+
+    @model_validator(mode="after")
+    def _head_reads_the_merged_stream(self):
+        if self.head_epochs and self.inputs == "expert":
+            raise ValueError(
+                "head_epochs trains the head on the merged model's last hidden states, "
+                "which 'inputs: expert' does not compute; use inputs: dual or merged, or "
+                "head_epochs: 0")
+        return self
 
 
 class ExpertParameters(BaseModel):

@@ -26,9 +26,12 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, head, output, plan, preflight
+from mergekit_prodistill import calibration, dtypes, head, output, plan, preflight
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
+from mergekit_prodistill.coefficients import (Optimizer, chain_rule, coefficient_stats,
+                                              init_coefficients, merged_weights,
+                                              training_weights, unique_parameters)
 from mergekit_prodistill.checkpoint import Checkpoint, UnitWriter, fingerprint
 from mergekit_prodistill.config import ProDistillParameters, ProDistillRecipe, parse_recipe
 from mergekit_prodistill.errors import Interrupted, ProDistillError
@@ -37,8 +40,8 @@ from mergekit_prodistill.weights import ModelTensors, check_shape, merge
 
 LOG = logging.getLogger("mergekit_prodistill")
 
-# On a non-finite loss the block restarts from its last good coefficients with the
-# learning rate divided by LR_BACKOFF, at most MAX_RETRIES times.
+# On a non-finite loss the block is trained again from init with the learning rate
+# divided by LR_BACKOFF, at most MAX_RETRIES times.
 MAX_RETRIES = 3
 LR_BACKOFF = 10.0
 
@@ -49,65 +52,18 @@ def masked_mse(out: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor
     return (err * token_mask).sum() / token_mask.sum()
 
 
-def init_coefficients(base_w, num_experts, p: ProDistillParameters):
-    """lambda in fp32, whatever the weight dtype; shape set by the granularity."""
-    coeffs = []
-    device = next(iter(base_w.values())).device
-    for _ in range(num_experts):
-        shared = torch.nn.Parameter(torch.tensor(p.init, dtype=torch.float32, device=device))
-        coeffs.append({
-            name: shared if p.granularity == "task" else torch.nn.Parameter(torch.full(
-                w.shape if p.granularity == "element" else (), p.init,
-                dtype=torch.float32, device=w.device))
-            for name, w in base_w.items()
-        })
-    return coeffs
-
-
-def coefficient_stats(coeffs) -> Dict[str, List]:
-    """Per expert: mean of the tensors' mean coefficients, and spread over all elements."""
-    stats = {"coefficient_mean": [], "coefficient_std": [], "coefficient_range": []}
-    for cf in coeffs:
-        tensors = list({id(t): t.detach().float() for t in cf.values()}.values())
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        stats["coefficient_mean"].append(
-            float(torch.stack([t.detach().float().mean() for t in cf.values()]).mean()))
-        stats["coefficient_std"].append(float(flat.std()) if flat.numel() > 1 else 0.0)
-        stats["coefficient_range"].append([float(flat.min()), float(flat.max())])
-    return stats
-
-
-def merged_weights(base_w, deltas, coeffs, dtype):
-    """The weights that are written: summed exactly as mergekit's task arithmetic."""
-    with torch.no_grad():
-        return {
-            name: merge(base, [d[name] for d in deltas], [c[name] for c in coeffs]).to(dtype)
-            for name, base in base_w.items()
-        }
-
-
-def training_weights(base_w, deltas, coeffs, dtype):
-    """The same sum for a training step, with fused in-place updates (fewer passes)."""
-    with torch.no_grad():
-        merged = {}
-        for name, base in base_w.items():
-            w = base.to(torch.float32, copy=True)
-            for c, d in zip(coeffs, deltas):
-                w.addcmul_(c[name], d[name])
-            merged[name] = w.to(dtype).requires_grad_()
-        return merged
-
-
 def distill_block(runner, index, layer, base_w, deltas, student_in, targets, contexts,
-                  p: ProDistillParameters, generator, on_epoch=None) -> List[Dict]:
-    """Train block ``index``'s coefficients; return them (one dict of tensors per expert)."""
-    coeffs = init_coefficients(base_w, len(deltas), p)
-    params = list({id(t): t for c in coeffs for t in c.values()}.values())
+                  p: ProDistillParameters, generator, on_epoch=None):
+    """Train block ``index``'s coefficients.
+
+    Returns them (one dict of tensors per expert) and the share of coefficients whose
+    first gradient was below Adam's eps (see :class:`coefficients.Optimizer`).
+    """
     compute_dtype = student_in[0][0].dtype
     steps = max(len(batches) for batches in student_in)
     lr, retries, epoch = p.lr, 0, 0
-    good = [t.detach().clone() for t in params]
-    optimizer = _adam(params, lr)
+    coeffs = init_coefficients(base_w, len(deltas), p)
+    optimizer = Optimizer(unique_parameters(coeffs), lr)
     while epoch < p.epochs:
         orders = [torch.randperm(len(b), generator=generator) for b in student_in]
         epoch_loss = 0.0
@@ -125,14 +81,10 @@ def distill_block(runner, index, layer, base_w, deltas, student_in, targets, con
                 loss = masked_mse(out, y, contexts[i][b].token_mask) / len(orders)
                 loss.backward()
                 epoch_loss += loss.item()
-            optimizer.zero_grad(set_to_none=True)
-            for c, d in zip(coeffs, deltas):
-                for name, coeff in c.items():
-                    grad = merged[name].grad.float() * d[name]
-                    grad = grad if coeff.dim() else grad.sum()
-                    coeff.grad = grad if coeff.grad is None else coeff.grad + grad
+            chain_rule(merged, deltas, coeffs)
             optimizer.step()
         # One reduction per tensor: NaN or inf anywhere makes its sum non-finite.
+        params = optimizer.params
         if not (math.isfinite(epoch_loss) and torch.stack([t.sum() for t in params]).isfinite().all()):
             if retries == MAX_RETRIES:
                 raise ProDistillError(
@@ -142,20 +94,18 @@ def distill_block(runner, index, layer, base_w, deltas, student_in, targets, con
                 )
             retries += 1
             lr /= LR_BACKOFF
-            LOG.warning("block %d: non-finite loss in epoch %d; retrying it with lr=%g",
-                        index, epoch + 1, lr)
+            LOG.warning("block %d: non-finite loss in epoch %d; training the block again "
+                        "from the start with lr=%g", index, epoch + 1, lr)
+            # Restarting from init needs no saved copy of lambda (4 bytes per coefficient).
             with torch.no_grad():
-                for t, g in zip(params, good):
-                    t.copy_(g)
-            optimizer = _adam(params, lr)
+                for t in params:
+                    t.fill_(p.init)
+            optimizer, epoch = Optimizer(params, lr), 0
             continue
-        with torch.no_grad():
-            for t, g in zip(params, good):
-                g.copy_(t)
         if on_epoch:
             on_epoch(epoch, epoch_loss / steps)
         epoch += 1
-    return [{n: t.detach() for n, t in c.items()} for c in coeffs]
+    return [{n: t.detach() for n, t in c.items()} for c in coeffs], optimizer.small_gradient_share
 
 
 @contextlib.contextmanager
@@ -175,11 +125,6 @@ def denormals_flushed(enabled: bool):
         yield
     finally:
         torch.set_flush_denormal(False)
-
-
-def _adam(params, lr):
-    # The fused kernel does Adam's update in one pass over each tensor.
-    return torch.optim.Adam(params, lr=lr, fused=True)
 
 
 def run_block(runner, index, layer, weights, inputs, contexts, outputs, targets=None):
@@ -239,6 +184,8 @@ def run_prodistill(
     out_dtype = recipe.out_dtype or recipe.dtype
     cast_out = (lambda t: t.to(dtype_from_name(out_dtype))) if out_dtype else (lambda t: t)
 
+    activation_dtype = dtypes.activation_dtype(
+        p.activation_dtype, dtypes.weights_dtype(recipe, base_config), device)
     calib = calibration.load_for_experts(recipe, options, seed)
     merged_ids = vocabulary.calibration_ids(calib)
     created_out = not os.path.exists(out_path)
@@ -265,11 +212,12 @@ def run_prodistill(
             report_blocks, head_report = _merge(
                 recipe, module, base, experts, calib, merged_ids, vocabulary, device,
                 generator, units, cast_out, checkpoint, resumed, options,
-                p.activation_dir or os.path.join(staging, output.SCRATCH))
+                p.activation_dir or os.path.join(staging, output.SCRATCH), activation_dtype)
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
         output.finish(
             staging, out_path, merge_config, arch_info, options, config_source, recipe,
             calib, report_blocks, started, device, vocabulary, head_report,
+            facts={"activation_dtype": activation_dtype} if p.epochs else {},
         )
     except BaseException as exc:
         resumable = checkpoint is not None and checkpoint.has_progress()
@@ -286,7 +234,7 @@ def run_prodistill(
 
 
 def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
-           units, cast_out, checkpoint, resumed, options, activation_dir):
+           units, cast_out, checkpoint, resumed, options, activation_dir, activation_dtype):
     """Merge every tensor in order; returns the per-block report and the head's (or None)."""
     p = recipe.params
     num_layers = module.num_layers()
@@ -310,7 +258,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
     if train:
         runner = BlockRunner(module.config, device, options.trust_remote_code)
         hidden = module.config.hidden_size
-        store = ActivationStore(calib.shapes(), hidden, _activation_dtype(recipe, module, device),
+        store = ActivationStore(calib.shapes(), hidden, dtype_from_name(activation_dtype),
                                 p.activation_placement, device, activation_dir)
         z1, z2 = store.allocate("z1"), store.allocate("z2")
     blocks_done = resumed["blocks_done"] if resumed else 0
@@ -374,11 +322,12 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
         epoch_losses = []
 
         def on_epoch(epoch, loss):
+            del epoch_losses[epoch:]  # a retry trains the block again from its first epoch
             epoch_losses.append(loss)
             progress.set_postfix(block=index, epoch=epoch + 1, loss=f"{loss:.3g}")
 
-        coeffs = distill_block(runner, index, layer, base_w, deltas, student, targets,
-                               contexts, p, generator, on_epoch)
+        coeffs, small_share = distill_block(runner, index, layer, base_w, deltas, student,
+                                            targets, contexts, p, generator, on_epoch)
         final = merged_weights(base_w, deltas, coeffs, torch.float32)
         for full_name, own_name in names.items():
             units.save_tensor(full_name, cast_out(final[own_name].to(base_w[own_name].dtype)))
@@ -397,6 +346,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
             "loss_after": loss_after,
             "epoch_losses": epoch_losses,
             **coefficient_stats(coeffs),
+            "small_gradient_share": small_share,
             "seconds": time.time() - block_started,
         })
         checkpoint.save_state(index + 1, [z1, z2], generator, report_blocks)
@@ -427,14 +377,3 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
 
 def _cast(weights: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
     return {n: t.to(dtype) for n, t in weights.items()}
-
-
-def _activation_dtype(recipe: ProDistillRecipe, module, device) -> torch.dtype:
-    """The recipe's choice, else the weights' dtype (fp16 only on GPUs, fp32 on CPUs)."""
-    if recipe.params.activation_dtype != "auto":
-        return dtype_from_name(recipe.params.activation_dtype)
-    dtype = recipe.dtype or getattr(module.config, "dtype", None) or "float32"
-    dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
-    if dtype == torch.float16 and device.type == "cpu":
-        return torch.float32
-    return dtype

@@ -20,6 +20,8 @@ import torch
 import transformers
 from torch.func import functional_call
 
+from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, init_coefficients,
+                                              merged_weights, unique_parameters)
 from mergekit_prodistill.errors import ProDistillError
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -88,8 +90,6 @@ def train_head(
     device: torch.device,
 ) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """Trained final norm (and untied LM head) for the merged model, and a report."""
-    from mergekit_prodistill.distill import coefficient_stats, init_coefficients, merged_weights
-
     norm = final_norm(config)
     trained = {norm_weight.name: "weight"}
     if head_trainable:
@@ -108,8 +108,7 @@ def train_head(
         # Tied: the head is the input embedding, merged by task arithmetic with init.
         for c in coeffs:
             c["head"] = torch.tensor(p.init, dtype=torch.float32, device=base_w["head"].device)
-    params = list({id(t): t for c in coeffs for t in c.values() if t.requires_grad}.values())
-    optimizer = torch.optim.Adam(params, lr=p.lr)
+    optimizer = Optimizer(unique_parameters(coeffs), p.lr)
     compute_dtype = merged_hidden[0][0].dtype
 
     def weights_now():
@@ -147,7 +146,6 @@ def train_head(
         orders = [torch.randperm(len(b), generator=generator) for b in merged_hidden]
         epoch_loss = 0.0
         for step in range(steps):
-            optimizer.zero_grad(set_to_none=True)
             w = weights_now()
             step_loss = 0.0
             for i, order in enumerate(orders):
@@ -165,6 +163,7 @@ def train_head(
             epoch_loss += step_loss
         report["epoch_losses"].append(epoch_loss / steps)
     report["loss_after"] = full_loss()
+    report["small_gradient_share"] = optimizer.small_gradient_share
     report.update(coefficient_stats([{n: c[n] for n in trained.values()} for c in coeffs]))
     LOG.info("final norm and LM head: KL %.4g -> %.4g", report["loss_before"], report["loss_after"])
     with torch.no_grad():

@@ -70,7 +70,7 @@ def listing(folder: str) -> list:
 
 
 def finish(staging, out_path, merge_config, arch_info, options, config_source, recipe,
-           calib, blocks, started, device, vocabulary, head=None):
+           calib, blocks, started, device, vocabulary, head=None, facts=None):
     """Write config, tokenizer, card and report into the staging folder, then publish."""
     config_source = config_source or merge_config.to_yaml()
     cfg = integration.model_out_config(merge_config, arch_info, options.trust_remote_code)
@@ -92,6 +92,7 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
         "parameters": recipe.params.model_dump(),
         "seed": options.random_seed if options.random_seed is not None else 0,
         "device": str(device),
+        **(facts or {}),
         "calibration": [
             {"model": str(e.model), "source": source, "hub_dataset": hub_dataset,
              "template": e.params.template, "prompts": n, "tokens": calib.tokens(i)}

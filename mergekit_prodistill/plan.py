@@ -8,11 +8,12 @@ when one is at hand, else estimated from their length. It follows the block loop
 * ``load``: block l of the base, every task vector, and the expert block being read; the
   two streams of every expert plus the teacher outputs being computed.
 * ``train``: base + task vectors, the merged block and its gradient, lambda with its
-  gradient and Adam's two moments (fp32), three streams per expert, and the larger of one
+  gradient and Adam's two moments (fp32), the two streams per expert, and the larger of one
   batch's forward/backward activations and the next step's merged block being built.
 * ``write``: base + task vectors, lambda, the trained block in fp32 and in the compute
-  dtype, four streams per expert (the new merged stream is built beside the old one).
+  dtype, the two streams per expert (the merged stream advances in place, batch by batch).
 * ``embed``: the embedding (or LM head) of every model, its task vectors and the merge.
+* ``head`` (with ``head_epochs``): the final norm and LM head trained like a block.
 
 Every phase also holds the masks and positions of all batches and one output shard (the
 writer flushes a shard once it is full). Each device's peak is its largest phase. The
@@ -32,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from mergekit.common import dtype_from_name
 
-from mergekit_prodistill import calibration
+from mergekit_prodistill import calibration, dtypes
 from mergekit_prodistill.errors import ProDistillError
 
 # Memory terms, in the order the table prints them.
@@ -55,9 +56,10 @@ HEAP_LIMIT = 32 * 2**20
 
 # Streams per expert alive at once: z1 and z2. The teacher outputs and the advanced merged
 # stream are written in place, batch by batch, into those two buffers.
-STREAMS = {"load": 2, "train": 2, "write": 2, "embed": 2}
+STREAMS = {"load": 2, "train": 2, "write": 2, "embed": 2, "head": 2}
 PHASES = {"load": "reading a block", "train": "training a block",
-          "write": "writing a block", "embed": "merging the embeddings"}
+          "write": "writing a block", "embed": "merging the embeddings",
+          "head": "training the final norm and LM head"}
 # Without a tokenizer, count one token per this many characters: a deliberately high
 # count for English prose and code under Llama-style tokenizers (they average 3.5-4.5).
 CHARS_PER_TOKEN = 3.0
@@ -251,30 +253,6 @@ def load_config(model, trust_remote_code: bool):
         raise ProDistillError(f"model {model}: cannot read its config.json ({exc})") from None
 
 
-def checkpoint_dtype(model) -> Optional[str]:
-    """The dtype of a local safetensors checkpoint, read from one shard's header."""
-    path = model.model.path
-    index = os.path.join(path, "model.safetensors.index.json")
-    try:
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                shard = os.path.join(path, next(iter(json.load(f)["weight_map"].values())))
-        else:
-            shard = os.path.join(path, "model.safetensors")
-        with open(shard, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    except (OSError, ValueError, StopIteration, KeyError):
-        return None
-    names = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
-    dtypes = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
-    return next((names[d] for d in dtypes if d in names), None)
-
-
-def config_dtype(config) -> str:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return str(value).replace("torch.", "") if value else "float32"
-
-
 def model_shape(base_config, expert_configs) -> ModelShape:
     from mergekit_prodistill.blocks import BlockRunner
 
@@ -381,8 +359,9 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
     lam = lambda_count(shape, T, p.granularity)
     widest = max((b for bs in work.batches for b in bs), key=lambda b: b[0] * b[1])
     stream = sum(work.slots(i) for i in range(T)) * shape.hidden * cache_b
-    # Adam on CUDA runs foreach kernels: one fp32 temporary the size of all of lambda.
-    adam = 4 * lam if device_type == "cuda" else 8 * min(lam, big)
+    # Fused Adam updates in place; the first step's gradient statistics take temporaries
+    # of one tensor at a time.
+    adam = 8 * min(lam, big)
     embed = shape.hidden * shape.vocab[0]
     return {
         "load": {
@@ -407,6 +386,22 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
             WEIGHTS: embed * (2 * wb[0] + sum(w + max(wb[0], w) for w in wb[1:])),
             CACHE: STREAMS["embed"] * stream,
         },
+        "head": head_bytes(shape, widest, p, wb, cb) | {CACHE: STREAMS["head"] * stream},
+    }
+
+
+def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb: int):
+    """Training the final norm and LM head (head.py): the base head and every task vector,
+    the merged head and a teacher's head in the compute dtype, lambda with its gradient
+    and Adam state (the head's, when it is its own tensor), and per step the fp32 sums
+    that build the merged head or the log-probabilities of one batch, the larger."""
+    vh, T = shape.hidden * shape.vocab[0], len(wb) - 1
+    trained = vh if not shape.tied else 0
+    rows, width = widest
+    return {
+        WEIGHTS: vh * (wb[0] + sum(max(wb[0], w) for w in wb[1:]) + 2 * cb),
+        LAMBDA: 16 * T * (trained + shape.hidden),
+        TRANSIENT: max(5 * 4 * rows * width * shape.vocab[0], 3 * 4 * vh),
     }
 
 
@@ -435,16 +430,12 @@ def output_buffer(shape: ModelShape, out_b: int, shard_size: int) -> int:
 
 
 def cache_settings(recipe, device: torch.device, compute: str) -> Tuple[str, Optional[str]]:
-    """The activation dtype and directory the merge will use (see distill._activation_dtype):
-    the recipe's ``activation_dtype``, else the weights' dtype, with float16 becoming
-    float32 on a CPU. No directory means the scratch folder inside the output's staging
-    folder when the streams must go to disk.
+    """The activation dtype (:func:`dtypes.activation_dtype`) and directory the merge will
+    use. No directory means the scratch folder inside the output's staging folder when the
+    streams must go to disk.
     """
-    p = recipe.params
-    dtype = p.activation_dtype if p.activation_dtype != "auto" else compute
-    if dtype == "float16" and device.type == "cpu":
-        dtype = "float32"
-    return dtype, p.activation_dir
+    return dtypes.activation_dtype(recipe.params.activation_dtype, compute, device), \
+        recipe.params.activation_dir
 
 
 def cache_placement(device: torch.device, totals: Dict[str, int],
@@ -481,7 +472,7 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
     base_config = load_config(recipe.base, trust)
     expert_configs = [load_config(e.model, trust) for e in recipe.experts]
     shape = model_shape(base_config, expert_configs)
-    stored = [checkpoint_dtype(m) or config_dtype(c)
+    stored = [dtypes.stored_dtype(m, c)
               for m, c in zip([recipe.base] + [e.model for e in recipe.experts],
                               [base_config] + expert_configs)]
     loaded = [recipe.dtype or s for s in stored]
@@ -496,6 +487,8 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
                             dtype_bytes(cache_dtype), device.type)
     if not p.epochs:
         del per_phase["train"]  # no merged block, gradients or Adam state
+    if not (p.epochs and p.head_epochs):
+        del per_phase["head"]
     contexts = sum(rows * width * width * shape.attention_types
                    + 4 * width * shape.head_dim * dtype_bytes(compute) + 9 * rows * width
                    for bs in work.batches for rows, width in bs)
@@ -527,7 +520,10 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
         cache_at=cache_at,
         phases=phases,
         flops={
-            "training": shape.num_layers * p.epochs * steps * per_step,
+            "training": shape.num_layers * p.epochs * steps * per_step
+            # the head: forward + backward of a hidden x vocabulary matmul per token
+            + (p.head_epochs * 3 * 2 * shape.hidden * shape.vocab[0] * sum(work.tokens)
+               if p.epochs else 0),
             "forwards": shape.num_layers * evals * sum(sum(f) for f in fwd),
             "steps": steps,
         },

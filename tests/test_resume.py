@@ -73,7 +73,7 @@ def test_non_finite_loss_fails_cleanly_after_retries(families, tmp_path):
     assert not out.exists(), "a run that failed before finishing a block leaves nothing"
 
 
-def test_non_finite_loss_retries_from_last_good_coefficients(families, tmp_path, monkeypatch, caplog):
+def test_non_finite_loss_trains_the_block_again_with_a_lower_lr(families, tmp_path, monkeypatch, caplog):
     calls = {"n": 0}
     real = distill.masked_mse
 
@@ -88,7 +88,7 @@ def test_non_finite_loss_retries_from_last_good_coefficients(families, tmp_path,
     monkeypatch.setattr(distill, "masked_mse", first_call_nan)
     fam = families("llama", 2)
     out = merge(fam.recipe("prodistill", epochs=2, lr=0.05, shots=4), tmp_path / "out")
-    assert "retrying it with lr=0.005" in caplog.text
+    assert "training the block again from the start with lr=0.005" in caplog.text
     tensors = load_file(out / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in tensors.values())
     report = json.loads((out / "prodistill_report.json").read_text())

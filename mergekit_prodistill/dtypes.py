@@ -1,0 +1,63 @@
+"""Which dtype each part of a merge uses: the one place that decides.
+
+* weights: the recipe's ``dtype``, else what the base checkpoint stores (its safetensors
+  header, then its config);
+* activations: the streams, every block forward and all training, in the recipe's
+  ``activation_dtype``, else the weights' dtype, but never float16. The coefficients'
+  gradients are a mean over tokens and hidden units times task vectors of ~1e-3: about
+  1e-9 at 13B widths, which float16 flushes to zero, so the coefficients would never move.
+  float16 therefore becomes bfloat16 on devices that compute in it, else float32.
+"""
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+SAFETENSORS_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def checkpoint_dtype(model) -> Optional[str]:
+    """The dtype of a local safetensors checkpoint, read from one shard's header."""
+    path = model.model.path
+    index = os.path.join(path, "model.safetensors.index.json")
+    try:
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as f:
+                shard = os.path.join(path, next(iter(json.load(f)["weight_map"].values())))
+        else:
+            shard = os.path.join(path, "model.safetensors")
+        with open(shard, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    except (OSError, ValueError, StopIteration, KeyError):
+        return None
+    stored = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
+    return next((SAFETENSORS_NAMES[d] for d in stored if d in SAFETENSORS_NAMES), None)
+
+
+def config_dtype(config) -> str:
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return str(value).replace("torch.", "") if value else "float32"
+
+
+def stored_dtype(model, config) -> str:
+    """What a model's checkpoint holds: its header's dtype, else its config's."""
+    return checkpoint_dtype(model) or config_dtype(config)
+
+
+def weights_dtype(recipe, base_config) -> str:
+    """The dtype block weights are read in."""
+    return recipe.dtype or stored_dtype(recipe.base, base_config)
+
+
+def bfloat16_supported(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def activation_dtype(requested: str, weights: str, device: torch.device) -> str:
+    """The streams' and the block computations' dtype (see the module doc)."""
+    dtype = weights if requested == "auto" else requested
+    if dtype != "float16":
+        return dtype
+    return "bfloat16" if bfloat16_supported(device) else "float32"

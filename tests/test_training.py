@@ -1,0 +1,71 @@
+"""Training at the scale users merge: real widths, task vectors of ~1e-3, 16-bit checkpoints."""
+
+import json
+
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+
+from conftest import merge
+from mergekit_prodistill import dtypes
+from mergekit_prodistill.coefficients import Optimizer
+from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.errors import ProDistillError
+
+
+def test_optimizer_steps_do_not_depend_on_the_gradient_scale():
+    # Coefficient gradients are ~1e-11 to 1e-9 at 13B widths and ~1e-4 on tiny models:
+    # the same problem at either scale must take the same steps.
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 32) * torch.rand(64, 32) for _ in range(5)]
+    runs = []
+    for scale in (1.0, 1e-10):
+        lam = torch.nn.Parameter(torch.full((64, 32), 0.5))
+        opt = Optimizer([lam], lr=0.1)
+        for g in grads:
+            lam.grad = g * scale
+            opt.step()
+        runs.append(lam.detach().clone())
+    assert not torch.equal(runs[0], torch.full((64, 32), 0.5))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weights, device, bf16, expected", [
+    ("float16", "cuda", True, "bfloat16"),
+    ("float16", "cuda", False, "float32"),
+    ("float16", "cpu", False, "float32"),
+    ("bfloat16", "cuda", True, "bfloat16"),
+    ("float32", "cuda", True, "float32"),
+])
+def test_float16_weights_never_train_in_float16(monkeypatch, weights, device, bf16, expected):
+    monkeypatch.setattr(dtypes, "bfloat16_supported", lambda d: bf16)
+    assert dtypes.activation_dtype("auto", weights, torch.device(device)) == expected
+
+
+def test_float16_checkpoint_trains_and_reports_its_dtype(families, tmp_path):
+    fam = families("llama", 2)
+    recipe = fam.recipe("prodistill", epochs=2, shots=4, continue_tokens=0)
+    out = merge(recipe.replace("dtype: float32", "dtype: float16"), tmp_path / "out")
+    report = json.loads((out / "prodistill_report.json").read_text())
+    assert report["activation_dtype"] == "float32"
+    assert all(std > 0 for b in report["blocks"] for std in b["coefficient_std"])
+    assert all(b["loss_after"] < b["loss_before"] for b in report["blocks"])
+
+
+def recipe_with(families, **params):
+    fam = families("llama", 2)
+    import yaml
+
+    return parse_recipe(MergeConfiguration.model_validate(
+        yaml.safe_load(fam.recipe("prodistill", **params))))
+
+
+def test_float16_activations_are_refused_with_the_reason(families):
+    with pytest.raises(ProDistillError, match="float16 cannot carry the merging coefficients"):
+        recipe_with(families, activation_dtype="float16")
+
+
+def test_head_training_needs_the_merged_stream(families):
+    with pytest.raises(ProDistillError, match="head_epochs trains the head on the merged"):
+        recipe_with(families, inputs="expert", head_epochs=5)
+    recipe_with(families, inputs="merged", head_epochs=5)

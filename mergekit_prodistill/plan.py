@@ -33,6 +33,7 @@ import torch
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill import calibration
+from mergekit_prodistill.blocks import check_supported
 from mergekit_prodistill.errors import ProDistillError
 
 # Memory terms, in the order the table prints them.
@@ -479,6 +480,7 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
     seed = options.random_seed if options.random_seed is not None else 0
     trust = options.trust_remote_code
     base_config = load_config(recipe.base, trust)
+    check_supported(base_config.architectures, base_config.to_dict(), f"model {recipe.base}")
     expert_configs = [load_config(e.model, trust) for e in recipe.experts]
     shape = model_shape(base_config, expert_configs)
     stored = [checkpoint_dtype(m) or config_dtype(c)

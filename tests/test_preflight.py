@@ -207,6 +207,51 @@ def test_missing_or_truncated_shard(families, tmp_path, no_weight_reads):
             rf"{shard} is truncated \({len(data) - 100} bytes, its header needs {len(data)}\)")
 
 
+def _phi3_model(folder):
+    """A tiny Phi3 checkpoint: a family mergekit merges and prodistill does not run."""
+    import transformers
+
+    from mergekit_prodistill.tiny import build_tokenizer
+
+    config = transformers.Phi3Config(vocab_size=768, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                     pad_token_id=3, architectures=["Phi3ForCausalLM"])
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_unsupported_family_is_refused_in_one_line(families, tmp_path, no_weight_reads):
+    fam = families("llama", 2)
+    phi3 = _phi3_model(tmp_path / "phi3")
+    doc = recipe(fam)
+    doc["base_model"] = str(phi3)
+    for i in range(len(doc["models"])):
+        _with_expert(doc, i, _copy_model(phi3, tmp_path / f"phi3-expert-{i}"))
+    message = refused(doc, tmp_path / "out", r"architecture Phi3ForCausalLM is not supported")
+    assert message.startswith(f"model {phi3}: ")
+    assert "LlamaForCausalLM" in message and "Gemma2ForCausalLM" in message
+    # The plan command reads only configs and prompts, and refuses it the same way.
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = run_cli(BIN / "mergekit-prodistill", "plan", path, check=False)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == f"mergekit-prodistill: error: {message}"
+
+
+def test_bidirectional_attention_is_refused(families, tmp_path, no_weight_reads):
+    fam = families("gemma3", 2)
+    bidirectional = _copy_model(fam.experts[0], tmp_path / "bidirectional")
+    config = json.loads((bidirectional / "config.json").read_text())
+    config["use_bidirectional_attention"] = True
+    (bidirectional / "config.json").write_text(json.dumps(config))
+    refused(_with_expert(recipe(fam), 0, bidirectional), tmp_path / "out",
+            r"model .*bidirectional: Gemma3ForCausalLM with use_bidirectional_attention is "
+            r"not supported")
+
+
 def test_expert_of_another_architecture(families, tmp_path, no_weight_reads):
     doc = _with_expert(recipe(families("llama", 2)), 1, families("mistral", 2).experts[1])
     refused(doc, tmp_path / "out",

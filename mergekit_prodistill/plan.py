@@ -316,7 +316,8 @@ def workload(recipe, options, seed: int) -> Workload:
             tokenizer = None
         prompts, _ = calibration.expert_prompts(recipe, i, seed, tokenizer)
         if tokenizer is not None:
-            lengths = [len(s) for s in calibration.tokenize(prompts, tokenizer, p.max_length)]
+            lengths = [len(s) for s in calibration.tokenize(prompts, tokenizer, p.max_length,
+                                                            f"model {expert.model}")]
         else:
             estimated = True
             lengths = [min(p.max_length, 1 + math.ceil(len(x) / CHARS_PER_TOKEN)) for x in prompts]

@@ -117,6 +117,43 @@ def test_unreadable_calibration_file(families, tmp_path, no_weight_reads, monkey
             r"expert_0.jsonl cannot be read: Permission denied")
 
 
+def _with_unreadable_tokenizer(expert):
+    """Give ``expert`` a SentencePiece-style vocabulary; transformers loads a qwen2 model's
+    tokenizer as Qwen2Tokenizer, whose byte-level text matches none of its entries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergekit_prodistill.tiny import SPECIAL_TOKENS
+
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, "\u2581What", "\u2581is"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    for f in expert.glob("tokenizer*"):
+        f.unlink()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>", pad_token="<pad>").save_pretrained(expert)
+    return expert
+
+
+def test_prompt_without_tokens_is_one_line_from_plan_and_merge(families, tmp_path, no_weight_reads):
+    fam = families("qwen2", 2)
+    expert = _with_unreadable_tokenizer(_copy_model(fam.experts[1], tmp_path / "expert"))
+    doc = _with_expert(recipe(fam, shots=4), 1, expert)
+    first = calibration.read_prompts(str(fam.calibration[1]))
+    message = refused(doc, tmp_path / "out", rf"model .*expert: its tokenizer \(Qwen2Tokenizer\) "
+                                             r"turns the calibration prompt '.*' into no tokens")
+    assert any(p[:40] in message for p in first)
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(doc))
+    for command in (["plan", path], [path, tmp_path / "out"]):
+        proc = run_cli(BIN / "mergekit-prodistill", *command, check=False)
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert line == f"mergekit-prodistill: error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
 def _load_calibration(fam, caplog, **params):
     config = MergeConfiguration.model_validate(recipe(fam, **params))
     with caplog.at_level(logging.WARNING, logger="mergekit_prodistill"):

@@ -24,6 +24,17 @@ def load_tensors(path):
     return out
 
 
+def test_supported_families_are_the_tested_ones_and_mergekit_knows_them():
+    from mergekit.architecture.json_definitions import NAME_TO_ARCH
+
+    from mergekit_prodistill import tiny
+    from mergekit_prodistill.blocks import FAMILIES
+
+    # The equality tests below run on every tiny family: exactly the accepted ones.
+    assert set(FAMILIES) == {tiny._ARCH_CLASS[arch] for arch in ARCHITECTURES}
+    assert all(name in NAME_TO_ARCH for name in FAMILIES)
+
+
 @pytest.mark.parametrize(
     "arch,n_experts",
     [("llama", 3), ("mistral", 2), ("qwen2", 2), ("qwen3", 2), ("gemma", 2), ("gemma2", 2),

@@ -4,12 +4,18 @@ The block classes come from a skeleton model built on the ``meta`` device, so no
 are allocated; a block is run with :func:`torch.func.functional_call` on whatever weights
 the caller passes (base, expert, or merged with gradients flowing to the coefficients).
 Rotary position embeddings and attention masks are computed the way the model's own
-forward computes them, once per batch, and reused for every block and epoch.
+forward computes them, once per batch, and reused for every block and epoch. Token
+embeddings go through the model's own embedding module, so any scale it applies is kept.
+
+Only the families in :data:`FAMILIES` are run: for each, everything its decoder's forward
+does outside the blocks is known (an embedding multiplier, logit scaling or soft-capping),
+and tests check block by block against the full model.
 """
 
 import copy
+import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import transformers
@@ -25,34 +31,117 @@ MASK_FUNCTIONS = {
 }
 
 
+@dataclass(frozen=True)
+class Family:
+    """What a family's forward does outside its blocks, beyond embedding lookup and the
+    final norm (both run through the family's own modules). Values are config keys."""
+
+    embedding_multiplier: Optional[str] = None  # embeddings are multiplied by it
+    logits_divisor: Optional[str] = None  # the LM head's logits are divided by it
+    logits_softcap: Optional[str] = None  # logits become cap * tanh(logits / cap)
+
+    def scale_embeddings(self, config, embeddings: torch.Tensor) -> torch.Tensor:
+        if self.embedding_multiplier:
+            return embeddings * getattr(config, self.embedding_multiplier)
+        return embeddings
+
+    def finish_logits(self, config, logits: torch.Tensor) -> torch.Tensor:
+        """The model's logits from the LM head's output, in the model's order of operations."""
+        if self.logits_divisor:
+            logits = logits / getattr(config, self.logits_divisor)
+        cap = getattr(config, self.logits_softcap, None) if self.logits_softcap else None
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+PLAIN = Family()
+# Read from each family's modeling code in transformers: Gemma's embedding module scales
+# by sqrt(hidden) itself, and its (1 + weight) norms are its own norm modules. Attention
+# soft-capping and Granite's attention and residual multipliers live inside the blocks.
+FAMILIES = {
+    "LlamaForCausalLM": PLAIN,
+    "MistralForCausalLM": PLAIN,
+    "Qwen2ForCausalLM": PLAIN,
+    "Qwen3ForCausalLM": PLAIN,
+    "GemmaForCausalLM": PLAIN,
+    "Gemma2ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
+    "Gemma3ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
+    "GraniteForCausalLM": Family(embedding_multiplier="embedding_multiplier",
+                                 logits_divisor="logits_scaling"),
+}
+
+
+def check_supported(architectures: Optional[Sequence[str]], config: dict, where: str = "") -> None:
+    """Refuse a model whose family the block-by-block merge is not known to run exactly."""
+    names = list(architectures or [])
+    where = f"{where}: " if where else ""
+    if len(names) != 1 or names[0] not in FAMILIES:
+        raise ProDistillError(
+            f"{where}architecture {'/'.join(names) or 'unknown'} is not supported; "
+            f"prodistill supports {', '.join(FAMILIES)}"
+        )
+    if config.get("use_bidirectional_attention"):
+        raise ProDistillError(
+            f"{where}{names[0]} with use_bidirectional_attention is not supported; "
+            "prodistill merges causal language models"
+        )
+
+
+def model_class(config) -> type:
+    """The causal LM class transformers builds for ``config``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        raise ProDistillError(
+            f"model_type '{config.model_type}' has no causal language model in transformers"
+        ) from None
+
+
+def family_of(config) -> Family:
+    """The family of ``config``'s model; preflight has refused every other."""
+    name = model_class(config).__name__
+    if name not in FAMILIES:
+        check_supported([name], {})
+    return FAMILIES[name]
+
+
+def attention_implementation(config) -> str:
+    """sdpa, a mask format every decoder layer accepts on every device; eager for families
+    whose layers soft-cap attention scores (Gemma2, Gemma3 when set), which sdpa cannot."""
+    if not model_class(config)._supports_sdpa:
+        return "eager"
+    return "eager" if getattr(config, "attn_logit_softcapping", None) is not None else "sdpa"
+
+
 @dataclass
 class BatchContext:
     """What every block needs besides hidden states, for one batch."""
 
     token_mask: torch.Tensor  # [batch, length] bool, True at real tokens
     position_ids: torch.Tensor
-    position_embeddings: Tuple[torch.Tensor, torch.Tensor]
+    position_embeddings: Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # per attention type
     masks: Dict[str, object]  # attention mask per attention type
 
 
 class BlockRunner:
     def __init__(self, config: transformers.PretrainedConfig, device: torch.device,
                  trust_remote_code: bool = False):
+        self.family = family_of(config)
         self.config = copy.deepcopy(config)
-        # A mask format every decoder layer in transformers accepts, on every device.
-        self.config._attn_implementation = "sdpa"
+        self.config._attn_implementation = attention_implementation(config)
         self.device = device
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(
                 self.config, trust_remote_code=trust_remote_code)
         decoder = skeleton.get_decoder()
-        if not hasattr(decoder, "layers") or not hasattr(decoder, "rotary_emb"):
-            raise ProDistillError(
-                f"architecture {type(skeleton).__name__}: expected decoder layers and a "
-                "rotary embedding module; this model family is not supported"
-            )
         self.layer_class = type(decoder.layers[0])
         self.rotary = type(decoder.rotary_emb)(config=self.config).to(device)
+        # Gemma3 keeps one rotary table per attention type, chosen by a forward argument.
+        self.rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.embedding = _with_buffers(skeleton, decoder.embed_tokens, device)
         self.attention_types = [self._attention_type(i) for i in range(len(decoder.layers))]
 
     def _attention_type(self, index: int) -> str:
@@ -63,6 +152,12 @@ class BlockRunner:
         if getattr(self.config, "sliding_window", None):
             return "sliding_attention"
         return "full_attention"
+
+    def embed(self, weight: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states entering block 0: ``weight``'s rows for ``input_ids``, as the
+        model's own forward computes them (scaled where the family scales them)."""
+        rows = functional_call(self.embedding, {"weight": weight}, (input_ids.to(weight.device),))
+        return self.family.scale_embeddings(self.config, rows)
 
     def layer(self, index: int) -> torch.nn.Module:
         """A weightless block ``index`` (its index selects e.g. its attention type)."""
@@ -76,8 +171,13 @@ class BlockRunner:
         # Mask and rotary code read only the shape, dtype and device of the hidden states.
         hidden = torch.empty(*mask.shape, 0, dtype=dtype, device=self.device)
         position_ids = torch.arange(mask.shape[1], device=self.device).unsqueeze(0)
+        kinds = set(self.attention_types)
         with torch.no_grad():
-            position_embeddings = self.rotary(hidden, position_ids=position_ids)
+            if self.rotary_per_type:
+                position_embeddings = {kind: self.rotary(hidden, position_ids, kind) for kind in kinds}
+            else:
+                shared = self.rotary(hidden, position_ids=position_ids)
+                position_embeddings = {kind: shared for kind in kinds}
         masks = {
             kind: MASK_FUNCTIONS[kind](
                 config=self.config,
@@ -86,7 +186,7 @@ class BlockRunner:
                 past_key_values=None,
                 position_ids=position_ids,
             )
-            for kind in set(self.attention_types)
+            for kind in kinds
         }
         return BatchContext(mask.bool(), position_ids, position_embeddings, masks)
 
@@ -105,11 +205,21 @@ class BlockRunner:
             {
                 "attention_mask": ctx.masks[self.attention_types[index]],
                 "position_ids": ctx.position_ids,
-                "position_embeddings": ctx.position_embeddings,
+                "position_embeddings": ctx.position_embeddings[self.attention_types[index]],
             },
             strict=True,
         )
         return out[0] if isinstance(out, tuple) else out
+
+
+def _with_buffers(skeleton, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``module`` of the meta skeleton with its buffers (e.g. Gemma's embedding scale) made
+    real on ``device`` and set by the model's own initialisation, as loading a checkpoint
+    sets them; its parameters stay on meta, for functional_call to supply."""
+    for name, buffer in list(module.named_buffers(recurse=False)):
+        setattr(module, name, torch.empty_like(buffer, device=device))
+    skeleton._init_weights(module)
+    return module.eval()
 
 
 def layer_weight_names(layer: torch.nn.Module, checkpoint_names: List[str]) -> Dict[str, str]:

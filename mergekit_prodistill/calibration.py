@@ -40,7 +40,14 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
-def tokenize(prompts: List[str], tokenizer, max_length: int) -> List[List[int]]:
+def tokenize(prompts: List[str], tokenizer, max_length: int,
+             where: str = "calibration") -> List[List[int]]:
+    """Token ids of every prompt; a prompt that gives none is refused.
+
+    Blank prompts never get here (sources drop them), so a prompt without tokens means a
+    tokenizer that cannot represent the text: e.g. transformers rebuilds every qwen2/qwen3
+    tokenizer as ``Qwen2Tokenizer``, which drops the text of a custom vocabulary.
+    """
     bos = tokenizer.bos_token
     sequences = []
     for text in prompts:
@@ -49,8 +56,14 @@ def tokenize(prompts: List[str], tokenizer, max_length: int) -> List[List[int]]:
         special = not (bos and text.startswith(bos))
         ids = tokenizer(text, add_special_tokens=special, truncation=True,
                         max_length=max_length)["input_ids"]
-        if ids:
-            sequences.append(ids)
+        if not ids:
+            sample = text if len(text) <= 60 else text[:57] + "..."
+            raise ProDistillError(
+                f"{where}: its tokenizer ({type(tokenizer).__name__}) turns the calibration "
+                f"prompt {sample!r} into no tokens; check that this tokenizer class reads "
+                "the model's own vocabulary"
+            )
+        sequences.append(ids)
     return sequences
 
 
@@ -154,9 +167,7 @@ def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
         warn_if_truncated(source.source, resolve_template(expert.params.template),
                           [len(ids) for ids in full],
                           p.max_length)
-        sequences = tokenize(prompts, tokenizer, p.max_length)
-        if not sequences:
-            raise ProDistillError(f"calibration source {source.source}: no prompt produced any token")
+        sequences = tokenize(prompts, tokenizer, p.max_length, f"model {expert.model}")
         if p.continue_tokens:
             sequences = continuation.continue_prompts(
                 expert.model.local_path(cache_dir=options.transformers_cache), sequences,

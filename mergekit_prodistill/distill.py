@@ -252,8 +252,12 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
         units.save_tensor(weight.name, cast_out(merged))
         return merged, expert_ts
 
+    # Optional tensors no model holds (e.g. Granite's biases) are skipped, as mergekit does.
+    present = lambda w: base.has(w) or any(e.has(w) for e in experts)  # noqa: E731
+
     # Embeddings: merged rows start z1, each expert's own rows start its z2 (the same
-    # prompts, as ids of the merged vocabulary and of the expert's own).
+    # prompts, as ids of the merged vocabulary and of the expert's own), through the
+    # model's own embedding, so that a family's scaling (Gemma, Granite) is applied.
     z1 = z2 = store = contexts = runner = None
     if train:
         runner = BlockRunner(module.config, device, options.trust_remote_code)
@@ -271,8 +275,8 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
             if train and weight.vocabulary_axis == 0:
                 for i, batches in enumerate(calib.batches):
                     for b, batch in enumerate(batches):
-                        z1[i][b].copy_(merged[merged_ids[i][b].to(merged.device)])
-                        z2[i][b].copy_(expert_ts[i][batch.input_ids.to(merged.device)])
+                        z1[i][b].copy_(runner.embed(merged, merged_ids[i][b]))
+                        z2[i][b].copy_(runner.embed(expert_ts[i], batch.input_ids))
             del merged, expert_ts
         units.end_unit("pre")
     if train:
@@ -283,7 +287,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
                          disable=options.quiet)
     for index in range(blocks_done, num_layers):
         block_started = time.time()
-        weight_infos = module.layer_weights(index)
+        weight_infos = [w for w in module.layer_weights(index) if not w.optional or present(w)]
         if not train:
             for weight in weight_infos:
                 task_arithmetic(weight)
@@ -356,7 +360,6 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
         del base_w, deltas, coeffs, final, block_w
     progress.close()
 
-    present = lambda w: base.has(w) or any(e.has(w) for e in experts)  # noqa: E731
     trained_head, head_report = {}, None
     if p.head_epochs and train:
         norm_w, head_w, untied = head.find_norm_and_head(

@@ -20,6 +20,7 @@ import torch
 import transformers
 from torch.func import functional_call
 
+from mergekit_prodistill.blocks import family_of
 from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, init_coefficients,
                                               merged_weights, unique_parameters)
 from mergekit_prodistill.errors import ProDistillError
@@ -63,9 +64,20 @@ def final_norm(config) -> torch.nn.Module:
     return norm.eval()
 
 
-def log_probs(norm, norm_w, head_w, hidden):
-    normed = functional_call(norm, {"weight": norm_w}, (hidden,))
-    return torch.log_softmax(torch.nn.functional.linear(normed, head_w).float(), dim=-1)
+class HeadForward:
+    """The family's own path from the last block's output to next-token log-probabilities:
+    its final norm module (Gemma's is 1 + weight), the LM head, then the logit scaling
+    (Granite) or soft-capping (Gemma2, Gemma3) its forward applies."""
+
+    def __init__(self, config):
+        self.config = config
+        self.family = family_of(config)
+        self.norm = final_norm(config)
+
+    def __call__(self, norm_w, head_w, hidden):
+        normed = functional_call(self.norm, {"weight": norm_w}, (hidden,))
+        logits = self.family.finish_logits(self.config, torch.nn.functional.linear(normed, head_w))
+        return torch.log_softmax(logits.float(), dim=-1)
 
 
 def masked_kl(student_logp, teacher_logp, token_mask):
@@ -90,7 +102,7 @@ def train_head(
     device: torch.device,
 ) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """Trained final norm (and untied LM head) for the merged model, and a report."""
-    norm = final_norm(config)
+    log_probs = HeadForward(config)
     trained = {norm_weight.name: "weight"}
     if head_trainable:
         trained[head_weight.name] = "head"
@@ -123,7 +135,7 @@ def train_head(
     def teacher(i, b):
         with torch.no_grad():
             w = {n: (base_w[n] + deltas[i][n]).to(compute_dtype) for n in base_w}
-            return log_probs(norm, w["weight"], w["head"], expert_hidden[i][b].to(device))
+            return log_probs(w["weight"], w["head"], expert_hidden[i][b].to(device))
 
     def full_loss() -> float:
         with torch.no_grad():
@@ -133,7 +145,7 @@ def train_head(
                 total, tokens = 0.0, 0
                 for b, x in enumerate(batches):
                     mask = contexts[i][b].token_mask
-                    kl = masked_kl(log_probs(norm, w["weight"], w["head"], x.to(device)),
+                    kl = masked_kl(log_probs(w["weight"], w["head"], x.to(device)),
                                    teacher(i, b), mask)
                     total += float(kl) * int(mask.sum())
                     tokens += int(mask.sum())
@@ -150,7 +162,7 @@ def train_head(
             step_loss = 0.0
             for i, order in enumerate(orders):
                 b = int(order[step % len(order)])
-                student = log_probs(norm, w["weight"], w["head"], merged_hidden[i][b].to(device))
+                student = log_probs(w["weight"], w["head"], merged_hidden[i][b].to(device))
                 loss = masked_kl(student, teacher(i, b), contexts[i][b].token_mask) / len(orders)
                 loss.backward(retain_graph=i + 1 < len(orders))
                 step_loss += loss.item()

@@ -34,6 +34,7 @@ import torch
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill import calibration, dtypes
+from mergekit_prodistill.blocks import check_supported
 from mergekit_prodistill.errors import ProDistillError
 
 # Memory terms, in the order the table prints them.
@@ -293,7 +294,8 @@ def workload(recipe, options, seed: int) -> Workload:
             tokenizer = None
         prompts, _ = calibration.expert_prompts(recipe, i, seed, tokenizer)
         if tokenizer is not None:
-            lengths = [len(s) for s in calibration.tokenize(prompts, tokenizer, p.max_length)]
+            lengths = [len(s) for s in calibration.tokenize(prompts, tokenizer, p.max_length,
+                                                            f"model {expert.model}")]
         else:
             estimated = True
             lengths = [min(p.max_length, 1 + math.ceil(len(x) / CHARS_PER_TOKEN)) for x in prompts]
@@ -470,6 +472,7 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
     seed = options.random_seed if options.random_seed is not None else 0
     trust = options.trust_remote_code
     base_config = load_config(recipe.base, trust)
+    check_supported(base_config.architectures, base_config.to_dict(), f"model {recipe.base}")
     expert_configs = [load_config(e.model, trust) for e in recipe.experts]
     shape = model_shape(base_config, expert_configs)
     stored = [dtypes.stored_dtype(m, c)

@@ -3,8 +3,8 @@
 Each problem raises :class:`ProDistillError` with one line naming what is wrong and where,
 and nothing has been written yet. In order: dtypes, calibration files, the output folder,
 every model's folder (weights present, safetensors unless pickles are trusted, own code only
-with ``--trust-remote-code``, shards complete), architecture and layer count against the
-base, every tensor's name and shape against the base (from safetensors headers, without
+with ``--trust-remote-code``, shards complete), a supported model family, architecture and
+layer count against the base, every tensor's name and shape against the base (from safetensors headers, without
 reading data), and free disk for the output.
 
 Pickled checkpoints (``pytorch_model.bin``) can run arbitrary code when unpickled, so they
@@ -28,6 +28,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_prodistill import output, sources
+from mergekit_prodistill.blocks import check_supported
 from mergekit_prodistill.config import ProDistillRecipe
 from mergekit_prodistill.errors import ProDistillError, one_line
 
@@ -76,6 +77,8 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
     refs = [recipe.base, *(e.model for e in recipe.experts)]
     models = {ref: model_files(ref, options) for ref in refs}
     configs = {ref: read_config(ref, models[ref].folder, options) for ref in refs}
+    for ref in refs:
+        check_supported(configs[ref].get("architectures"), configs[ref], f"model {ref}")
     for ref in refs[1:]:
         if configs[ref].get("architectures") != configs[recipe.base].get("architectures"):
             raise ProDistillError(

@@ -2,7 +2,8 @@
 
 `build_tiny_family` writes, without any network access and deterministically:
 
-* a small decoder-only causal LM (llama, mistral, qwen2 or qwen3 flavour) saved as a
+* a small decoder-only causal LM (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 or
+  granite flavour) saved as a
   sharded safetensors Hugging Face checkpoint together with a real fast tokenizer,
 * `n_experts` copies of it, each with its own small perturbation of every parameter,
 * one unlabeled JSONL calibration prompt file per expert (`{"text": ...}` per line),
@@ -10,7 +11,9 @@
 
 The result is small enough to build in about a second, yet exercises the parts of a
 real checkpoint that a merge method can get wrong: GQA, tied / untied embeddings,
-q/k/v biases, q/k norms, sliding-window attention layers, several shards.
+q/k/v biases, q/k norms, sliding-window attention layers, several shards, scaled
+embeddings (Gemma, Granite), (1 + weight) norms, attention and logit soft-capping, a
+rotary embedding per attention type (Gemma3) and Granite's residual and logit multipliers.
 
 Command line: ``python -m mergekit_prodistill.tiny OUT_DIR --arch llama --experts 3``
 builds a family in OUT_DIR and writes OUT_DIR/recipe.yml (a ProDistill recipe).
@@ -31,7 +34,7 @@ import yaml
 
 __all__ = ["ARCHITECTURES", "TinyFamily", "build_tiny_family", "build_tokenizer", "main"]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite")
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = range(4)
@@ -45,7 +48,13 @@ _ARCH_CLASS = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "granite": "GraniteForCausalLM",
 }
+# One sliding and one full attention layer first, so two layers already hold both kinds.
+_ALTERNATING = ("sliding_attention", "full_attention")
 
 
 # --------------------------------------------------------------------------- prompts
@@ -216,10 +225,14 @@ def _make_config(
     num_kv_heads: int,
     tie_embeddings: bool | None,
 ):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig,
+                              LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
 
     if tie_embeddings is None:
-        tie_embeddings = arch == "qwen3"
+        # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
+        tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3")
+    head_dim = hidden_size // num_heads
+    layer_types = [_ALTERNATING[i % 2] for i in range(num_layers)]
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -249,10 +262,29 @@ def _make_config(
         )
     elif arch == "qwen3":
         # Qwen3Config defaults head_dim to 128 instead of hidden/heads.
-        cfg = Qwen3Config(head_dim=hidden_size // num_heads, **common)
+        cfg = Qwen3Config(head_dim=head_dim, **common)
+    elif arch == "gemma":
+        # Gemma configs default head_dim to 256 instead of hidden/heads.
+        cfg = GemmaConfig(head_dim=head_dim, **common)
+    elif arch == "gemma2":
+        # Soft-capping thresholds low enough that the tiny model's logits reach them.
+        cfg = Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                           sliding_window=SLIDING_WINDOW, layer_types=layer_types,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **common)
+    elif arch == "gemma3":
+        # Sliding layers take their own rotary base, as in real Gemma3 checkpoints.
+        cfg = Gemma3TextConfig(
+            head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW,
+            layer_types=layer_types, final_logit_softcapping=3.0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            **common)
+    elif arch == "granite":
+        # Multipliers away from 1, as in Granite 3 checkpoints, so that ignoring any shows.
+        cfg = GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22,
+                            attention_multiplier=1 / head_dim, logits_scaling=8.0, **common)
     else:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
-    cfg._attn_implementation = "sdpa"
     return cfg
 
 
@@ -377,7 +409,8 @@ def build_tiny_family(
     # Fork the RNG so building a family does not disturb the caller's torch seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+        # transformers' default attention: sdpa, or eager where a family has no sdpa (Gemma2).
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     _perturb_base(model, torch.Generator().manual_seed(seed + 1))
 

@@ -8,9 +8,10 @@ import transformers
 from safetensors.torch import load_file
 
 from conftest import merge
-from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
+from mergekit_prodistill.blocks import BlockRunner, attention_implementation, layer_weight_names
 from mergekit_prodistill.calibration import make_batches, read_prompts, tokenize
-from mergekit_prodistill.tiny import make_prompts
+from mergekit_prodistill.head import HeadForward
+from mergekit_prodistill.tiny import ARCHITECTURES, make_prompts
 
 
 def load_tensors(path):
@@ -23,8 +24,21 @@ def load_tensors(path):
     return out
 
 
+def test_supported_families_are_the_tested_ones_and_mergekit_knows_them():
+    from mergekit.architecture.json_definitions import NAME_TO_ARCH
+
+    from mergekit_prodistill import tiny
+    from mergekit_prodistill.blocks import FAMILIES
+
+    # The equality tests below run on every tiny family: exactly the accepted ones.
+    assert set(FAMILIES) == {tiny._ARCH_CLASS[arch] for arch in ARCHITECTURES}
+    assert all(name in NAME_TO_ARCH for name in FAMILIES)
+
+
 @pytest.mark.parametrize(
-    "arch,n_experts", [("llama", 3), ("mistral", 2), ("qwen2", 2), ("qwen3", 2)]
+    "arch,n_experts",
+    [("llama", 3), ("mistral", 2), ("qwen2", 2), ("qwen3", 2), ("gemma", 2), ("gemma2", 2),
+     ("gemma3", 2), ("granite", 2)],
 )
 def test_zero_epochs_equals_mergekit_task_arithmetic(families, tmp_path, arch, n_experts):
     fam = families(arch, n_experts)
@@ -40,29 +54,37 @@ def test_zero_epochs_equals_mergekit_task_arithmetic(families, tmp_path, arch, n
                            b["model.layers.0.mlp.up_proj.weight"])
 
 
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
+def full_forward(path, batch):
+    """The model at ``path``, every block's output and its next-token log-probabilities."""
+    config = transformers.AutoConfig.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation=attention_implementation(config))
+    outputs = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.model.layers]
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    for h in hooks:
+        h.remove()
+    return model, outputs, torch.log_softmax(logits.float(), -1)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_block_by_block_forward_equals_full_model(families, arch):
     fam = families(arch, 2)
-    model = transformers.AutoModelForCausalLM.from_pretrained(fam.base, attn_implementation="sdpa")
     tokenizer = transformers.AutoTokenizer.from_pretrained(fam.base)
     # Prompts of different lengths, longer than the sliding windows, padded in one batch.
     sequences = tokenize(read_prompts(str(fam.calibration[0]))[:6], tokenizer, 64)
     (batch,) = make_batches(sequences, 8)
     assert batch.attention_mask.min() == 0, "the batch should contain padding"
-
-    captured = []
-    hooks = [layer.register_forward_hook(lambda m, i, o: captured.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.model.layers]
-    with torch.no_grad():
-        model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-    for h in hooks:
-        h.remove()
+    model, captured, full_log_probs = full_forward(fam.base, batch)
 
     runner = BlockRunner(model.config, torch.device("cpu"))
-    hidden = model.model.embed_tokens.weight[batch.input_ids].detach()
+    state = dict(model.model.named_parameters())
+    with torch.no_grad():
+        hidden = runner.embed(state["embed_tokens.weight"], batch.input_ids)
     ctx = runner.context(batch, hidden.dtype)
     real = batch.attention_mask.bool()
-    state = dict(model.model.named_parameters())
     for index, expected in enumerate(captured):
         layer = runner.layer(index)
         names = layer_weight_names(layer, [f"layers.{index}.{n}" for n, _ in layer.named_parameters()])
@@ -70,6 +92,12 @@ def test_block_by_block_forward_equals_full_model(families, arch):
         with torch.no_grad():
             hidden = runner.forward(index, layer, weights, hidden, ctx)
         torch.testing.assert_close(hidden[real], expected[real], rtol=0, atol=1e-5)
+
+    # The head training's path from the last block to the next-token distribution.
+    with torch.no_grad():
+        log_probs = HeadForward(model.config)(state["norm.weight"],
+                                              model.get_output_embeddings().weight, hidden)
+    torch.testing.assert_close(log_probs[real], full_log_probs[real], rtol=0, atol=1e-5)
 
 
 def final_hidden(path, prompts, tokenizer):
@@ -109,3 +137,32 @@ def test_ablations_run_and_train(families, tmp_path, granularity, inputs):
     report = json.loads((out / "prodistill_report.json").read_text())
     assert all(b["loss_after"] <= b["loss_before"] for b in report["blocks"])
     assert report["parameters"]["granularity"] == granularity
+
+
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3", "granite"])
+def test_merge_losses_equal_the_models_own_forward(families, tmp_path, arch):
+    """With coefficients kept at init (a vanishing lr), the merged stream is the task
+    arithmetic model's own forward and the expert stream the expert's: every block's
+    loss and the head's KL before training must be what the full models give."""
+    fam = families(arch, 2, prompts_per_expert=6)
+    out = merge(fam.recipe("prodistill", epochs=1, lr=1e-12, init=0.5, shots=6, batch_size=3,
+                           continue_tokens=0, head_epochs=1), tmp_path / "pd")
+    ta = merge(fam.recipe("task_arithmetic", weight=0.5), tmp_path / "ta")
+    report = json.loads((out / "prodistill_report.json").read_text())
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(fam.base)
+    block_losses, head_kl = [], []
+    for i, expert in enumerate(fam.experts):
+        (batch,) = make_batches(tokenize(read_prompts(str(fam.calibration[i])), tokenizer, 512), 6)
+        real = batch.attention_mask.bool()
+        _, merged, merged_logp = full_forward(ta, batch)
+        _, target, target_logp = full_forward(expert, batch)
+        block_losses.append([float((m - t)[real].pow(2).mean()) for m, t in zip(merged, target)])
+        kl = (target_logp.exp() * (target_logp - merged_logp)).sum(-1)
+        head_kl.append(float(kl[real].mean()))
+    expected = torch.tensor(block_losses).mean(0)
+    got = torch.tensor([b["loss_before"] for b in report["blocks"]])
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=0)
+    # The KL is small (about 1e-6 for granite), so float32 rounding shows at 1e-4.
+    torch.testing.assert_close(report["head"]["loss_before"], sum(head_kl) / len(head_kl),
+                               rtol=1e-3, atol=0)

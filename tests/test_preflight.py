@@ -117,6 +117,43 @@ def test_unreadable_calibration_file(families, tmp_path, no_weight_reads, monkey
             r"expert_0.jsonl cannot be read: Permission denied")
 
 
+def _with_unreadable_tokenizer(expert):
+    """Give ``expert`` a SentencePiece-style vocabulary; transformers loads a qwen2 model's
+    tokenizer as Qwen2Tokenizer, whose byte-level text matches none of its entries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mergekit_prodistill.tiny import SPECIAL_TOKENS
+
+    vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, "\u2581What", "\u2581is"])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    for f in expert.glob("tokenizer*"):
+        f.unlink()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                            eos_token="</s>", pad_token="<pad>").save_pretrained(expert)
+    return expert
+
+
+def test_prompt_without_tokens_is_one_line_from_plan_and_merge(families, tmp_path, no_weight_reads):
+    fam = families("qwen2", 2)
+    expert = _with_unreadable_tokenizer(_copy_model(fam.experts[1], tmp_path / "expert"))
+    doc = _with_expert(recipe(fam, shots=4), 1, expert)
+    first = calibration.read_prompts(str(fam.calibration[1]))
+    message = refused(doc, tmp_path / "out", rf"model .*expert: its tokenizer \(Qwen2Tokenizer\) "
+                                             r"turns the calibration prompt '.*' into no tokens")
+    assert any(p[:40] in message for p in first)
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(doc))
+    for command in (["plan", path], [path, tmp_path / "out"]):
+        proc = run_cli(BIN / "mergekit-prodistill", *command, check=False)
+        assert proc.returncode == 2
+        (line,) = proc.stderr.strip().splitlines()
+        assert line == f"mergekit-prodistill: error: {message}"
+    assert not (tmp_path / "out").exists()
+
+
 def _load_calibration(fam, caplog, **params):
     config = MergeConfiguration.model_validate(recipe(fam, **params))
     with caplog.at_level(logging.WARNING, logger="mergekit_prodistill"):
@@ -205,6 +242,51 @@ def test_missing_or_truncated_shard(families, tmp_path, no_weight_reads):
     (cut / shard).write_bytes(data[: len(data) - 100])
     refused(_with_expert(recipe(fam), 0, cut), tmp_path / "out",
             rf"{shard} is truncated \({len(data) - 100} bytes, its header needs {len(data)}\)")
+
+
+def _phi3_model(folder):
+    """A tiny Phi3 checkpoint: a family mergekit merges and prodistill does not run."""
+    import transformers
+
+    from mergekit_prodistill.tiny import build_tokenizer
+
+    config = transformers.Phi3Config(vocab_size=768, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                     pad_token_id=3, architectures=["Phi3ForCausalLM"])
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_unsupported_family_is_refused_in_one_line(families, tmp_path, no_weight_reads):
+    fam = families("llama", 2)
+    phi3 = _phi3_model(tmp_path / "phi3")
+    doc = recipe(fam)
+    doc["base_model"] = str(phi3)
+    for i in range(len(doc["models"])):
+        _with_expert(doc, i, _copy_model(phi3, tmp_path / f"phi3-expert-{i}"))
+    message = refused(doc, tmp_path / "out", r"architecture Phi3ForCausalLM is not supported")
+    assert message.startswith(f"model {phi3}: ")
+    assert "LlamaForCausalLM" in message and "Gemma2ForCausalLM" in message
+    # The plan command reads only configs and prompts, and refuses it the same way.
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(doc))
+    proc = run_cli(BIN / "mergekit-prodistill", "plan", path, check=False)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line == f"mergekit-prodistill: error: {message}"
+
+
+def test_bidirectional_attention_is_refused(families, tmp_path, no_weight_reads):
+    fam = families("gemma3", 2)
+    bidirectional = _copy_model(fam.experts[0], tmp_path / "bidirectional")
+    config = json.loads((bidirectional / "config.json").read_text())
+    config["use_bidirectional_attention"] = True
+    (bidirectional / "config.json").write_text(json.dumps(config))
+    refused(_with_expert(recipe(fam), 0, bidirectional), tmp_path / "out",
+            r"model .*bidirectional: Gemma3ForCausalLM with use_bidirectional_attention is "
+            r"not supported")
 
 
 def test_expert_of_another_architecture(families, tmp_path, no_weight_reads):

@@ -63,7 +63,8 @@ def test_layout_and_reload(families, arch):
     assert tok.eos_token_id == 2 and tok.pad_token_id == 3 and tok.unk_token_id == 0
     assert tok.decode(enc.input_ids, skip_special_tokens=True) == "What is 17 plus 25?"
 
-    model = AutoModelForCausalLM.from_pretrained(fam.base, dtype=torch.float32, attn_implementation="sdpa")
+    # transformers' default attention (Gemma2 has no sdpa).
+    model = AutoModelForCausalLM.from_pretrained(fam.base, dtype=torch.float32)
     assert type(model).__name__ == json.loads((fam.base / "config.json").read_text())["architectures"][0]
     assert model.config.vocab_size == len(tok)
     # Reloaded weights equal what was written.
@@ -110,6 +111,14 @@ def test_arch_specifics(families):
     assert "full_attention" in cfg["qwen2"]["layer_types"]
     assert any(k.endswith("self_attn.q_proj.bias") for k in keys["qwen2"])
     assert cfg["mistral"]["sliding_window"] == 6
+    for arch in ("gemma", "gemma2", "gemma3"):  # Gemma checkpoints tie the LM head
+        assert cfg[arch]["tie_word_embeddings"] is True and "lm_head.weight" not in keys[arch]
+    assert cfg["gemma2"]["attn_logit_softcapping"] and cfg["gemma2"]["final_logit_softcapping"]
+    assert set(cfg["gemma3"]["layer_types"]) == {"sliding_attention", "full_attention"}
+    rope = cfg["gemma3"]["rope_parameters"]
+    assert rope["sliding_attention"]["rope_theta"] != rope["full_attention"]["rope_theta"]
+    assert cfg["granite"]["embedding_multiplier"] != 1 and cfg["granite"]["logits_scaling"] != 1
+    assert not any(k.endswith(".bias") for k in keys["granite"])
 
 
 def test_sliding_window_matters(families):

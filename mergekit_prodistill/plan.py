@@ -617,7 +617,7 @@ def continuation_plan(recipe, expert_configs, weight_bytes: List[int], work: Wor
         forwards = placed.batches * p.continue_tokens  # the prefill and one per new token
         passes.append(Generation(
             placed, continuation.generation_flops(shape, placed, lengths, p.continue_tokens),
-            {"device": forwards * shape.weight_bytes,
+            {"device": forwards * (shape.weight_bytes - placed.host_bytes - placed.disk_bytes),
              "host": forwards * placed.host_bytes, "disk": forwards * placed.disk_bytes}))
     return passes
 

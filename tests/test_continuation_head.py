@@ -30,13 +30,22 @@ def greedy_alone(model, tokenizer, seq, new_tokens):
 
 
 def spy_on_loads(monkeypatch):
-    """Every expert continue_prompts loads, as loaded."""
+    """Every expert continue_prompts loads, as loaded; ``model.batches`` lists the prompts
+    of each of its generate calls."""
     loaded = []
     load = continuation.load_expert
 
     def spy(*args, **kwargs):
-        loaded.append(load(*args, **kwargs))
-        return loaded[-1]
+        model = load(*args, **kwargs)
+        generate, model.batches = model.generate, []
+
+        def counted(**kwargs):
+            model.batches.append(len(kwargs["input_ids"]))
+            return generate(**kwargs)
+
+        model.generate = counted
+        loaded.append(model)
+        return model
 
     monkeypatch.setattr(continuation, "load_expert", spy)
     return loaded
@@ -75,6 +84,7 @@ def test_an_expert_that_fits_is_loaded_whole_without_offload_hooks(families, mon
     model = loaded[0]
     assert not hasattr(model, "hf_device_map") or set(model.hf_device_map.values()) == {"cpu"}
     assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert model.batches == [5]  # every prompt in one batch
     alone = transformers.AutoModelForCausalLM.from_pretrained(expert)
     assert out == [greedy_alone(alone, tokenizer, seq, 6) for seq in sequences]
 

@@ -55,7 +55,8 @@ def main():
     from mergekit_prodistill.config import parse_recipe
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-continuation-"))
-    config = common.llama_config(args.layers, args.hidden, args.intermediate, 6, vocab=768)
+    heads = args.hidden // 64
+    config = common.llama_config(args.layers, args.hidden, args.intermediate, heads, vocab=768)
     family = common.write_family(root / "family", config, 2, torch.float32, prompts=args.shots)
     recipe_path = common.write_recipe(family, root / "recipe.yml", dtype="float32", epochs=1,
                                       shots=args.shots, batch_size=args.batch_size,

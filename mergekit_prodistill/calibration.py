@@ -6,8 +6,7 @@ the prompt formats are :mod:`mergekit_prodistill.templates`.
 
 import logging
 import random
-from dataclasses import dataclass
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
 import torch

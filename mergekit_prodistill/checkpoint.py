@@ -1,14 +1,14 @@
 """Durable progress, so that running the same command again continues a merge.
 
 Each expert's continued calibration prompts (``continue_tokens``) are saved first, so a
-run that continues never generates them again. After every finished unit (the
-embeddings, each decoder block, the head) its merged
-tensors are saved to their own file under the staging folder; after every block the
-activation streams, the random generator and the report so far are saved too. Files are
-written to a temporary name and renamed, so a kill at any moment leaves the last finished
-state intact. A fingerprint of the recipe, the options that change results and the input
-files guards against continuing a different merge. At the end the shards are assembled
-from the unit files with mergekit's ``TensorWriter``.
+run that continues never generates them again. After every finished unit (the embeddings,
+each decoder block, the head) its merged tensors are saved to their own file under the
+staging folder; after every block the activation streams, the random generator and the
+report so far are saved too. Files are written to a temporary name and renamed, so a kill
+at any moment leaves the last finished state intact. A fingerprint of the recipe, the
+options that change results, the input files and the prompts guards against continuing a
+different merge. At the end the shards are assembled from the unit files with mergekit's
+``TensorWriter``.
 """
 
 import hashlib

@@ -6,8 +6,9 @@ continuation (no labels needed) puts those positions into the calibration set, s
 distillation matches each expert's activations where its answer is produced.
 
 Memory: one expert at a time, placed by :func:`place_expert` from the memory free at that
-moment. When the whole expert and one batch's KV cache fit the compute device, the expert
-is loaded there, whole, and a batch holds as many prompts as fit beside it. Otherwise
+moment. When the whole expert fits the compute device beside one sequence's KV cache and
+activations, it is loaded there, whole (no offload hooks), and a batch holds as many
+prompts as fit beside it; the expert is freed before the next one. Otherwise
 accelerate keeps what fits on the device, then in CPU memory, and reads the rest from
 disk for every forward pass; prompts per batch are then chosen to read the least. The
 plan (``plan.py``) calls the same functions, so its figures are the pass's own.

@@ -119,7 +119,7 @@ def _prodistill_section(report, plot: Optional[str]) -> List[str]:
     run += [(f"{package} version", version)
             for package, version in report.get("versions", {}).items()]
     continued = (", each followed by the expert's own greedy continuation (up to "
-                 f"{params['continue_tokens']} tokens)") if params.get("continue_tokens") else ""
+                 f"{params['continue_tokens']} tokens)") if params.get("continue_tokens") and blocks else ""
     head = report.get("head")
     ending = (
         f"Embeddings were merged by task arithmetic with weight {params['init']}; the final "

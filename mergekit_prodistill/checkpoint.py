@@ -1,12 +1,14 @@
 """Durable progress, so that running the same command again continues a merge.
 
-After every finished unit (the embeddings, each decoder block, the head) its merged
-tensors are saved to their own file under the staging folder; after every block the
-activation streams, the random generator and the report so far are saved too. Files are
-written to a temporary name and renamed, so a kill at any moment leaves the last finished
-state intact. A fingerprint of the recipe, the options that change results and the input
-files guards against continuing a different merge. At the end the shards are assembled
-from the unit files with mergekit's ``TensorWriter``.
+Each expert's continued calibration prompts (``continue_tokens``) are saved first, so a
+run that continues never generates them again. After every finished unit (the embeddings,
+each decoder block, the head) its merged tensors are saved to their own file under the
+staging folder; after every block the activation streams, the random generator and the
+report so far are saved too. Files are written to a temporary name and renamed, so a kill
+at any moment leaves the last finished state intact. A fingerprint of the recipe, the
+options that change results, the input files and the prompts guards against continuing a
+different merge. At the end the shards are assembled from the unit files with mergekit's
+``TensorWriter``.
 """
 
 import hashlib
@@ -40,8 +42,9 @@ def fingerprint(recipe_text: str, settings: Dict, model_files: List[str],
                 calibration_batches) -> str:
     """What makes two runs the same merge: recipe, settings, models, calibration tokens.
 
-    Hashing the token ids covers every calibration source (files, folders, datasets)
-    together with its template, tokenizer, sampling and truncation.
+    Hashing the prompts' token ids covers every calibration source (files, folders,
+    datasets) together with its template, tokenizer, sampling and truncation. They are the
+    ids before any continuation: continuations are an output of the merge, saved with it.
     """
     digest = hashlib.sha256(recipe_text.encode())
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -58,6 +61,13 @@ def _write_json(path: str, data) -> None:
         json.dump(data, f)
 
 
+def _read_json(path: str) -> Optional[dict]:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def _atomic(path: str, write) -> None:
     tmp = path + ".tmp"
     write(tmp)
@@ -71,24 +81,41 @@ class Checkpoint:
         self.dir = os.path.join(staging, PROGRESS)
         self.fingerprint = fingerprint
         self.state_path = os.path.join(self.dir, "state.json")
+        self.continuations_path = os.path.join(self.dir, "continuations.json")
 
     def has_progress(self) -> bool:
         return os.path.exists(self.state_path)
 
+    def has_continuations(self) -> bool:
+        return os.path.exists(self.continuations_path)
+
     def resume(self) -> Optional[dict]:
-        """The saved state of an interrupted run of this same merge, if there is one."""
-        if not os.path.exists(self.state_path):
+        """The saved loop state of an interrupted run of this same merge, if there is one.
+
+        A folder holding only the continuations of this merge is kept (the loop starts
+        from the first block); one holding another merge's progress is refused.
+        """
+        saved = {path: _read_json(path) for path in (self.state_path, self.continuations_path)}
+        if not any(saved.values()):
             shutil.rmtree(self.dir, ignore_errors=True)
             os.makedirs(self.dir)
             return None
-        with open(self.state_path, encoding="utf-8") as f:
-            state = json.load(f)
-        if state["fingerprint"] != self.fingerprint:
+        if any(s["fingerprint"] != self.fingerprint for s in saved.values() if s):
             raise ProDistillError(
                 f"{os.path.dirname(self.dir)} holds an unfinished merge of a different recipe "
                 "or different input files; delete that folder to start this merge afresh"
             )
-        return state
+        return saved[self.state_path]
+
+    # -- continued calibration prompts, before the first block -----------------------------
+    def save_continuations(self, sequences: List[List[List[int]]]) -> None:
+        data = {"fingerprint": self.fingerprint, "sequences": sequences}
+        _atomic(self.continuations_path, lambda p: _write_json(p, data))
+
+    def load_continuations(self) -> Optional[List[List[List[int]]]]:
+        """Every expert's continued token ids, as saved by this merge (None: not yet)."""
+        saved = _read_json(self.continuations_path)
+        return saved["sequences"] if saved else None
 
     # -- merged tensors, one file per unit ------------------------------------------------
     def unit_path(self, unit: str) -> str:

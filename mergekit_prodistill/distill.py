@@ -26,7 +26,7 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, dtypes, head, output, plan, preflight
+from mergekit_prodistill import calibration, continuation, dtypes, head, output, plan, preflight
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.coefficients import (Optimizer, chain_rule, coefficient_stats,
@@ -187,7 +187,7 @@ def run_prodistill(
     activation_dtype = dtypes.activation_dtype(
         p.activation_dtype, dtypes.weights_dtype(recipe, base_config), device)
     calib = calibration.load_for_experts(recipe, options, seed)
-    merged_ids = vocabulary.calibration_ids(calib)
+    merged_ids = vocabulary.calibration_ids(calib)  # every prompt token has a merged row
     created_out = not os.path.exists(out_path)
     staging = output.start_staging(out_path)
     writer = TensorWriter(
@@ -195,7 +195,8 @@ def run_prodistill(
         max_shard_size=options.out_shard_size,
         safe_serialization=options.safe_serialization,
     )
-    # With no training the merge is streaming task arithmetic: nothing worth resuming.
+    # With no training the merge is streaming task arithmetic: nothing worth resuming, and
+    # no continuations to generate. The fingerprint covers the prompts before continuation.
     checkpoint = None
     if p.epochs:
         checkpoint = Checkpoint(staging, fingerprint(
@@ -208,6 +209,12 @@ def run_prodistill(
     units = UnitWriter(writer, checkpoint)
 
     try:
+        facts = {"activation_dtype": activation_dtype} if p.epochs else {}
+        if checkpoint is not None and p.continue_tokens:
+            continued = time.time()
+            calib = _continued(recipe, options, calib, device, checkpoint)
+            merged_ids = vocabulary.calibration_ids(calib)
+            facts["continuation_seconds"] = time.time() - continued
         with denormals_flushed(p.epochs > 0):
             report_blocks, head_report = _merge(
                 recipe, module, base, experts, calib, merged_ids, vocabulary, device,
@@ -217,10 +224,13 @@ def run_prodistill(
         output.finish(
             staging, out_path, merge_config, arch_info, options, config_source, recipe,
             calib, report_blocks, started, device, vocabulary, head_report,
-            facts={"activation_dtype": activation_dtype} if p.epochs else {},
+            facts=facts,
         )
     except BaseException as exc:
-        resumable = checkpoint is not None and checkpoint.has_progress()
+        # Saved continuations alone are kept when the run was stopped, not when it failed:
+        # a failure is usually fixed by changing the recipe, which voids them.
+        resumable = checkpoint is not None and (checkpoint.has_progress() or (
+            isinstance(exc, KeyboardInterrupt) and checkpoint.has_continuations()))
         if not resumable:  # nothing worth keeping: leave no trace
             output.discard(staging, out_path, created_out)
         if isinstance(exc, KeyboardInterrupt):
@@ -231,6 +241,28 @@ def run_prodistill(
             ) from None
         raise
     shutil.rmtree(staging)
+
+
+def _continued(recipe, options, calib, device, checkpoint):
+    """Every expert's prompts, each followed by its greedy continuation.
+
+    Generated once, one expert at a time, and saved in the progress folder: a run that
+    continues this merge reads them back instead of generating them again.
+    """
+    sequences = checkpoint.load_continuations()
+    if sequences is None:
+        sequences = []
+        for expert, prompts in zip(recipe.experts, calib.sequences):
+            tokenizer = calibration.load_tokenizer(expert.model, recipe.base,
+                                                   options.trust_remote_code)
+            free = {str(device): plan.available_memory(device),
+                    "cpu": plan.available_memory(torch.device("cpu"))}
+            sequences.append(continuation.continue_prompts(
+                expert.model.local_path(cache_dir=options.transformers_cache), prompts,
+                recipe.params.continue_tokens, tokenizer, dtype=recipe.dtype, device=device,
+                free=free, trust_remote_code=options.trust_remote_code))
+        checkpoint.save_continuations(sequences)
+    return calib.with_sequences(sequences, recipe.params.batch_size)
 
 
 def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,

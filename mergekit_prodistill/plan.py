@@ -14,6 +14,11 @@ when one is at hand, else estimated from their length. It follows the block loop
   dtype, the two streams per expert (the merged stream advances in place, batch by batch).
 * ``embed``: the embedding (or LM head) of every model, its task vectors and the merge.
 * ``head`` (with ``head_epochs``): the final norm and LM head trained like a block.
+* ``continuation`` (with ``continue_tokens``, when training): one expert placed for
+  generation by ``continuation.place_expert`` from the memory free now (whole on the
+  device when it fits, else partly offloaded), and the KV cache and activations of one
+  batch of its prompts. Its time is the generation's FLOPs, the expert's weights read at
+  every generated token, and the offloaded part brought in from CPU memory or disk.
 
 Every phase also holds the masks and positions of all batches and one output shard (the
 writer flushes a shard once it is full). Each device's peak is its largest phase. The
@@ -33,7 +38,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from mergekit.common import dtype_from_name
 
-from mergekit_prodistill import calibration, dtypes
+from mergekit_prodistill import calibration, continuation, dtypes
 from mergekit_prodistill.blocks import check_supported
 from mergekit_prodistill.errors import ProDistillError
 
@@ -44,8 +49,10 @@ CACHE = "activation cache"
 CONTEXTS = "masks and positions"
 TRANSIENT = "forward/backward, one batch"
 OUTPUT = "output buffer, one shard"
+EXPERT = "expert weights, generating"
+GENERATION = "KV cache + activations"
 SLACK = "allocator slack"
-TERMS = (WEIGHTS, LAMBDA, CACHE, CONTEXTS, TRANSIENT, OUTPUT, SLACK)
+TERMS = (WEIGHTS, LAMBDA, CACHE, CONTEXTS, TRANSIENT, EXPERT, GENERATION, OUTPUT, SLACK)
 
 # Allocators keep freed blocks for reuse, so a process holds more than its live tensors.
 # CPU: glibc serves allocations under 32 MiB from its heap, which keeps freed blocks, and
@@ -60,7 +67,8 @@ HEAP_LIMIT = 32 * 2**20
 STREAMS = {"load": 2, "train": 2, "write": 2, "embed": 2, "head": 2}
 PHASES = {"load": "reading a block", "train": "training a block",
           "write": "writing a block", "embed": "merging the embeddings",
-          "head": "training the final norm and LM head"}
+          "head": "training the final norm and LM head",
+          "continuation": "continuing the prompts"}
 # Without a tokenizer, count one token per this many characters: a deliberately high
 # count for English prose and code under Llama-style tokenizers (they average 3.5-4.5).
 CHARS_PER_TOKEN = 3.0
@@ -78,12 +86,13 @@ class DeviceClass:
     memory_gb: float  # device memory, GB
     disk_gbps: float  # checkpoint read/write rate, GB/s
     basis: str
+    link_gbps: float = 20.0  # CPU memory to device (PCIe), GB/s
 
 
 def gpu(name: str, bf16: float, fp32: float, memory_gbps: float, memory_gb: float,
-        basis: str) -> DeviceClass:
+        link_gbps: float, basis: str) -> DeviceClass:
     return DeviceClass(name, "cuda", {"float32": fp32, "bfloat16": bf16, "float16": bf16},
-                       memory_gbps, memory_gb, 2.0, basis)
+                       memory_gbps, memory_gb, 2.0, basis, link_gbps)
 
 
 DEVICE_CLASSES = (
@@ -92,11 +101,11 @@ DEVICE_CLASSES = (
         "2-core x86: idle 2048^3 matmul rates; Adam's element-wise rate (2.6 GB/s measured "
         "under load, 5 assumed idle)",
     ),
-    gpu("a100-80gb", 140, 14, 1500, 80,
+    gpu("a100-80gb", 140, 14, 1500, 80, 20,
         "45% of peak bf16 (312), fp32 without TF32 at 70% of 19.5, 75% of 2.0 TB/s"),
-    gpu("h100-80gb", 445, 47, 2500, 80,
+    gpu("h100-80gb", 445, 47, 2500, 80, 40,
         "SXM: 45% of peak bf16 (989), fp32 without TF32 at 70% of 67, 75% of 3.35 TB/s"),
-    gpu("h200-141gb", 445, 47, 3600, 141, "as the H100 with 75% of 4.8 TB/s"),
+    gpu("h200-141gb", 445, 47, 3600, 141, 40, "as the H100 with 75% of 4.8 TB/s"),
 )
 
 
@@ -131,6 +140,7 @@ class Workload:
     batches: Tuple[Tuple[Tuple[int, int], ...], ...]
     tokens: Tuple[int, ...]  # real tokens per expert
     source: str
+    prompt_lengths: Tuple[Tuple[int, ...], ...]  # per expert, before any continuation
 
     def slots(self, expert: int) -> int:
         """Token positions of one expert's stream, padding included."""
@@ -153,6 +163,8 @@ class Plan:
     io_bytes: float  # checkpoints read and output written
     cache_bytes: int  # the activation cache at its largest, wherever it is
     available: Dict[str, Optional[int]] = field(default_factory=dict)
+    generation: List[continuation.Placement] = field(default_factory=list)  # per expert
+    continuation_reads: Dict[str, float] = field(default_factory=dict)  # bytes, by source
 
     def peak(self, device: str) -> Tuple[str, Dict[str, int]]:
         """The phase with the most bytes on ``device`` and its terms."""
@@ -168,6 +180,21 @@ class Plan:
             (self.flops["training"] + self.flops["forwards"]) / rate
             + self.moved_bytes / (cls.memory_gbps * GB)
             + self.io_bytes / (cls.disk_gbps * GB)
+            + self.continuation_seconds(cls)
+        )
+
+    def continuation_seconds(self, cls: DeviceClass) -> float:
+        """Generating every expert's continuations: loading it, its FLOPs, and its weights
+        read at every forward pass from where they are."""
+        if not self.generation:
+            return 0.0
+        rate = cls.tflops.get(self.dtypes["compute"], cls.tflops["float32"]) * 1e12
+        reads = self.continuation_reads
+        return (
+            self.flops["continuation"] / rate
+            + reads["device"] / (cls.memory_gbps * GB)
+            + reads["host"] / (cls.link_gbps * GB)
+            + (reads["load"] + reads["disk"]) / (cls.disk_gbps * GB)
         )
 
     def render(self) -> str:
@@ -185,6 +212,12 @@ class Plan:
             f"lambda float32 ({p.granularity}), cache {self.dtypes['cache']} on "
             f"{self.cache_at}, output {self.dtypes['output']}",
         ]
+        if self.generation:
+            known = self.available.get(self.device) is not None
+            lines.append(
+                f"  continuation: up to {p.continue_tokens} tokens per prompt; each expert "
+                + "; ".join(sorted({c.describe() for c in self.generation}))
+                + ("" if known else f" (free memory on {self.device} unknown: as if enough)"))
         if len(set(s.vocab)) > 1:
             lines.append(
                 "  note: vocabulary sizes differ between the models; embeddings and LM head "
@@ -212,8 +245,11 @@ class Plan:
             f"compute: training {f['training']:.3g} FLOPs (forward + backward, "
             f"{f['steps']} steps x {p.epochs} epochs x {s.num_layers} blocks), forwards "
             f"{f['forwards']:.3g} FLOPs (teacher outputs, losses, stream updates), "
+            f"continuation {f['continuation']:.3g} FLOPs, "
             f"element-wise traffic {fmt_bytes(self.moved_bytes)}, checkpoint I/O "
-            f"{fmt_bytes(self.io_bytes)}",
+            f"{fmt_bytes(self.io_bytes)}"
+            + "".join(f", continuation reads {fmt_bytes(self.continuation_reads[k])} from {k}"
+                      for k in ("host", "disk") if self.continuation_reads.get(k)),
             "",
             "time estimate (achievable rates, see README)",
         ]
@@ -222,6 +258,8 @@ class Plan:
             if cls.kind == torch.device(self.device).type:
                 fits = "fits" if self.total(self.device) <= cls.memory_gb * GB else "too big"
                 fits = f"{fits} in {cls.memory_gb:.0f} GB; "
+            if self.generation:
+                fits += f"continuation {fmt_seconds(self.continuation_seconds(cls))}; "
             lines.append(f"  {cls.name:<12} {fmt_seconds(self.seconds(cls)):>10}   "
                          f"{fits}{cls.basis}")
         return "\n".join(lines)
@@ -285,7 +323,7 @@ def model_shape(base_config, expert_configs) -> ModelShape:
 def workload(recipe, options, seed: int) -> Workload:
     """Every expert's batches, from its prompts, tokenised or estimated from length."""
     p = recipe.params
-    batches, tokens, estimated = [], [], False
+    batches, tokens, prompt_lengths, estimated = [], [], [], False
     for i, expert in enumerate(recipe.experts):
         try:
             tokenizer = calibration.load_tokenizer(expert.model, recipe.base,
@@ -299,14 +337,15 @@ def workload(recipe, options, seed: int) -> Workload:
         else:
             estimated = True
             lengths = [min(p.max_length, 1 + math.ceil(len(x) / CHARS_PER_TOKEN)) for x in prompts]
+        prompt_lengths.append(tuple(lengths))
         # Each expert's continuation may add up to continue_tokens (the worst case).
-        lengths = [n + p.continue_tokens for n in lengths]
+        lengths = [n + (p.continue_tokens if p.epochs else 0) for n in lengths]
         made = calibration.make_batches([[0] * n for n in lengths], p.batch_size)
         batches.append(tuple(tuple(b.input_ids.shape) for b in made))
         tokens.append(sum(lengths))
     source = f"estimated at {CHARS_PER_TOKEN:g} characters per token" if estimated \
         else "tokenizer"
-    return Workload(tuple(batches), tuple(tokens), source)
+    return Workload(tuple(batches), tuple(tokens), source, tuple(prompt_lengths))
 
 
 # --------------------------------------------------------------------------- the model
@@ -506,6 +545,11 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
                                         "cpu": peak_total(split["cpu"], "cpu"),
                                         "rest": peak_total(split[None], dev)}, available)
     phases = split.get(cache_at, split[None])
+    generating = continuation_plan(recipe, expert_configs, wb[1:], work, device, available,
+                                   trust)
+    if generating:
+        add_continuation_phase(phases, dev, max(generating, key=Generation.device_total),
+                               shape.heap_share)
 
     fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in work.batches]
     steps = max(len(bs) for bs in work.batches)
@@ -528,6 +572,7 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
             + (p.head_epochs * 3 * 2 * shape.hidden * shape.vocab[0] * sum(work.tokens)
                if p.epochs else 0),
             "forwards": shape.num_layers * evals * sum(sum(f) for f in fwd),
+            "continuation": sum(g.flops for g in generating),
             "steps": steps,
         },
         moved_bytes=shape.num_layers * p.epochs * steps
@@ -536,7 +581,65 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
         + checkpoint[0] * dtype_bytes(out),
         cache_bytes=max(t[CACHE] for t in per_phase.values()),
         available=available,
+        generation=[g.placement for g in generating],
+        # Generating reads each expert's checkpoint once more to load it.
+        continuation_reads={
+            "load": sum(n * dtype_bytes(d) for n, d in zip(checkpoint[1:], stored[1:])),
+            **{k: sum(g.reads[k] for g in generating) for k in ("device", "host", "disk")},
+        } if generating else {},
     )
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One expert's continuation pass, as ``continuation.place_expert`` places it."""
+
+    placement: continuation.Placement
+    flops: float
+    reads: Dict[str, float]  # bytes of weights read for all forward passes, by where from
+
+    def device_total(self) -> int:
+        return self.placement.device_bytes + self.placement.generation_bytes
+
+
+def continuation_plan(recipe, expert_configs, weight_bytes: List[int], work: Workload,
+                      device: torch.device, available: Dict[str, Optional[int]],
+                      trust_remote_code: bool) -> List[Generation]:
+    """Every expert's generation pass; none without ``continue_tokens`` or training."""
+    p = recipe.params
+    if not (p.epochs and p.continue_tokens):
+        return []
+    passes = []
+    for config, es, lengths in zip(expert_configs, weight_bytes, work.prompt_lengths):
+        shape = continuation.expert_shape(config, es, trust_remote_code)
+        placed = continuation.place_expert(shape, lengths, p.continue_tokens, device, available)
+        forwards = placed.batches * p.continue_tokens  # the prefill and one per new token
+        passes.append(Generation(
+            placed, continuation.generation_flops(shape, placed, lengths, p.continue_tokens),
+            {"device": forwards * (shape.weight_bytes - placed.host_bytes - placed.disk_bytes),
+             "host": forwards * placed.host_bytes, "disk": forwards * placed.disk_bytes}))
+    return passes
+
+
+def add_continuation_phase(phases, dev: str, generation: Generation, heap_share: float):
+    """The continuation phase on the device (and on the CPU for what is offloaded there).
+
+    It runs before the block loop: no streams, masks or output buffer exist yet.
+    """
+    placed = generation.placement
+    phases[dev]["continuation"] = {EXPERT: placed.device_bytes,
+                                   GENERATION: placed.generation_bytes}
+    if dev != "cpu":
+        phases["cpu"]["continuation"] = {EXPERT: placed.host_bytes}
+    for device in {dev, "cpu"}:
+        terms = phases[device]["continuation"]
+        terms[SLACK] = slack(device, terms, heap_share)
+
+
+def slack(device: str, terms: Dict[str, int], heap_share: float) -> int:
+    kind = device.split(":")[0]
+    fraction = SLACK_FRACTION.get(kind, 0.0) * (heap_share if kind == "cpu" else 1.0)
+    return int(fraction * sum(terms.values()))
 
 
 def place(per_phase, contexts: int, buffer: int, dev: str, cache_at: Optional[str],
@@ -554,10 +657,8 @@ def place(per_phase, contexts: int, buffer: int, dev: str, cache_at: Optional[st
         if cache_at is not None:
             phases[cache_at][name][CACHE] = terms[CACHE]
     for device, by_phase in phases.items():
-        kind = device.split(":")[0]
-        fraction = SLACK_FRACTION.get(kind, 0.0) * (heap_share if kind == "cpu" else 1.0)
         for terms in by_phase.values():
-            terms[SLACK] = int(fraction * sum(terms.values()))
+            terms[SLACK] = slack(device, terms, heap_share)
     return phases
 
 
@@ -604,6 +705,8 @@ KNOBS = {
     "activation directory on disk",
     CONTEXTS: "lower 'shots' or 'max_length'",
     TRANSIENT: "lower 'batch_size' or 'max_length'",
+    EXPERT: "run on a device with more memory (--device / --cuda) or set 'dtype: bfloat16'",
+    GENERATION: "lower 'continue_tokens' or 'max_length'",
     OUTPUT: "lower --out-shard-size",
 }
 
@@ -622,6 +725,8 @@ def check_fits(recipe, options) -> Plan:
             f"{PHASES[phase]} ({parts}) but {fmt_bytes(free)} is free; the largest part "
             f"is the {largest}: {KNOBS[largest]} (see mergekit-prodistill plan)"
         )
+    for expert, placed in zip(recipe.experts, plan.generation):
+        placed.check(torch.device(plan.device), expert.model)
     if plan.cache_at == "disk":
         _, directory = cache_settings(recipe, torch.device(plan.device), plan.dtypes["compute"])
         directory = directory or tempfile.gettempdir()

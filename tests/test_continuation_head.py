@@ -1,6 +1,7 @@
 """Calibration on the experts' own continuations, and training the final norm and LM head."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -19,6 +20,37 @@ def test_cut_at_stop_keeps_tokens_before_end_or_padding():
     assert continuation.cut_at_stop([5, 6], {2}, 3) == [5, 6]
 
 
+def greedy_alone(model, tokenizer, seq, new_tokens):
+    """``seq`` and the model's greedy continuation of it, generated on its own (no padding)."""
+    ids = torch.tensor([seq])
+    want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                          do_sample=False, pad_token_id=tokenizer.pad_token_id)[0].tolist()
+    return seq + continuation.cut_at_stop(want[len(seq):], {tokenizer.eos_token_id},
+                                          tokenizer.pad_token_id)
+
+
+def spy_on_loads(monkeypatch):
+    """Every expert continue_prompts loads, as loaded; ``model.batches`` lists the prompts
+    of each of its generate calls."""
+    loaded = []
+    load = continuation.load_expert
+
+    def spy(*args, **kwargs):
+        model = load(*args, **kwargs)
+        generate, model.batches = model.generate, []
+
+        def counted(**kwargs):
+            model.batches.append(len(kwargs["input_ids"]))
+            return generate(**kwargs)
+
+        model.generate = counted
+        loaded.append(model)
+        return model
+
+    monkeypatch.setattr(continuation, "load_expert", spy)
+    return loaded
+
+
 def test_continuations_are_the_experts_greedy_tokens_even_offloaded_to_disk(families, monkeypatch):
     fam = families("llama", 2)
     expert = str(fam.experts[0])
@@ -26,29 +58,75 @@ def test_continuations_are_the_experts_greedy_tokens_even_offloaded_to_disk(fami
     sequences = tokenize(read_prompts(str(fam.calibration[0]))[:3], tokenizer, 64)
     assert len({len(s) for s in sequences}) > 1, "prompts of different lengths get left-padded"
 
-    placements = []
-    load = continuation.load_offloaded
-
-    def spy(*args, **kwargs):
-        model = load(*args, **kwargs)
-        placements.extend(model.hf_device_map.values())
-        return model
-
-    monkeypatch.setattr(continuation, "load_offloaded", spy)
-    monkeypatch.setattr(continuation, "memory_budget", lambda path, layers: 1)  # all on disk
-    out = continuation.continue_prompts(expert, sequences, 6, tokenizer, dtype="float32",
-                                        device=torch.device("cpu"), batch_size=2)
-    assert "disk" in placements
+    # Room for the largest module and two sequences only: the rest is read from disk.
+    shape = continuation.expert_shape(transformers.AutoConfig.from_pretrained(expert), 4)
+    tight = shape.largest_bytes + 2 * shape.sequence_bytes(max(map(len, sequences)), 6)
+    loaded = spy_on_loads(monkeypatch)
+    out = continuation.continue_prompts(
+        expert, sequences, 6, tokenizer, dtype="float32", device=torch.device("cpu"),
+        free={"cpu": int(tight / continuation.MEMORY_SHARE) + 1})
+    assert "disk" in loaded[0].hf_device_map.values()
 
     model = transformers.AutoModelForCausalLM.from_pretrained(expert)
     for seq, got in zip(sequences, out):
-        ids = torch.tensor([seq])
-        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6,
-                              do_sample=False, pad_token_id=tokenizer.pad_token_id)[0].tolist()
-        want = seq + continuation.cut_at_stop(want[len(seq):], {tokenizer.eos_token_id},
-                                              tokenizer.pad_token_id)
-        assert got == want
+        assert got == greedy_alone(model, tokenizer, seq, 6)
         assert len(seq) < len(got) <= len(seq) + 6
+
+
+def test_an_expert_that_fits_is_loaded_whole_without_offload_hooks(families, monkeypatch):
+    fam = families("llama", 2)
+    expert = str(fam.experts[1])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(expert)
+    sequences = tokenize(read_prompts(str(fam.calibration[1]))[:5], tokenizer, 64)
+    loaded = spy_on_loads(monkeypatch)
+    out = continuation.continue_prompts(expert, sequences, 6, tokenizer, dtype="float32",
+                                        device=torch.device("cpu"), free={"cpu": 10**11})
+    model = loaded[0]
+    assert not hasattr(model, "hf_device_map") or set(model.hf_device_map.values()) == {"cpu"}
+    assert not any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert model.batches == [5]  # every prompt in one batch
+    alone = transformers.AutoModelForCausalLM.from_pretrained(expert)
+    assert out == [greedy_alone(alone, tokenizer, seq, 6) for seq in sequences]
+
+
+SHAPE = continuation.ExpertShape(
+    weight_bytes=10_000, largest_bytes=1_000, layers=4, kv_bytes_per_token=1,
+    work_bytes_per_token=0, score_bytes_per_pair=0, flops_per_token=1, head_flops=1,
+    attention_width=1)
+
+
+def room_for(nbytes):
+    """Free bytes that leave ``nbytes`` usable by the pass."""
+    return math.ceil(nbytes / continuation.MEMORY_SHARE)
+
+
+def test_placement_keeps_the_expert_whole_and_fills_the_rest_with_prompts():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    lengths = [90] * 64  # 100 bytes of KV cache per sequence with 10 new tokens
+    unknown = continuation.place_expert(SHAPE, lengths, 10, cuda, {"cuda:0": None, "cpu": None})
+    assert (unknown.rows, unknown.batches, unknown.offloaded) == (64, 1, False)
+    roomy = continuation.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(20_000)})
+    assert (roomy.rows, roomy.batches, roomy.offloaded) == (64, 1, False)
+    some = continuation.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(12_000)})
+    assert (some.rows, some.batches, some.offloaded, some.max_memory) == (20, 4, False, None)
+    assert some.device_bytes + some.generation_bytes <= 12_000
+
+
+def test_placement_offloads_what_does_not_fit_and_reads_the_least():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
+    lengths = [90] * 8
+    # 6000 usable: all 8 prompts (800) leave 5200 of weights budget, 4200 of weights
+    # resident beside the largest module's room; 5800 are read per forward, once.
+    disk = continuation.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(6_000)})
+    assert disk.offloaded and disk.rows == 8 and disk.batches == 1
+    assert disk.max_memory == {"cpu": 5_200} and disk.disk_bytes == 5_800
+    assert disk.fits and disk.device_bytes + disk.generation_bytes <= 6_000
+    gpu = continuation.place_expert(SHAPE, lengths, 10, cuda,
+                                    {"cuda:0": room_for(6_000), "cpu": room_for(3_000)})
+    assert gpu.max_memory == {0: 5_200, "cpu": 3_000}
+    assert (gpu.host_bytes, gpu.disk_bytes) == (2_000, 3_800)
+    hopeless = continuation.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(1_050)})
+    assert hopeless.rows == 1 and not hopeless.fits
 
 
 def test_continue_tokens_extend_every_calibration_prompt(families, tmp_path):

@@ -14,7 +14,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from conftest import merge, run_cli
-from mergekit_prodistill import cli, plan
+from mergekit_prodistill import cli, continuation, plan
 from mergekit_prodistill.blocks import BlockRunner
 from mergekit_prodistill.calibration import Batch
 from mergekit_prodistill.config import parse_recipe
@@ -86,8 +86,11 @@ def test_plan_command_prints_the_table(wizard_13b):
     assert "estimated at 3 characters per token" in out
     for row in (plan.WEIGHTS, plan.LAMBDA, plan.CACHE, plan.TRANSIENT, plan.OUTPUT):
         assert row in out
-    lam = next(line for line in out.splitlines() if plan.LAMBDA in line)
-    assert lam.split()[-3:] == ["15.23", "GB", "-"]  # on cuda; nothing of it on the CPU
+    # Free memory unknown: every expert whole on the GPU, all 64 prompts in one batch,
+    # which is the GPU's peak.
+    assert "each expert whole on the device; 64 prompts per batch, 1 batch" in out
+    expert = next(line for line in out.splitlines() if plan.EXPERT in line)
+    assert expert.split()[-3:] == ["26.03", "GB", "-"]  # on cuda; nothing of it on the CPU
     assert "2.00 GB" in next(line for line in out.splitlines() if plan.OUTPUT in line)
     for cls in plan.DEVICE_CLASSES:
         assert cls.name in out
@@ -106,10 +109,60 @@ def test_plan_is_a_subcommand_beside_the_merge_usage(tmp_path):
     assert "merge_method is 'task_arithmetic'" in result.output
 
 
+def test_plan_counts_the_continuation_pass(wizard_13b):
+    expert_bytes = 13_015_864_320 * 2  # Llama-2-13B in bfloat16
+    roomy = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
+    generating = roomy.phases["cuda"]["continuation"]
+    assert generating[plan.EXPERT] == expert_bytes
+    # Keys and values of 40 layers x 5120 for 512 + 64 positions, per prompt, and more.
+    assert generating[plan.GENERATION] > 64 * 2 * 40 * 5120 * 2 * 576
+    assert [(g.rows, g.batches, g.offloaded) for g in roomy.generation] == [(64, 1, False)] * 3
+    # Forward FLOPs of 3 x 64 x 575 tokens through the non-embedding weights, give or take
+    # attention and the head.
+    tokens = 3 * 64 * (512 + 63)
+    assert 1 < roomy.flops["continuation"] / (2 * 40 * BLOCK_13B * tokens) < 1.2
+    without = yaml.safe_load(wizard_13b.read_text())
+    without["parameters"]["continue_tokens"] = 0
+    wizard_13b.write_text(yaml.safe_dump(without))
+    plain = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
+    assert "continuation" not in plain.phases["cuda"] and plain.flops["continuation"] == 0
+    h100 = next(c for c in plan.DEVICE_CLASSES if c.name == "h100-80gb")
+    # About a minute: mostly reading the three experts once more (78 GB at 2 GB/s).
+    assert 39 < roomy.continuation_seconds(h100) < 60 and plain.continuation_seconds(h100) == 0
+    assert roomy.seconds(h100) > plain.seconds(h100) + roomy.continuation_seconds(h100)
+
+
+def test_continuation_on_a_small_gpu_offloads_and_costs_its_reads(wizard_13b):
+    free = {"cuda": 24 * 10**9, "cpu": 64 * 10**9}
+    p = plan_for(wizard_13b, free, device="cuda")
+    assert all(g.offloaded and g.host_bytes > 0 and g.disk_bytes == 0 for g in p.generation)
+    on_gpu = p.phases["cuda"]["continuation"]
+    assert on_gpu[plan.EXPERT] + on_gpu[plan.GENERATION] <= 24 * 10**9
+    g = p.generation[0]
+    assert p.continuation_reads["host"] == 3 * g.batches * 64 * g.host_bytes
+    h100 = next(c for c in plan.DEVICE_CLASSES if c.name == "h100-80gb")
+    assert p.continuation_seconds(h100) > p.continuation_reads["host"] / (h100.link_gbps * 1e9)
+    assert p.phases["cpu"]["continuation"][plan.EXPERT] == g.host_bytes
+
+
+def test_a_continuation_that_cannot_fit_is_refused_before_any_weight_is_read(
+        families, tmp_path, monkeypatch):
+    # The block loop fits; the pass may use next to none of the memory free.
+    monkeypatch.setattr(continuation, "MEMORY_SHARE", 1e-9)
+    monkeypatch.setattr(continuation, "continue_prompts", None)  # never reached
+    fam = families("llama", 2)
+    with pytest.raises(ProDistillError, match=r"generating its continuations needs .* "
+                       r"lower 'continue_tokens' or 'max_length'$"):
+        merge(fam.recipe("prodistill", shots=4, continue_tokens=8), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_cache_goes_to_device_then_cpu_then_disk(wizard_13b):
     free = {"cuda": None, "cpu": None}
     everything = plan_for(wizard_13b, free, device="cuda")
-    with_cache = everything.total("cuda")
+    # The peak of the block loop (the continuation before it takes what memory is free).
+    with_cache = max(sum(terms.values()) for phase, terms in everything.phases["cuda"].items()
+                     if phase != "continuation")
     cache = everything.phases["cuda"]["train"][plan.CACHE]
     assert plan_for(wizard_13b, {"cuda": with_cache, "cpu": None}, device="cuda").cache_at == "cuda"
     tight = {"cuda": with_cache - 1, "cpu": 10**12}

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import BIN, merge, run_cli
-from mergekit_prodistill import distill
-from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill import continuation, distill
+from mergekit_prodistill.checkpoint import Checkpoint
+from mergekit_prodistill.errors import Interrupted, ProDistillError
 from test_merge import load_tensors
 
 STAGING = ".prodistill-staging"
@@ -135,3 +136,45 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(families, tmp_path):
     assert stderr.strip().splitlines()[-1].startswith(
         "mergekit-prodistill: error: interrupted; run the same command again to continue")
     assert progress(out) >= 1 and not (out / "config.json").exists()
+
+
+def refuse_to_generate(*args, **kwargs):
+    raise AssertionError("the continuations were generated again")
+
+
+def test_resume_reads_the_saved_continuations_instead_of_generating_them(
+        families, tmp_path, monkeypatch):
+    fam = families("llama", 2)
+    recipe = fam.recipe("prodistill", epochs=3, lr=0.05, shots=6, batch_size=4,
+                        continue_tokens=6)
+    whole = load_tensors(merge(recipe, tmp_path / "whole", random_seed=3))
+
+    save = Checkpoint.save_continuations
+
+    def save_then_stop(self, sequences):
+        save(self, sequences)
+        raise KeyboardInterrupt
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(Checkpoint, "save_continuations", save_then_stop)
+    with pytest.raises(Interrupted, match="run the same command again"):
+        merge(recipe, out, random_seed=3)
+    assert (out / STAGING / ".progress" / "continuations.json").exists()
+
+    monkeypatch.setattr(Checkpoint, "save_continuations", save)
+    monkeypatch.setattr(continuation, "continue_prompts", refuse_to_generate)
+    resumed = load_tensors(merge(recipe, out, random_seed=3))
+    assert sorted(whole) == sorted(resumed)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_untrained_merge_generates_no_continuations(families, tmp_path, monkeypatch):
+    fam = families("llama", 2)
+    plain = load_tensors(merge(fam.recipe("prodistill", epochs=0, shots=4, continue_tokens=0),
+                               tmp_path / "plain"))
+    monkeypatch.setattr(continuation, "continue_prompts", refuse_to_generate)
+    out = merge(fam.recipe("prodistill", epochs=0, shots=4, continue_tokens=16),
+                tmp_path / "out")
+    got = load_tensors(out)
+    assert all(torch.equal(plain[k], got[k]) for k in plain)
+    assert "greedy continuation" not in (out / "README.md").read_text()

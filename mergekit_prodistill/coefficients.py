@@ -94,9 +94,9 @@ class Optimizer:
     eps in those units: the ones Adam moves like SGD rather than by about ``lr``.
     """
 
-    def __init__(self, params: List[torch.Tensor], lr: float, eps: float = ADAM_EPS):
+    def __init__(self, params: List[torch.Tensor], lr: float, eps: float = None):
         self.params = params
-        self.eps = eps
+        self.eps = eps = ADAM_EPS if eps is None else eps
         # The fused kernel does Adam's update in one pass over each tensor.
         self.adam = torch.optim.Adam(params, lr=lr, eps=eps, fused=True)
         self.scales = None

@@ -58,12 +58,18 @@ def randn(name: str, shape, seed: int) -> torch.Tensor:
 
 
 def write_family(root, config, n_experts: int, dtype=torch.bfloat16, prompts: int = 16,
-                 expert_scale: float = 0.1, seed: int = 0, tau_std=None) -> TinyFamily:
+                 expert_scale: float = 0.1, seed: int = 0, tau_std=None,
+                 reuse: bool = False) -> TinyFamily:
     """Base + experts + prompts. An expert is each base tensor plus noise: expert_scale x
     the tensor's std, or, with ``tau_std``, noise of that std in every tensor (real
-    fine-tunes of 7-13B models differ from their base by ~1e-3 per element)."""
+    fine-tunes of 7-13B models differ from their base by ~1e-3 per element). With
+    ``reuse``, a family already complete under ``root`` is returned as it is."""
     root = Path(root)
     names = ["base"] + [f"expert_{i}" for i in range(n_experts)]
+    family = TinyFamily(root, root / "base", [root / f"expert_{i}" for i in range(n_experts)],
+                        [root / "calibration" / f"expert_{i}.jsonl" for i in range(n_experts)])
+    if reuse and all(c.exists() for c in family.calibration):
+        return family  # the prompts are written last
     tokenizer = build_tokenizer()
     for name in names:
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -88,14 +94,10 @@ def write_family(root, config, n_experts: int, dtype=torch.bfloat16, prompts: in
     for name in names:
         with open(root / name / "model.safetensors.index.json", "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map[name]}, f)
-    calibration = []
     (root / "calibration").mkdir(exist_ok=True)
-    for i in range(n_experts):
-        path = root / "calibration" / f"expert_{i}.jsonl"
+    for i, path in enumerate(family.calibration):
         path.write_text("".join(json.dumps({"text": p}) + "\n" for p in make_prompts(i, prompts)))
-        calibration.append(path)
-    return TinyFamily(root, root / "base", [root / f"expert_{i}" for i in range(n_experts)],
-                      calibration)
+    return family
 
 
 def write_recipe(family: TinyFamily, path, method="prodistill", dtype="bfloat16", **params):

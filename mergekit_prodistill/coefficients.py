@@ -43,15 +43,23 @@ def unique_parameters(coeffs) -> List[torch.Tensor]:
 
 
 def coefficient_stats(coeffs) -> Dict[str, List]:
-    """Per expert: mean of the tensors' mean coefficients, and spread over all elements."""
+    """Per expert: mean of the tensors' mean coefficients, and spread over all elements.
+
+    The spread is pooled from each tensor's own variance: concatenating an expert's
+    coefficients would copy them (4 bytes each, twice with the std's temporaries).
+    """
     stats = {"coefficient_mean": [], "coefficient_std": [], "coefficient_range": []}
     for cf in coeffs:
         tensors = list({id(t): t.detach().float() for t in cf.values()}.values())
-        flat = torch.cat([t.reshape(-1) for t in tensors])
+        moments = [(t.numel(), *map(float, torch.var_mean(t, correction=0))) for t in tensors]
+        count = sum(n for n, _, _ in moments)
+        mean = sum(n * m for n, _, m in moments) / count
+        squares = sum(n * (v + (m - mean) ** 2) for n, v, m in moments)
         stats["coefficient_mean"].append(
             float(torch.stack([t.detach().float().mean() for t in cf.values()]).mean()))
-        stats["coefficient_std"].append(float(flat.std()) if flat.numel() > 1 else 0.0)
-        stats["coefficient_range"].append([float(flat.min()), float(flat.max())])
+        stats["coefficient_std"].append(math.sqrt(squares / (count - 1)) if count > 1 else 0.0)
+        stats["coefficient_range"].append([min(float(t.min()) for t in tensors),
+                                           max(float(t.max()) for t in tensors)])
     return stats
 
 

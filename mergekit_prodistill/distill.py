@@ -342,8 +342,10 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
         deltas = []
         for i, expert in enumerate(experts):
             expert_w = {names[n]: t for n, t in expert.load_all(weight_infos).items()}
-            for n, t in expert_w.items():
-                check_shape(n, base_w[n], t, expert.model)
+            # No loop variable may outlive expert_w: any of its tensors keeps the whole
+            # memory-mapped shard, every page read from it, in memory.
+            for n in expert_w:
+                check_shape(n, base_w[n], expert_w[n], expert.model)
             run_block(runner, index, layer, [_cast(expert_w, compute_dtype)], [teacher[i]],
                       [contexts[i]], [targets[i]])
             deltas.append({n: expert_w[n] - base_w[n] for n in base_w})

@@ -108,13 +108,18 @@ def train_head(
         trained[head_weight.name] = "head"
     # Vocabulary-indexed tensors in the output's row order (``align``, as the embeddings
     # are merged), so teacher and student distributions range over the same tokens.
+    # load_all closes each shard once read, so the experts' memory-mapped pages go with
+    # their tensors once the task vectors are taken.
+    weights = (norm_weight, head_weight)
+    base_t, expert_t = base.load_all(weights), [e.load_all(weights) for e in experts]
     base_w, expert_w = {}, [{} for _ in experts]
-    for own, weight in (("weight", norm_weight), ("head", head_weight)):
-        base_w[own], aligned = align(weight, base.load(weight), [e.load(weight) for e in experts])
+    for own, weight in zip(("weight", "head"), weights):
+        base_w[own], aligned = align(weight, base_t[weight.name],
+                                     [t[weight.name] for t in expert_t])
         for w, t in zip(expert_w, aligned):
             w[own] = t
     deltas = [{n: w[n] - base_w[n] for n in base_w} for w in expert_w]
-    del expert_w
+    del base_t, expert_t, expert_w, aligned, t
     coeffs = init_coefficients(base_w, len(experts), p)
     if not head_trainable:
         # Tied: the head is the input embedding, merged by task arithmetic with init.

@@ -5,13 +5,14 @@ of a local checkpoint) and the calibration files, tokenised with the model's own
 when one is at hand, else estimated from their length. It follows the block loop in
 ``distill.py`` phase by phase:
 
-* ``load``: block l of the base, every task vector, and the expert block being read; the
-  two streams of every expert plus the teacher outputs being computed.
+* ``load``: block l of the base, every task vector, and the expert block being read or the
+  block merged at init; the two streams of every expert.
 * ``train``: base + task vectors, the merged block and its gradient, lambda with its
-  gradient and Adam's two moments (fp32), the two streams per expert, and the larger of one
-  batch's forward/backward activations and the next step's merged block being built.
-* ``write``: base + task vectors, lambda, the trained block in fp32 and in the compute
-  dtype, the two streams per expert (the merged stream advances in place, batch by batch).
+  gradient and Adam's two moments (fp32), the two streams per expert, and the largest of a
+  step's moments: the chain rule, the next merged block being built, one batch's
+  forward/backward (:func:`training_step_bytes`).
+* ``write``: base + task vectors, lambda, the trained block in fp32, the block as written
+  (until its unit file is saved), then in the compute dtype to advance the merged stream.
 * ``embed``: the embedding (or LM head) of every model, its task vectors and the merge.
 * ``head`` (with ``head_epochs``): the final norm and LM head trained like a block.
 * ``continuation`` (with ``continue_tokens``, when training): one expert placed for
@@ -19,11 +20,13 @@ when one is at hand, else estimated from their length. It follows the block loop
   device when it fits, else partly offloaded), and the KV cache and activations of one
   batch of its prompts. Its time is the generation's FLOPs, the expert's weights read at
   every generated token, and the offloaded part brought in from CPU memory or disk.
+* ``assemble`` (when training): the output shards built from the saved unit files.
 
-Every phase also holds the masks and positions of all batches and one output shard (the
-writer flushes a shard once it is full). Each device's peak is its largest phase. The
-Python runtime itself (torch and libraries, about 0.5 GB on CPU) is not included: it is
-already in use when the check runs. ``README.md`` ("Planning and memory") gives the
+Every phase also holds the masks and positions of all batches. A merge without training
+streams its output: the writer holds up to one shard (it flushes a shard once full) in
+every phase. Each device's peak is its largest phase. The Python runtime itself (torch
+and libraries, about 0.5 GB on CPU) is not included: it is already in use when the check
+runs. ``README.md`` ("Planning and memory") gives the
 formulas and the measured error.
 """
 
@@ -68,7 +71,8 @@ STREAMS = {"load": 2, "train": 2, "write": 2, "embed": 2, "head": 2}
 PHASES = {"load": "reading a block", "train": "training a block",
           "write": "writing a block", "embed": "merging the embeddings",
           "head": "training the final norm and LM head",
-          "continuation": "continuing the prompts"}
+          "continuation": "continuing the prompts",
+          "assemble": "assembling the output shards"}
 # Without a tokenizer, count one token per this many characters: a deliberately high
 # count for English prose and code under Llama-style tokenizers (they average 3.5-4.5).
 CHARS_PER_TOKEN = 3.0
@@ -131,6 +135,11 @@ class ModelShape:
     attention_types: int  # kinds of attention mask (full, sliding)
     head_norm_values: int  # per token, values through q/k norms (Qwen3); 0 without them
     heap_share: float  # share of the block's parameters in tensors under HEAP_LIMIT in fp32
+    norms: int = 2  # hidden-size norms per block (Gemma2 and Gemma3: 4)
+    fp32_norms: bool = False  # norms keep their output in fp32 (Gemma's 1 + weight)
+    eager_attention: bool = False  # attention in plain torch ops (soft-capping), not sdpa
+    softcap: bool = False  # attention scores soft-capped (tanh)
+    rotary_tables: int = 1  # rotary (cos, sin) tables per batch (Gemma3: one per kind)
 
 
 @dataclass(frozen=True)
@@ -292,8 +301,14 @@ def load_config(model, trust_remote_code: bool):
         raise ProDistillError(f"model {model}: cannot read its config.json ({exc})") from None
 
 
+# Families whose norm modules compute (1 + weight) x normalised input in fp32 and cast
+# after it, so that backward keeps the fp32 normalised values (Llama-style norms cast
+# first and keep them in the compute dtype).
+FP32_NORM_FAMILIES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
 def model_shape(base_config, expert_configs) -> ModelShape:
-    from mergekit_prodistill.blocks import BlockRunner
+    from mergekit_prodistill.blocks import BlockRunner, model_class
 
     runner = BlockRunner(base_config, torch.device("meta"))
     params = dict(runner.layer(0).named_parameters())
@@ -317,6 +332,11 @@ def model_shape(base_config, expert_configs) -> ModelShape:
         * (getattr(base_config, "head_dim", None) or hidden // heads)
         if any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in params) else 0,
         heap_share=sum(n for n in numels if 4 * n < HEAP_LIMIT) / sum(numels),
+        norms=sum(n.endswith("layernorm.weight") for n in params),
+        fp32_norms=model_class(base_config).__name__ in FP32_NORM_FAMILIES,
+        eager_attention=runner.config._attn_implementation == "eager",
+        softcap=getattr(base_config, "attn_logit_softcapping", None) is not None,
+        rotary_tables=len(set(runner.attention_types)) if runner.rotary_per_type else 1,
     )
 
 
@@ -352,17 +372,42 @@ def workload(recipe, options, seed: int) -> Workload:
 
 
 def saved_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
-    """Activations one batch's forward keeps for backward.
+    """Activations one batch's forward keeps for backward (read from transformers' blocks
+    and checked with saved-tensor hooks in tests/test_plan.py), per token:
 
-    Measured on transformers' Llama-family blocks (sdpa) with saved-tensor hooks: per
-    token 8 values of hidden size in the compute dtype plus 4 bytes (fp32 norm inputs)
-    and 4 of intermediate size, plus one compute-dtype value per (query, key) pair for
-    the attention mask. Q/k norms (Qwen3) keep their input and an fp32 copy.
+    * 6 hidden-size values in the compute dtype (the inputs of q/k/v, o, and the MLP's
+      projections, the attention's q, k, v) and 4 intermediate-size ones (gate, up, the
+      activation, the down projection's input);
+    * per norm, its normalised output: in the compute dtype, or fp32 for Gemma's norms,
+      which multiply by (1 + weight) before casting. A norm whose input needs a gradient
+      also keeps that input in fp32: the second norm and each further one (Gemma2 and
+      Gemma3 norm the attention and MLP outputs too); the block's input needs none;
+    * q/k norms (Qwen3, Gemma3): their fp32 input and normalised output, per value.
+
+    Per (query, key) pair, sdpa keeps the mask in the compute dtype; eager attention
+    (soft-capped scores) keeps no mask but, per head, the fp32 probabilities, their copy
+    in the compute dtype for the product with v (none in fp32), and the capped scores.
     """
     tokens = rows * width
-    per_token = (8 * es + 4) * shape.hidden + 4 * es * shape.intermediate \
-        + (4 + es) * shape.head_norm_values
-    return tokens * per_token + rows * width * width * es
+    normed = 4 if shape.fp32_norms else es
+    per_token = (6 * es + shape.norms * normed + 4 * (shape.norms - 1)) * shape.hidden \
+        + 4 * es * shape.intermediate + (4 + normed) * shape.head_norm_values
+    if shape.eager_attention:
+        per_pair = shape.heads * (4 + (es if es < 4 else 0) + (es if shape.softcap else 0))
+    else:
+        per_pair = es
+    return tokens * per_token + rows * width * width * per_pair
+
+
+def context_bytes(shape: ModelShape, work: Workload, es: int) -> int:
+    """What ``BlockRunner.context`` keeps for every batch of every expert: one mask per
+    attention kind (bool for sdpa, the compute dtype for eager attention's additive mask),
+    each rotary table's cos and sin (Gemma3 keeps one table per kind), and per token the
+    padding mask (bool) and attention mask (int64)."""
+    pair = 1 if not shape.eager_attention else es
+    return sum(rows * width * width * pair * shape.attention_types
+               + 2 * width * shape.head_dim * es * shape.rotary_tables + 9 * rows * width
+               for bs in work.batches for rows, width in bs)
 
 
 def forward_backward_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
@@ -389,7 +434,7 @@ def lambda_count(shape: ModelShape, experts: int, granularity: str) -> int:
 
 
 def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cache_b: int,
-                device_type: str):
+                device_type: str, out_b: int):
     """Bytes of every memory term in every phase of one block (see the module doc)."""
     P, big, T = shape.block_numel, shape.largest, len(wb) - 1
     # A block read in another dtype than stored is converted from the shard's memory map,
@@ -400,42 +445,80 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
     lam = lambda_count(shape, T, p.granularity)
     widest = max((b for bs in work.batches for b in bs), key=lambda b: b[0] * b[1])
     stream = sum(work.slots(i) for i in range(T)) * shape.hidden * cache_b
-    # Fused Adam updates in place; the first step's gradient statistics take temporaries
-    # of one tensor at a time.
-    adam = 8 * min(lam, big)
     embed = shape.hidden * shape.vocab[0]
+    forward = forward_bytes(shape, *widest, cb)
+    # Writing: the trained block is summed in fp32 tensor by tensor (8 bytes per element
+    # beside each result: CPU kernels copy an input of another dtype to promote it); the
+    # block as written (its unit) is held until its file is saved; then the block in the
+    # compute dtype advances the merged stream.
+    unit = P * out_b
+    written = max(8 * big, P * cb + forward)
+    if device_type == "cpu":  # the unit is freed before the block is cast
+        written = max(written, unit) - unit
     return {
         "load": {
-            WEIGHTS: base + deltas + P * wb[-1] + mapped,
+            # The last expert block being read, or the block merged at init for the loss
+            # before training, whose sums of products (scalar coefficients keep the task
+            # vectors' dtype) take up to three tensors at once.
+            WEIGHTS: base + deltas + max(P * wb[-1], P * cb) + mapped,
             CACHE: STREAMS["load"] * stream,
-            TRANSIENT: forward_bytes(shape, *widest, cb),
+            TRANSIENT: max(forward, (3 if T > 1 else 1) * big * max(wb)),
         },
         "train": {
             WEIGHTS: base + deltas + 2 * P * cb,
             LAMBDA: 16 * lam,
             CACHE: STREAMS["train"] * stream,
-            TRANSIENT: max(forward_backward_bytes(shape, *widest, cb),
-                           P * cb + 12 * big, adam),
+            TRANSIENT: training_step_bytes(shape, widest, p.granularity, cb, lam),
         },
         "write": {
-            WEIGHTS: base + deltas + P * (4 + cb),
+            WEIGHTS: base + deltas + 4 * P,
             LAMBDA: 4 * lam,
             CACHE: STREAMS["write"] * stream,
-            TRANSIENT: forward_bytes(shape, *widest, cb),
+            TRANSIENT: written,
+            OUTPUT: unit,
         },
         "embed": {
             WEIGHTS: embed * (2 * wb[0] + sum(w + max(wb[0], w) for w in wb[1:])),
             CACHE: STREAMS["embed"] * stream,
+            # merge() sums the products lambda_i tau_i: two more matrices at once.
+            TRANSIENT: embed * max(wb) * min(2, T),
         },
         "head": head_bytes(shape, widest, p, wb, cb) | {CACHE: STREAMS["head"] * stream},
     }
 
 
+def training_step_bytes(shape: ModelShape, widest: Tuple[int, int], granularity: str,
+                        cb: int, lam: int) -> int:
+    """A training step's largest moment (distill.py, coefficients.py) beyond the block
+    weights with the merged block and its gradient, and 16 bytes per coefficient (lambda,
+    its gradient, Adam's two moments). One of:
+
+    * the chain rule, tensor by tensor: the merged gradient in fp32 and the task vector
+      promoted to fp32 (CPU kernels copy an input of another dtype), 8 bytes per element
+      of the largest tensor, plus their product when the coefficient is a scalar (summed);
+    * the next step's merged block, built beside the last one and its gradient once the
+      coefficients' gradients are freed (4 bytes per coefficient less): the block in the
+      compute dtype plus one tensor's fp32 sum and promoted task vector;
+    * one batch's forward and backward (gradients freed too), and the gradient of one
+      weight tensor being added to the merged block's.
+
+    Fused Adam updates in place. Its first step's gradient statistics (9 bytes per
+    element of one tensor) come before its moments exist: never the largest moment.
+    """
+    P, big = shape.block_numel, shape.largest
+    return max((8 if granularity == "element" else 12) * big,
+               P * cb + 8 * big - 4 * lam,
+               forward_backward_bytes(shape, *widest, cb) + cb * big - 4 * lam)
+
+
 def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb: int):
     """Training the final norm and LM head (head.py): the base head and every task vector,
     the merged head and a teacher's head in the compute dtype, lambda with its gradient
-    and Adam state (the head's, when it is its own tensor), and per step the fp32 sums
-    that build the merged head or the log-probabilities of one batch, the larger."""
+    and Adam state (the head's, when it is its own tensor), and per step the larger of
+    one batch's fp32 logits (student and teacher log-probabilities and the KL's three
+    temporaries) and 12 bytes per head element: the fp32 sums that build the merged head
+    (up to three at once), or a backward beside every gradient: the merged head's
+    gradient, its fp32 copy and its product with a task vector."""
     vh, T = shape.hidden * shape.vocab[0], len(wb) - 1
     trained = vh if not shape.tied else 0
     rows, width = widest
@@ -526,20 +609,25 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
 
     per_phase = phase_bytes(shape, work, p, wb, [dtype_bytes(d) for d in stored],
                             dtype_bytes(compute),
-                            dtype_bytes(cache_dtype), device.type)
+                            dtype_bytes(cache_dtype), device.type, dtype_bytes(out))
     if not p.epochs:
         del per_phase["train"]  # no merged block, gradients or Adam state
     if not (p.epochs and p.head_epochs):
         del per_phase["head"]
-    contexts = sum(rows * width * width * shape.attention_types
-                   + 4 * width * shape.head_dim * dtype_bytes(compute) + 9 * rows * width
-                   for bs in work.batches for rows, width in bs)
+    contexts = context_bytes(shape, work, dtype_bytes(compute))
     buffer = output_buffer(shape, dtype_bytes(out), options.out_shard_size)
+    if p.epochs:
+        # Each finished unit goes to its own file (checkpoint.py): only the block being
+        # written is held; the shards are assembled from those files at the very end.
+        per_phase["assemble"] = {OUTPUT: buffer}
+    else:
+        for terms in per_phase.values():  # streamed: the writer holds up to a shard
+            terms[OUTPUT] = buffer
 
     dev = str(device)
     if available is None:
         available = {dev: available_memory(device), "cpu": available_memory(torch.device("cpu"))}
-    split = {at: place(per_phase, contexts, buffer, dev, at, shape.heap_share)
+    split = {at: place(per_phase, contexts, dev, at, shape.heap_share)
              for at in (dev, "cpu", None)}
     cache_at = cache_placement(device, {"device": peak_total(split[dev], dev),
                                         "cpu": peak_total(split["cpu"], "cpu"),
@@ -579,7 +667,7 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
         * step_traffic(shape, wb, dtype_bytes(compute), lam),
         io_bytes=sum(n * dtype_bytes(d) for n, d in zip(checkpoint, stored))
         + checkpoint[0] * dtype_bytes(out),
-        cache_bytes=max(t[CACHE] for t in per_phase.values()),
+        cache_bytes=max(t.get(CACHE, 0) for t in per_phase.values()),
         available=available,
         generation=[g.placement for g in generating],
         # Generating reads each expert's checkpoint once more to load it.
@@ -642,19 +730,20 @@ def slack(device: str, terms: Dict[str, int], heap_share: float) -> int:
     return int(fraction * sum(terms.values()))
 
 
-def place(per_phase, contexts: int, buffer: int, dev: str, cache_at: Optional[str],
-          heap_share: float):
+def place(per_phase, contexts: int, dev: str, cache_at: Optional[str], heap_share: float):
     """device -> phase -> term -> bytes, with the cache on ``cache_at`` (None: disk).
 
     Weights, lambda, activations of the running batch, masks and positions live on the
     compute device; the output buffer and a cache that leaves the device on the CPU.
+    Assembling the output comes after the merge: nothing else is held then.
     """
     phases = {dev: {}, "cpu": {}}
     for name, terms in per_phase.items():
-        phases[dev][name] = {k: v for k, v in terms.items() if k != CACHE}
-        phases[dev][name][CONTEXTS] = contexts
-        phases["cpu"].setdefault(name, {})[OUTPUT] = buffer
-        if cache_at is not None:
+        phases[dev][name] = {k: v for k, v in terms.items() if k not in (CACHE, OUTPUT)}
+        if name != "assemble":
+            phases[dev][name][CONTEXTS] = contexts
+        phases["cpu"].setdefault(name, {})[OUTPUT] = terms.get(OUTPUT, 0)
+        if cache_at is not None and CACHE in terms:
             phases[cache_at][name][CACHE] = terms[CACHE]
     for device, by_phase in phases.items():
         for terms in by_phase.values():

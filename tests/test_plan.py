@@ -255,6 +255,6 @@ def test_context_bytes_match_the_batch_contexts(arch, dtype):
                *(t for table in ctx.position_embeddings.values() for t in table)]
     measured = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for t in tensors}.values())
-    work = plan.Workload(((tuple(batch.input_ids.shape),),), (0,), "test")
+    work = plan.Workload(((tuple(batch.input_ids.shape),),), (0,), "test", ((),))
     predicted = plan.context_bytes(plan.model_shape(config, []), work, dtype.itemsize)
     assert abs(predicted / measured - 1) < 0.02, (predicted, measured)

@@ -76,3 +76,25 @@ def task_vector_scaling(base_path, expert_paths: Dict[str, str], tokenizer, test
         row[f"x1 + others x{INTERFERENCE}"] = accuracy(task, {task: 1.0, **others})
         result[task] = row
     return result
+
+
+@torch.no_grad()
+def task_vector_sizes(base_path, expert_paths: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+    """How far each expert moved from the base: the standard deviation of its task vector
+    over all weights relative to that of the base's weights, and the largest such ratio
+    of any one weight matrix (norm weights, whose spread is tiny, are left out there)."""
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_path).state_dict()
+    flat_base = torch.cat([v.flatten() for v in base.values()])
+    result = {}
+    for task, path in expert_paths.items():
+        expert = transformers.AutoModelForCausalLM.from_pretrained(path).state_dict()
+        tau = {k: expert[k] - base[k] for k in base}
+        result[task] = {
+            "relative_std": float(torch.cat([v.flatten() for v in tau.values()]).std()
+                                  / flat_base.std()),
+            "largest_tensor_relative_std": max(float(tau[k].std() / base[k].std())
+                                               for k in base if base[k].dim() == 2),
+        }
+    return result

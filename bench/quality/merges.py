@@ -6,6 +6,7 @@ ProDistill through the start-up hook that routes ``merge_method: prodistill`` to
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,10 +91,45 @@ EPOCHS = (1, 5, 10, 20)  # 50 is the default
 DEFAULT_SHOTS, DEFAULT_EPOCHS = 64, 50
 
 
-def plan() -> List[Merge]:
-    """Every merge of the benchmark, in the order they run."""
-    pd = lambda name, group, note="", **params: Merge(  # noqa: E731
-        name, group, "prodistill", params, note=note)
+def _prodistill(name: str, group: str, note: str = "", **params) -> Merge:
+    return Merge(name, group, "prodistill", params, note=note)
+
+
+def plan(suite: str = "novel") -> List[Merge]:
+    """Every merge of the suite's benchmark, in the order they run."""
+    merges = _competent_plan() if suite == "competent" else _novel_plan()
+    assert len({m.name for m in merges}) == len(merges)
+    return merges
+
+
+def overridden(overrides: Dict) -> Merge:
+    """ProDistill with the defaults but for ``overrides``, named after them."""
+    name = "-".join(["prodistill"] + [f"{k}={v}" for k, v in overrides.items()])
+    name = re.sub(r"[^\w.=+-]", "_", name)  # it names the merged model's folder
+    return _prodistill(name, "set", ", ".join(f"{k}: {v}" for k, v in overrides.items()),
+                       **overrides)
+
+
+# Suite competent: few rows, so that a rerun on cached checkpoints takes minutes.
+COMPETENT_TA_WEIGHTS = (0.5, 1.0)
+
+
+def _competent_plan() -> List[Merge]:
+    return [
+        Merge("linear", "mergekit", "linear", weight=1.0, note="average of the experts"),
+        *[Merge(f"task_arithmetic-{w}", "mergekit", "task_arithmetic", weight=w)
+          for w in COMPETENT_TA_WEIGHTS],
+        Merge("ties", "mergekit", "ties", weight=1.0, density=0.5),
+        _prodistill("prodistill", "prodistill", "the package defaults: 64 shots"),
+        _prodistill("shots-16", "prodistill", "16 shots", shots=16),
+        _prodistill("head-trained", "prodistill", "64 shots, head_epochs: 50", head_epochs=50),
+        _prodistill("head-trained-shots-16", "prodistill", "16 shots, head_epochs: 50",
+                    shots=16, head_epochs=50),
+    ]
+
+
+def _novel_plan() -> List[Merge]:
+    pd = _prodistill
     merges = [
         Merge("linear", "mergekit", "linear", weight=1.0, note="average of the experts"),
         *[Merge(f"task_arithmetic-{w}", "mergekit", "task_arithmetic", weight=w)
@@ -120,5 +156,4 @@ def plan() -> List[Merge]:
         *[pd(f"shots-{n}", "shots", shots=n) for n in SHOTS],
         *[pd(f"epochs-{n}", "epochs", epochs=n) for n in EPOCHS],
     ]
-    assert len({m.name for m in merges}) == len(merges)
     return merges

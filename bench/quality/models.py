@@ -1,10 +1,12 @@
 """Build (once) and cache the benchmark's checkpoints: a base model and one expert per task.
 
-The base is a small Llama pretrained on neighbouring string skills, so it knows the prompt
-format and much of the machinery but none of the tasks. Each expert is the base fully
-fine-tuned on one task. Everything is saved as sharded safetensors with the tokenizer, as
-real checkpoints are, together with one unlabeled calibration prompt file per task. A fingerprint of the settings names the
-cache folder, so changing a setting rebuilds and an unchanged one reuses.
+The base is a small Llama pretrained on its suite's pretraining skills: in suite ``novel``
+neighbouring string skills, so it knows the prompt format and much of the machinery but
+none of the tasks; in suite ``competent`` the tasks themselves, briefly, so it is fair at
+each. Each expert is the base fully fine-tuned on one task. Everything is saved as sharded
+safetensors with the tokenizer, as real checkpoints are, together with one unlabeled
+calibration prompt file per task. A fingerprint of the settings names the cache folder, so
+changing a setting rebuilds and an unchanged one reuses.
 """
 
 import hashlib
@@ -13,7 +15,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -23,12 +25,14 @@ import training
 
 @dataclass(frozen=True)
 class BuildSettings:
+    suite: str = "novel"
     hidden_size: int = 64
     intermediate_size: int = 256
     layers: int = 4
     heads: int = 4
     kv_heads: int = 2
-    pretrain_steps: int = 800
+    pretrain_steps: int = 800  # the length of the learning-rate schedule
+    pretrain_stop: Optional[int] = None  # stop the base early, at this step of it
     pretrain_lr: float = 3e-3
     finetune_steps: int = 300
     finetune_lr: float = 3e-4
@@ -41,6 +45,16 @@ class BuildSettings:
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+
+# Each suite's checkpoints. In ``competent`` the base is stopped early so that it is fair,
+# not perfect, at every task, and the experts move little from it (a small learning rate),
+# as fine-tuned experts of a capable base do.
+SETTINGS = {
+    "novel": BuildSettings(),
+    "competent": BuildSettings(suite="competent", pretrain_steps=1200, pretrain_stop=900,
+                               finetune_steps=400, finetune_lr=1e-4),
+}
 
 
 @dataclass
@@ -81,7 +95,8 @@ def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpo
 
     root = Path(cache) / f"models-{s.fingerprint()}"
     done = root / "build.json"
-    names = [t.name for t in tasks.TASKS]
+    suite = tasks.SUITES[s.suite]
+    names = [t.name for t in suite.tasks]
     ckpt = lambda secs, reused: Checkpoints(  # noqa: E731
         root, root / "base", {n: root / f"expert-{n}" for n in names},
         {n: root / "calibration" / f"{n}.jsonl" for n in names}, s, secs, reused,
@@ -93,17 +108,18 @@ def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpo
     started = time.time()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
-    tokenizer = tasks.build_tokenizer()
-    splits = tasks.make_splits(s.train_examples, s.calibration_prompts, s.test_examples, s.seed)
+    tokenizer = tasks.build_tokenizer(suite)
+    splits = tasks.make_splits(suite, s.train_examples, s.calibration_prompts, s.test_examples,
+                               s.seed)
     torch.manual_seed(s.seed)
     model = AutoModelForCausalLM.from_config(_config(s, tokenizer), dtype=torch.float32)
     log("pretraining the base model")
-    training.train(model, tokenizer, tasks.pretraining_examples(splits["pretrain"].train),
+    training.train(model, tokenizer, tasks.pretraining_examples(suite, splits),
                    steps=s.pretrain_steps, lr=s.pretrain_lr, batch_size=s.batch_size,
-                   seed=s.seed, log=log, name="base")
+                   seed=s.seed, log=log, name="base", stop=s.pretrain_stop)
     _save(model, tokenizer, root / "base", s.shard_size)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for i, task in enumerate(tasks.TASKS):
+    for i, task in enumerate(suite.tasks):
         log(f"fine-tuning the {task.name} expert")
         model.load_state_dict(base_state)
         training.train(model, tokenizer, tasks.examples(task, splits[task.name].train),
@@ -112,10 +128,10 @@ def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpo
         _save(model, tokenizer, root / f"expert-{task.name}", s.shard_size)
 
     (root / "calibration").mkdir()
-    for task in tasks.TASKS:
+    for task in suite.tasks:
         with open(root / "calibration" / f"{task.name}.jsonl", "w", encoding="utf-8") as f:
-            for letters in splits[task.name].calibration:
-                f.write(json.dumps({"text": task.prompt(letters)}) + "\n")
+            for inputs in splits[task.name].calibration:
+                f.write(json.dumps({"text": task.prompt(inputs)}) + "\n")
     seconds = time.time() - started
     done.write_text(json.dumps({"settings": asdict(s), "seconds": seconds}, indent=2))
     return ckpt(seconds, False)
@@ -123,5 +139,7 @@ def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpo
 
 def test_sets(s: BuildSettings) -> Dict[str, list]:
     """(prompt, answer) pairs per task, never seen in training or calibration."""
-    splits = tasks.make_splits(s.train_examples, s.calibration_prompts, s.test_examples, s.seed)
-    return {t.name: tasks.examples(t, splits[t.name].test) for t in tasks.TASKS}
+    suite = tasks.SUITES[s.suite]
+    splits = tasks.make_splits(suite, s.train_examples, s.calibration_prompts, s.test_examples,
+                               s.seed)
+    return {t.name: tasks.examples(t, splits[t.name].test) for t in suite.tasks}

@@ -1,13 +1,23 @@
 """Merge quality, measured: ProDistill against mergekit's own methods on conflicting experts.
 
-    python bench/quality/run.py [--cache DIR] [--results DIR] [--threads N] [--jobs N]
-                                [--only NAME ...]
+    python bench/quality/run.py [--suite novel|competent] [--cache DIR] [--results DIR]
+                                [--threads N] [--jobs N] [--only [NAME ...]]
+                                [--set KEY=VALUE ...]
 
-Builds (or reuses) a small Llama base and three experts fully fine-tuned from it on tasks
-that pull the weights apart, runs every merge of ``merges.plan()`` through the real
-``mergekit-yaml``, scores each merged model by greedy exact match on held-out test sets,
-and writes a markdown table, JSON and plots to ``bench/quality/results/``. Offline and
-deterministic; CPU only.
+Builds (or reuses) a small Llama base and one expert per task fully fine-tuned from it on
+tasks that pull the weights apart, runs every merge of ``merges.plan(suite)`` through the
+real ``mergekit-yaml``, scores each merged model by greedy exact match on held-out test
+sets, and writes a markdown table, JSON and plots. Offline and deterministic; CPU only.
+
+Suite ``novel`` (the default; three experts, results in ``results/``): the base knows none
+of the tasks. Suite ``competent`` (four experts, one of them adding numbers; results in
+``results/competent/``): the base is already fair at every task and the experts are small
+steps from it, as with real fine-tuned LLMs.
+
+``--set lr=0.03 --set epochs=30`` adds one ProDistill row with those parameters (defaults
+otherwise); with ``--only`` and no names it is the only merge run. A run that leaves out
+rows (``--only``, ``--set``) writes its results under the cache, not over the committed
+ones, unless ``--results`` says where.
 """
 
 import argparse
@@ -25,6 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
+import yaml  # noqa: E402
 
 import diagnose  # noqa: E402
 import evaluate  # noqa: E402
@@ -32,6 +43,7 @@ import merges  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
 
+RESULTS = {"novel": HERE / "results", "competent": HERE / "results" / "competent"}
 # The merges whose errors are traced position by position.
 DIAGNOSED = ("prodistill-paper", "prodistill")
 
@@ -68,22 +80,37 @@ def row(merge: merges.Merge, out: Path, tokenizer, tests) -> dict:
     }
 
 
+def override(text: str):
+    """One ``KEY=VALUE`` of ``--set``, the value read as YAML reads it (0.03, 30, tensor)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--suite", choices=sorted(models.SETTINGS), default="novel")
     ap.add_argument("--cache", type=Path, default=HERE / ".cache",
                     help="where checkpoints and merged models are kept")
-    ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--results", type=Path,
+                    help="where results are written (default: the suite's folder in results/)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads here and in each mergekit-yaml (1 suits a busy CPU)")
     ap.add_argument("--jobs", type=int, default=2, help="mergekit-yaml runs at a time")
     ap.add_argument("--only", nargs="*", help="run only these merges (by name)")
+    ap.add_argument("--set", type=override, action="append", default=[], metavar="KEY=VALUE",
+                    help="add a ProDistill row with this parameter (repeat for several)")
     args = ap.parse_args(argv)
+    partial = args.only is not None or bool(args.set)
+    results_dir = args.results or (args.cache / "results" / args.suite if partial
+                                   else RESULTS[args.suite])
 
     started = time.time()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    settings = models.BuildSettings()
+    settings = models.SETTINGS[args.suite]
     ckpt = models.build(args.cache, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.base)
     tests = models.test_sets(settings)
@@ -91,11 +118,13 @@ def main(argv=None) -> dict:
     print("scoring the base model and the experts")
     own = {name: evaluate.score_model(path, tokenizer, tests)
            for name, path in [("base", ckpt.base), *ckpt.experts.items()]}
-    plan = [m for m in merges.plan() if not args.only or m.name in args.only]
+    plan = [m for m in merges.plan(args.suite) if args.only is None or m.name in args.only]
+    if args.set:
+        plan.append(merges.overridden(dict(args.set)))
     rows = [None] * len(plan)
     # mergekit-yaml runs in subprocesses, --jobs at a time; scoring happens here meanwhile.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        running = {pool.submit(merges.run_merge, m, ckpt, args.cache / "merges", args.threads): i
+        running = {pool.submit(merges.run_merge, m, ckpt, ckpt.root / "merges", args.threads): i
                    for i, m in enumerate(plan)}
         for done in as_completed(running):
             i = running[done]
@@ -108,19 +137,20 @@ def main(argv=None) -> dict:
                for t, p in ckpt.experts.items()}
     best_mergekit = report.best(results["merges"], "mergekit")
     for name in ([best_mergekit["name"]] if best_mergekit else []) + list(DIAGNOSED):
-        if (args.cache / "merges" / name).exists():
+        if any(r["name"] == name for r in results["merges"]):
             model = transformers.AutoModelForCausalLM.from_pretrained(
-                args.cache / "merges" / name).eval()
+                ckpt.root / "merges" / name).eval()
             results["diagnostics"][name] = diagnose.position_errors(
                 model, experts, tokenizer, tests)
+    results["task_vector_sizes"] = diagnose.task_vector_sizes(ckpt.base, ckpt.experts)
     print("scaling single task vectors")
     results["task_vector_scaling"] = diagnose.task_vector_scaling(
         ckpt.base, ckpt.experts, tokenizer, tests,
         lambda model, tok, pairs: evaluate.score(model, tok, pairs, 10)["exact"])
     results["run_seconds"] = time.time() - started
-    report.write(results, args.results)
+    report.write(results, results_dir)
     print(report.main_table(results))
-    print(f"\nwrote {args.results} in {results['run_seconds']:.0f} s "
+    print(f"\nwrote {results_dir} in {results['run_seconds']:.0f} s "
           f"(checkpoints built in {results['build_seconds']:.0f} s)")
     return results
 

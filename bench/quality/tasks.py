@@ -1,22 +1,31 @@
-"""The benchmark's tasks, their data splits, and the character-level tokenizer.
+"""The benchmark's task suites, their data splits, and the character-level tokenizer.
 
-Every task reads the same kind of input, a short string of letters, and writes an answer
-that can be checked exactly. The tasks differ only in their name at the start of the
-prompt, so experts trained on them must write different letters at the same answer
-positions from the same inputs: their fine-tuning pulls the shared weights apart.
+A suite names the skills its base model is pretrained on and the tasks its experts are
+fine-tuned on. Every task writes an answer that can be checked exactly. The string tasks
+read the same kind of input and differ only in their name at the start of the prompt, so
+experts trained on them must write different letters at the same answer positions: their
+fine-tuning pulls the shared weights apart.
+
+Suite ``novel``: the base knows none of the tasks. Its experts' tasks:
 
     rev:hcafk=    -> kfach
     sort:hcafk=   -> acfhk
     rot:hcafk=    -> kfdin    (each letter moved three places along the alphabet)
 
-The base model is pretrained on neighbouring skills under other names, as a real base
-model knows much but not the experts' exact tasks: copying, reversing while moving each
-letter one place on, sorting in descending order, and moving letters one place on.
+and the base is pretrained on neighbouring skills under other names, as a real base model
+knows much but not the experts' exact tasks: copying, reversing while moving each letter
+one place on, sorting in descending order, and moving letters one place on.
 
     copy:hcafk=   -> hcafk
     back:hcafk=   -> lgbdi
     dsc:hcafk=    -> khfca
     inc:hcafk=    -> idbgl
+
+Suite ``competent``: the base is briefly pretrained on the experts' own four tasks, so it
+is fair at each before any expert exists. The fourth task computes its answer; every
+number is written least significant digit first (here 485 + 937 = 1422):
+
+    add:584+739=  -> 2241
 
 Splits are disjoint by construction: every input string is drawn once from one seeded
 stream and dealt to exactly one of training, calibration and test.
@@ -27,39 +36,95 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
 
 ALPHABET = "abcdefghijklmnop"
+DIGITS = "0123456789"
 MIN_LEN, MAX_LEN = 4, 8
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
-# Every character any prompt or answer can hold.
-CHARACTERS = sorted(set(ALPHABET + ":="))
 
 
 def _rot(s: str, k: int) -> str:
     return "".join(ALPHABET[(ALPHABET.index(c) + k) % len(ALPHABET)] for c in s)
 
 
+def random_letters(rng: random.Random) -> str:
+    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
+
+
+def random_sum(rng: random.Random) -> str:
+    """Two 3-digit numbers to add, each written least significant digit first."""
+    return f"{rng.randint(100, 999)}+{rng.randint(100, 999)}"[::-1]
+
+
+def _add(s: str) -> str:
+    # Every number least significant digit first, so each answer digit depends on the
+    # input digits at its own place and the carry the digit before it left.
+    a, b = s.split("+")
+    return str(int(a[::-1]) + int(b[::-1]))[::-1]
+
+
 @dataclass(frozen=True)
 class Task:
     name: str
     solve: Callable[[str], str]
+    draw: Callable[[random.Random], str] = random_letters  # one random input
 
-    def prompt(self, letters: str) -> str:
-        return f"{self.name}:{letters}="
+    def prompt(self, inputs: str) -> str:
+        return f"{self.name}:{inputs}="
 
 
-PRETRAIN = [
-    Task("copy", lambda s: s),
-    Task("back", lambda s: _rot(s[::-1], 1)),
-    Task("dsc", lambda s: "".join(sorted(s, reverse=True))),
-    Task("inc", lambda s: _rot(s, 1)),
-]
-TASKS = [
-    Task("rev", lambda s: s[::-1]),
-    Task("sort", lambda s: "".join(sorted(s))),
-    Task("rot", lambda s: _rot(s, 3)),
-]
-# Task names are single tokens, so that no task's name shares a token with the letters.
-NAMES = [t.name for t in PRETRAIN + TASKS]
+REV = Task("rev", lambda s: s[::-1])
+SORT = Task("sort", lambda s: "".join(sorted(s)))
+ROT = Task("rot", lambda s: _rot(s, 3))
+ADD = Task("add", _add, random_sum)
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    pretrain: Tuple[Task, ...]  # the base model's skills
+    tasks: Tuple[Task, ...]  # one expert each
+    characters: str  # every character any prompt or answer can hold
+
+    @property
+    def names(self) -> List[str]:
+        """Task names, each one token, so that no name shares a token with the inputs."""
+        return list(dict.fromkeys(t.name for t in self.pretrain + self.tasks))
+
+
+def random_short_sum(rng: random.Random) -> str:
+    """Like ``random_sum``, but only sums below 1000: no carry out of the hundreds."""
+    while True:
+        s = random_sum(rng)
+        if len(_add(s)) == 3:
+            return s
+
+
+# The competent suite's base reads only sums below 1000, so it never writes a fourth
+# digit: it is right on those, about a third of the test sums, and wrong on the rest.
+SHORT_ADD = Task("add", _add, random_short_sum)
+
+SUITES = {
+    "novel": Suite(
+        "novel",
+        pretrain=(
+            Task("copy", lambda s: s),
+            Task("back", lambda s: _rot(s[::-1], 1)),
+            Task("dsc", lambda s: "".join(sorted(s, reverse=True))),
+            Task("inc", lambda s: _rot(s, 1)),
+        ),
+        tasks=(REV, SORT, ROT),
+        characters=ALPHABET + ":=",
+    ),
+    "competent": Suite(
+        "competent",
+        # Shares of the base's pretraining data, set so that the string tasks are half
+        # learned when addition (of short sums) is learned: rot is learned fastest, and
+        # addition only after some 600 steps.
+        pretrain=(REV,) * 2 + (SORT,) * 3 + (ROT,) + (SHORT_ADD,) * 10,
+        tasks=(REV, SORT, ROT, ADD),
+        characters=ALPHABET + DIGITS + ":=+",
+    ),
+}
 
 
 @dataclass
@@ -69,28 +134,27 @@ class Splits:
     test: List[str]
 
 
-def random_letters(rng: random.Random) -> str:
-    return "".join(rng.choice(ALPHABET) for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
-
-
-def make_splits(n_train: int, n_calibration: int, n_test: int, seed: int) -> Dict[str, Splits]:
-    """Disjoint input strings per task (and, under 'pretrain', for the base model)."""
+def make_splits(suite: Suite, n_train: int, n_calibration: int, n_test: int,
+                seed: int) -> Dict[str, Splits]:
+    """Disjoint inputs per task (and, under 'pretrain', for the base model)."""
     rng = random.Random(seed)
     seen = set()
 
-    def draw(n: int) -> List[str]:
+    def draw(n: int, tasks: Tuple[Task, ...]) -> List[str]:
+        # The i-th input is drawn for tasks[i % len(tasks)], which will read it.
         out = []
         while len(out) < n:
-            s = random_letters(rng)
+            s = tasks[len(out) % len(tasks)].draw(rng)
             if s not in seen:
                 seen.add(s)
                 out.append(s)
         return out
 
-    splits = {"pretrain": Splits(draw(n_train), [], [])}
-    for task in TASKS:
+    splits = {"pretrain": Splits(draw(n_train, suite.pretrain), [], [])}
+    for task in suite.tasks:
         # Drawn in this order so that adding test items never changes the training data.
-        splits[task.name] = Splits(draw(n_train), draw(n_calibration), draw(n_test))
+        splits[task.name] = Splits(draw(n_train, (task,)), draw(n_calibration, (task,)),
+                                   draw(n_test, (task,)))
     return splits
 
 
@@ -99,21 +163,23 @@ def examples(task: Task, inputs: List[str]) -> List[Tuple[str, str]]:
     return [(task.prompt(s), task.solve(s)) for s in inputs]
 
 
-def pretraining_examples(inputs: List[str]) -> List[Tuple[str, str]]:
-    """The base model's generic data: each input under one of the pretraining tasks."""
-    return [(t.prompt(s), t.solve(s)) for i, s in enumerate(inputs)
-            for t in [PRETRAIN[i % len(PRETRAIN)]]]
+def pretraining_examples(suite: Suite, splits: Dict[str, Splits]) -> List[Tuple[str, str]]:
+    """The base model's data: each pretraining input under the task it was drawn for."""
+    tasks = suite.pretrain
+    return [(tasks[i % len(tasks)].prompt(s), tasks[i % len(tasks)].solve(s))
+            for i, s in enumerate(splits["pretrain"].train)]
 
 
-def build_tokenizer():
+def build_tokenizer(suite: Suite):
     """A character-level Hugging Face fast tokenizer that prepends BOS to every prompt."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + NAMES + CHARACTERS)}
+    names, characters = suite.names, sorted(set(suite.characters))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + names + characters)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     # A task name is one token; everything else is one token per character.
-    pattern = "|".join(NAMES) + "|."
+    pattern = "|".join(names) + "|."
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(

@@ -7,7 +7,7 @@ the end-of-sequence token only. Deterministic for a given seed; CPU only.
 import math
 import random
 import time
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -38,8 +38,9 @@ def collate(batch, pad_id: int):
 
 
 def train(model, tokenizer, pairs, *, steps: int, lr: float, batch_size: int, seed: int,
-          log=print, name: str = "") -> None:
-    """AdamW with linear warm-up and cosine decay; answer-only cross entropy."""
+          log=print, name: str = "", stop: Optional[int] = None) -> None:
+    """AdamW with linear warm-up and cosine decay over ``steps``; answer-only cross entropy.
+    ``stop`` ends training early, at that step of the same schedule."""
     data = encode_examples(tokenizer, pairs)
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -51,7 +52,7 @@ def train(model, tokenizer, pairs, *, steps: int, lr: float, batch_size: int, se
     )
     model.train()
     started, running = time.time(), None
-    for step in range(steps):
+    for step in range(steps if stop is None else min(stop, steps)):
         ids, mask, loss_mask = collate(rng.sample(data, batch_size), tokenizer.pad_token_id)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         target_mask = loss_mask[:, 1:]

@@ -9,7 +9,7 @@ closest valid key suggested), lists and filters are rejected, ranges are checked
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
@@ -24,6 +24,10 @@ from pydantic import (
 
 from mergekit_prodistill.errors import ProDistillError
 
+# epochs: auto trains every block for AUTO_EPOCHS epochs and at least AUTO_STEPS steps.
+AUTO_EPOCHS = 50
+AUTO_STEPS = 200
+
 
 class ProDistillParameters(BaseModel):
     """Global ``parameters:`` of a prodistill recipe."""
@@ -32,7 +36,12 @@ class ProDistillParameters(BaseModel):
 
     init: float = Field(0.5, description="initial value of every merging coefficient")
     lr: float = Field(0.1, gt=0, description="Adam learning rate for the coefficients")
-    epochs: int = Field(50, ge=0, description="passes over the calibration data per block")
+    epochs: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+        "auto",
+        description="passes over the calibration data per block; auto: 50, or more when "
+        "a block has few batches, so that every block gets at least 200 optimiser steps "
+        "(200 epochs at 16 shots of batch_size 16); 0: task arithmetic, nothing trained",
+    )
     shots: int = Field(64, ge=1, description="calibration prompts used per expert")
     batch_size: int = Field(16, ge=1, description="prompts per expert in one step")
     max_length: int = Field(512, ge=1, description="tokens kept per prompt")
@@ -75,6 +84,17 @@ class ProDistillParameters(BaseModel):
     activation_dir: Optional[str] = Field(
         None, description="folder for disk-backed activation streams"
     )
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """The epochs a block is trained for, given its optimiser steps per epoch.
+
+        With few shots an epoch is one or two steps; 50 of them leave the coefficients far
+        from converged (the quality benchmark's 16-shot merges kept 0.76 of the experts'
+        skill after 50 epochs and 0.90 after 200), so ``auto`` counts steps, not passes.
+        """
+        if self.epochs != "auto":
+            return self.epochs
+        return max(AUTO_EPOCHS, math.ceil(AUTO_STEPS / steps_per_epoch))
 
     @field_validator("activation_dtype", mode="before")
     @classmethod

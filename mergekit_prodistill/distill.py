@@ -61,10 +61,11 @@ def distill_block(runner, index, layer, base_w, deltas, student_in, targets, con
     """
     compute_dtype = student_in[0][0].dtype
     steps = max(len(batches) for batches in student_in)
+    epochs = p.epochs_for(steps)
     lr, retries, epoch = p.lr, 0, 0
     coeffs = init_coefficients(base_w, len(deltas), p)
     optimizer = Optimizer(unique_parameters(coeffs), lr)
-    while epoch < p.epochs:
+    while epoch < epochs:
         orders = [torch.randperm(len(b), generator=generator) for b in student_in]
         epoch_loss = 0.0
         for step in range(steps):
@@ -209,13 +210,14 @@ def run_prodistill(
     units = UnitWriter(writer, checkpoint)
 
     try:
-        facts = {"activation_dtype": activation_dtype} if p.epochs else {}
+        facts = {"activation_dtype": activation_dtype,
+                 "epochs": p.epochs_for(max(len(b) for b in calib.batches))} if p.epochs else {}
         if checkpoint is not None and p.continue_tokens:
             continued = time.time()
             calib = _continued(recipe, options, calib, device, checkpoint)
             merged_ids = vocabulary.calibration_ids(calib)
             facts["continuation_seconds"] = time.time() - continued
-        with denormals_flushed(p.epochs > 0):
+        with denormals_flushed(bool(p.epochs)):
             report_blocks, head_report = _merge(
                 recipe, module, base, experts, calib, merged_ids, vocabulary, device,
                 generator, units, cast_out, checkpoint, resumed, options,
@@ -270,7 +272,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
     """Merge every tensor in order; returns the per-block report and the head's (or None)."""
     p = recipe.params
     num_layers = module.num_layers()
-    train = p.epochs > 0
+    train = bool(p.epochs)
     init = [torch.tensor(p.init, dtype=torch.float32)] * len(experts)
 
     def task_arithmetic(weight):
@@ -366,16 +368,26 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
 
         coeffs, small_share = distill_block(runner, index, layer, base_w, deltas, student,
                                             targets, contexts, p, generator, on_epoch)
-        final = merged_weights(base_w, deltas, coeffs, torch.float32)
+        final, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs, student,
+                                       contexts, targets, compute_dtype)
+        if not loss_after <= loss_before:
+            # A block never ends worse on its calibration data than the task arithmetic it
+            # started from (a too large lr, or a scalar coefficient that overshoots).
+            LOG.warning("block %d: training raised the loss (%.4g -> %.4g); keeping task "
+                        "arithmetic for this block (lower 'lr' if this recurs)",
+                        index, loss_before, loss_after)
+            coeffs = [{n: torch.full_like(t, p.init) for n, t in c.items()} for c in coeffs]
+            final, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs,
+                                           student, contexts, targets, compute_dtype)
         for full_name, own_name in names.items():
-            units.save_tensor(full_name, cast_out(final[own_name].to(base_w[own_name].dtype)))
+            units.save_tensor(full_name, cast_out(final[own_name]))
         units.end_unit(f"block-{index}")
 
         # Advance the merged stream through exactly the weights just written.
-        block_w = {n: t.to(base_w[n].dtype).to(compute_dtype) for n, t in final.items()}
-        advanced = student if p.inputs != "expert" else None
-        loss_after = run_block(runner, index, layer, [block_w] * len(experts), student,
-                               contexts, advanced, targets)
+        if p.inputs != "expert":
+            block_w = _cast(final, compute_dtype)
+            run_block(runner, index, layer, [block_w] * len(experts), student, contexts, student)
+            del block_w
         if p.inputs == "expert":
             z1, z2 = z2, z1  # the teacher outputs, in z1's buffer, are the next expert stream
         report_blocks.append({
@@ -391,7 +403,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
         progress.set_postfix(block=index, loss=f"{loss_before:.3g}->{loss_after:.3g}")
         progress.update()
         LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
-        del base_w, deltas, coeffs, final, block_w
+        del base_w, deltas, coeffs, final
     progress.close()
 
     trained_head, head_report = {}, None
@@ -410,6 +422,16 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
             task_arithmetic(weight)
     units.end_unit("post")
     return report_blocks, head_report
+
+
+def _evaluated(runner, index, layer, base_w, deltas, coeffs, student, contexts, targets,
+               compute_dtype):
+    """The block to write (in the weights' dtype) and its loss on the merged stream."""
+    final = {n: t.to(base_w[n].dtype) for n, t in
+             merged_weights(base_w, deltas, coeffs, torch.float32).items()}
+    loss = run_block(runner, index, layer, [_cast(final, compute_dtype)] * len(deltas),
+                     student, contexts, None, targets)
+    return final, loss
 
 
 def _cast(weights: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:

@@ -252,7 +252,7 @@ class Plan:
         lines += [
             "",
             f"compute: training {f['training']:.3g} FLOPs (forward + backward, "
-            f"{f['steps']} steps x {p.epochs} epochs x {s.num_layers} blocks), forwards "
+            f"{f['steps']} steps x {f['epochs']} epochs x {s.num_layers} blocks), forwards "
             f"{f['forwards']:.3g} FLOPs (teacher outputs, losses, stream updates), "
             f"continuation {f['continuation']:.3g} FLOPs, "
             f"element-wise traffic {fmt_bytes(self.moved_bytes)}, checkpoint I/O "
@@ -641,6 +641,7 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
 
     fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in work.batches]
     steps = max(len(bs) for bs in work.batches)
+    epochs = p.epochs_for(steps)
     per_step = 3 * sum(sum(f) / len(f) for f in fwd)  # forward + backward = 3 forwards
     evals = 3 if p.epochs else 2  # teacher outputs, loss before training, new stream
     lam = lambda_count(shape, len(recipe.experts), p.granularity)
@@ -655,15 +656,16 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
         cache_at=cache_at,
         phases=phases,
         flops={
-            "training": shape.num_layers * p.epochs * steps * per_step
+            "training": shape.num_layers * epochs * steps * per_step
             # the head: forward + backward of a hidden x vocabulary matmul per token
             + (p.head_epochs * 3 * 2 * shape.hidden * shape.vocab[0] * sum(work.tokens)
                if p.epochs else 0),
             "forwards": shape.num_layers * evals * sum(sum(f) for f in fwd),
             "continuation": sum(g.flops for g in generating),
             "steps": steps,
+            "epochs": epochs,
         },
-        moved_bytes=shape.num_layers * p.epochs * steps
+        moved_bytes=shape.num_layers * epochs * steps
         * step_traffic(shape, wb, dtype_bytes(compute), lam),
         io_bytes=sum(n * dtype_bytes(d) for n, d in zip(checkpoint, stored))
         + checkpoint[0] * dtype_bytes(out),

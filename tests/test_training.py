@@ -84,3 +84,20 @@ def test_head_training_needs_the_merged_stream(families):
     with pytest.raises(ProDistillError, match="head_epochs trains the head on the merged"):
         recipe_with(families, inputs="expert", head_epochs=5)
     recipe_with(families, inputs="merged", head_epochs=5)
+
+
+def test_a_block_that_training_makes_worse_keeps_task_arithmetic(families, tmp_path, caplog):
+    fam = families("llama", 2)
+    out = merge(fam.recipe("prodistill", epochs=2, lr=30.0, shots=4, continue_tokens=0),
+                tmp_path / "out")
+    report = json.loads((out / "prodistill_report.json").read_text())
+    kept = [b for b in report["blocks"] if b["loss_after"] == b["loss_before"]]
+    assert kept and all(b["loss_after"] <= b["loss_before"] for b in report["blocks"])
+    assert "keeping task arithmetic for this block" in caplog.text
+    assert all(std == 0 for b in kept for std in b["coefficient_std"])
+
+
+def test_auto_epochs_give_few_shots_as_many_steps_as_64(families):
+    assert recipe_with(families).params.epochs_for(4) == 50  # 64 shots, batch_size 16
+    assert recipe_with(families).params.epochs_for(1) == 200  # 16 shots
+    assert recipe_with(families, epochs=7).params.epochs_for(1) == 7

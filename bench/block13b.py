@@ -4,7 +4,7 @@ Writes a base and two experts (hidden 5120, intermediate 13824, 40 heads, vocabu
 32000; random bfloat16 weights) as sharded safetensors, one tensor at a time, then merges
 them with a few short prompts and 1 epoch in a child process, as a user would. Prints the
 plan, the peak RSS, the time per block and the total time. The models take about 6 GB of
-disk; the merge about 19 GB of memory (see the plan it prints first).
+disk; the merge about 14.5 GB of memory (see the plan it prints first).
 
     python bench/block13b.py [--dir DIR] [--keep]
 """

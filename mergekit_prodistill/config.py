@@ -9,7 +9,7 @@ closest valid key suggested), lists and filters are rejected, ranges are checked
 import difflib
 import math
 from dataclasses import dataclass
-from typing import Annotated, Any, Dict, List, Literal, Optional, Union
+from typing import Any, Dict, List, Literal, Optional, Union
 
 from mergekit.common import ModelReference
 from mergekit.config import ConditionalParameter, MergeConfiguration
@@ -36,7 +36,7 @@ class ProDistillParameters(BaseModel):
 
     init: float = Field(0.5, description="initial value of every merging coefficient")
     lr: float = Field(0.1, gt=0, description="Adam learning rate for the coefficients")
-    epochs: Union[Annotated[int, Field(ge=0)], Literal["auto"]] = Field(
+    epochs: Union[int, Literal["auto"]] = Field(
         "auto",
         description="passes over the calibration data per block; auto: 50, or more when "
         "a block has few batches, so that every block gets at least 200 optimiser steps "
@@ -95,6 +95,15 @@ class ProDistillParameters(BaseModel):
         if self.epochs != "auto":
             return self.epochs
         return max(AUTO_EPOCHS, math.ceil(AUTO_STEPS / steps_per_epoch))
+
+    @field_validator("epochs", mode="before")
+    @classmethod
+    def _epochs(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                               and value >= 0):
+            return value
+        raise ValueError("must be auto or a whole number of epochs (0: task arithmetic, "
+                         "nothing trained)")
 
     @field_validator("activation_dtype", mode="before")
     @classmethod

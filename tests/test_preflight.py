@@ -53,7 +53,7 @@ def recipe(fam, **params) -> dict:
          r"unknown parameter 'templat' \(did you mean 'template'\?\)"),
         (lambda d: d["parameters"].update(lr=0), r"parameter 'lr' = 0: .*greater than 0"),
         (lambda d: d["parameters"].update(lr=-0.1), r"parameter 'lr' = -0.1: .*greater than 0"),
-        (lambda d: d["parameters"].update(epochs=-1), r"parameter 'epochs' = -1: .*greater than or equal to 0"),
+        (lambda d: d["parameters"].update(epochs=-1), r"parameter 'epochs' = -1: .*must be auto or a whole number"),
         (lambda d: d["parameters"].update(shots=0), r"parameter 'shots' = 0: .*greater than or equal to 1"),
         (lambda d: d["parameters"].update(init=float("nan")), r"parameter 'init' = nan: .*finite"),
         (lambda d: d["parameters"].update(init=float("inf")), r"parameter 'init' = inf: .*finite"),

@@ -114,9 +114,13 @@ class CalibrationSet:
 
     sources: List[str]  # as the recipe names them
     hub_datasets: List[Optional[str]]  # the Hub id of each source, where there is one
-    prompts: List[int]  # prompts used per expert
     batches: List[List[Batch]]
     sequences: List[List[List[int]]]  # the token ids that ``batches`` hold
+
+    @property
+    def prompts(self) -> List[int]:
+        """Prompts used per expert."""
+        return [len(s) for s in self.sequences]
 
     def with_sequences(self, sequences: List[List[List[int]]], batch_size: int):
         """The same prompts as ``sequences`` (for example continued), batched anew."""
@@ -161,7 +165,7 @@ def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
     the merge, once it knows whether they are needed and saved (``continuation.py``).
     """
     p = recipe.params
-    calib = CalibrationSet([], [], [], [], [])
+    calib = CalibrationSet([], [], [], [])
     for i, expert in enumerate(recipe.experts):
         tokenizer = load_tokenizer(expert.model, recipe.base, options.trust_remote_code)
         # One tokenizer and one list of token ids per expert: the merged stream and the
@@ -179,7 +183,6 @@ def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
         sequences = tokenize(prompts, tokenizer, p.max_length, f"model {expert.model}")
         calib.sources.append(source.source)
         calib.hub_datasets.append(source.hub_dataset)
-        calib.prompts.append(len(sequences))
         calib.batches.append(make_batches(sequences, p.batch_size))
         calib.sequences.append(sequences)
     return calib

@@ -115,15 +115,15 @@ class Optimizer:
     eps in those units: the ones Adam moves like SGD rather than by about ``lr``.
     """
 
-    def __init__(self, params: List[torch.Tensor], lr: float, eps: float = None):
+    def __init__(self, params: List[torch.Tensor], lr: float):
         self.params = params
-        self.eps = eps = ADAM_EPS if eps is None else eps
+        self.eps = ADAM_EPS
         groups: Dict[float, List[torch.Tensor]] = {}
         for p in params:
             groups.setdefault(lr * width_factor(p), []).append(p)
         # The fused kernel does Adam's update in one pass over each tensor.
         self.adam = torch.optim.Adam([{"params": ps, "lr": g} for g, ps in groups.items()],
-                                     lr=lr, eps=eps, fused=True)
+                                     lr=lr, eps=self.eps, fused=True)
         self.scales = None
         self._small = None
 

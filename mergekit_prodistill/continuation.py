@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from mergekit_prodistill import dtypes
 from mergekit_prodistill.errors import ProDistillError
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -243,9 +244,7 @@ def load_expert(path: str, dtype, device: torch.device, placement: Placement,
 
 def loaded_dtype_bytes(config, dtype: Optional[str]) -> int:
     """Bytes per weight as loaded: the recipe's dtype, else the config's (fp32 if none)."""
-    name = dtype or getattr(config, "dtype", None) or "float32"
-    name = name if isinstance(name, torch.dtype) else getattr(torch, str(name).replace("torch.", ""))
-    return torch.empty((), dtype=name).element_size()
+    return getattr(torch, dtype or dtypes.config_dtype(config)).itemsize
 
 
 @torch.no_grad()

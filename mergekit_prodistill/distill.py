@@ -368,8 +368,8 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
 
         coeffs, small_share = distill_block(runner, index, layer, base_w, deltas, student,
                                             targets, contexts, p, generator, on_epoch)
-        final, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs, student,
-                                       contexts, targets, compute_dtype)
+        final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs,
+                                                student, contexts, targets, compute_dtype)
         if not loss_after <= loss_before:
             # A block never ends worse on its calibration data than the task arithmetic it
             # started from (a too large lr, or a scalar coefficient that overshoots).
@@ -377,17 +377,16 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
                         "arithmetic for this block (lower 'lr' if this recurs)",
                         index, loss_before, loss_after)
             coeffs = [{n: torch.full_like(t, p.init) for n, t in c.items()} for c in coeffs]
-            final, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs,
-                                           student, contexts, targets, compute_dtype)
+            final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas,
+                                                    coeffs, student, contexts, targets,
+                                                    compute_dtype)
         for full_name, own_name in names.items():
             units.save_tensor(full_name, cast_out(final[own_name]))
         units.end_unit(f"block-{index}")
 
         # Advance the merged stream through exactly the weights just written.
         if p.inputs != "expert":
-            block_w = _cast(final, compute_dtype)
             run_block(runner, index, layer, [block_w] * len(experts), student, contexts, student)
-            del block_w
         if p.inputs == "expert":
             z1, z2 = z2, z1  # the teacher outputs, in z1's buffer, are the next expert stream
         report_blocks.append({
@@ -403,7 +402,7 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
         progress.set_postfix(block=index, loss=f"{loss_before:.3g}->{loss_after:.3g}")
         progress.update()
         LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
-        del base_w, deltas, coeffs, final
+        del base_w, deltas, coeffs, final, block_w
     progress.close()
 
     trained_head, head_report = {}, None
@@ -426,12 +425,14 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
 
 def _evaluated(runner, index, layer, base_w, deltas, coeffs, student, contexts, targets,
                compute_dtype):
-    """The block to write (in the weights' dtype) and its loss on the merged stream."""
+    """The block to write (in the weights' dtype), the same in the compute dtype, and its
+    loss on the merged stream."""
     final = {n: t.to(base_w[n].dtype) for n, t in
              merged_weights(base_w, deltas, coeffs, torch.float32).items()}
-    loss = run_block(runner, index, layer, [_cast(final, compute_dtype)] * len(deltas),
-                     student, contexts, None, targets)
-    return final, loss
+    block_w = _cast(final, compute_dtype)
+    loss = run_block(runner, index, layer, [block_w] * len(deltas), student, contexts, None,
+                     targets)
+    return final, block_w, loss
 
 
 def _cast(weights: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:

@@ -140,7 +140,7 @@ def planned_peak(recipe, **options) -> int:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill.config import parse_recipe
+    from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan import make_plan
 
     config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text()))

@@ -3,7 +3,7 @@
 Builds a 12-layer family (random weights, float32) with two experts and 64 prompts each,
 then times, side by side in one process:
 
-* the merge's continuation pass: ``distill._continued``, exactly as the merge runs it
+* the merge's continuation pass: ``run._continued``, exactly as the merge runs it
   (placement from the free memory, loading each expert, generating, saving the result in
   a progress folder);
 * a plain ``model.generate`` of the same prompts, in the same batches, with the same number
@@ -50,9 +50,9 @@ def main():
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill import calibration, continuation, distill
-    from mergekit_prodistill.checkpoint import Checkpoint
-    from mergekit_prodistill.config import parse_recipe
+    from mergekit_prodistill import calibration, continuation, run
+    from mergekit_prodistill.progress import Progress
+    from mergekit_prodistill.recipe import parse_recipe
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-continuation-"))
     heads = args.hidden // 64
@@ -78,10 +78,10 @@ def main():
         """Seconds of the merge's continuation pass, and its result."""
         folder = root / name
         folder.mkdir(exist_ok=True)
-        checkpoint = Checkpoint(str(folder), name)
-        checkpoint.resume()  # a fresh progress folder
+        checkpoint = Progress(str(folder), name)
+        checkpoint.restore_or_reset()  # a fresh progress folder
         started = time.perf_counter()
-        continued = distill._continued(recipe, options, calib, device, checkpoint)
+        continued = run._continued(recipe, options, calib, device, checkpoint)
         return time.perf_counter() - started, continued.sequences
 
     def plain_generate(rows):

@@ -26,7 +26,7 @@ import common  # noqa: E402
 from mergekit_prodistill import distill  # noqa: E402
 from mergekit_prodistill.blocks import BlockRunner  # noqa: E402
 from mergekit_prodistill.calibration import Batch  # noqa: E402
-from mergekit_prodistill.config import ProDistillParameters  # noqa: E402
+from mergekit_prodistill.recipe import ProDistillParameters  # noqa: E402
 from mergekit_prodistill.plan import batch_flops, model_shape  # noqa: E402
 
 

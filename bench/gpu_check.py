@@ -47,7 +47,7 @@ def plan_figures(recipe: Path, device: str) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill.config import parse_recipe
+    from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan import DEVICE_CLASSES, make_plan
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text()))

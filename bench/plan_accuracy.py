@@ -100,8 +100,8 @@ def child(warmup: str, recipe: str, out: str) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill.config import parse_recipe
-    from mergekit_prodistill.distill import run_prodistill
+    from mergekit_prodistill.recipe import parse_recipe
+    from mergekit_prodistill.run import run_prodistill
     from mergekit_prodistill.plan import DEVICE_CLASSES, make_plan
 
     options = MergeOptions(quiet=True)

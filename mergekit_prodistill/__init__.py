@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "run_prodistill":
-        from mergekit_prodistill.distill import run_prodistill
+        from mergekit_prodistill.run import run_prodistill
 
         return run_prodistill
     raise AttributeError(f"module 'mergekit_prodistill' has no attribute {name!r}")

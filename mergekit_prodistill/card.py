@@ -20,10 +20,10 @@ import yaml
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from mergekit.card import generate_card
 
+from mergekit_prodistill.layout import CARD, PLOT
+
 LOG = logging.getLogger("mergekit_prodistill")
 
-PLOT = "prodistill_loss.png"
-CARD = "README.md"
 TAGS = ["mergekit", "merge", "prodistill"]
 _CACHE_SNAPSHOT = re.compile(r"models--(.+?)/snapshots/")
 

@@ -14,7 +14,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from mergekit_prodistill.errors import ProDistillError, one_line
+from mergekit_prodistill.errors import ProDistillError, exit_with, one_line
 
 
 def read_recipe(config_file: str):
@@ -34,11 +34,6 @@ def read_recipe(config_file: str):
             "'prodistill' recipes (use mergekit-yaml for the others)"
         )
     return source, config
-
-
-def fail(exc: Exception):
-    print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
-    sys.exit(getattr(exc, "exit_code", 2))
 
 
 class MergeOrPlan(PrettyPrintHelp):
@@ -72,7 +67,7 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str,
          push_to_hub: str, private: bool, revision: str):
     """Merge the experts of a prodistill recipe into its base model."""
     from mergekit_prodistill import hub, integration
-    from mergekit_prodistill.distill import run_prodistill
+    from mergekit_prodistill.run import run_prodistill
 
     integration.install()  # as under mergekit-yaml: the method is known by name (card link)
     merge_options.apply_global_options()
@@ -87,7 +82,7 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str,
             url = hub.push(out_path, push_to_hub, private=private, revision=revision)
             print(f"uploaded {out_path} to {url}", file=sys.stderr)
     except (ProDistillError, OSError) as exc:
-        fail(exc)
+        exit_with(exc)
 
 
 @click.command("plan", cls=PrettyPrintHelp)
@@ -99,7 +94,7 @@ def plan_command(merge_options: MergeOptions, config_file: str):
     Takes the merge's flags (--cuda, --device, --out-shard-size, ...), since they change
     the plan.
     """
-    from mergekit_prodistill.config import parse_recipe
+    from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan import make_plan
 
     merge_options.apply_global_options()
@@ -107,7 +102,7 @@ def plan_command(merge_options: MergeOptions, config_file: str):
         _, config = read_recipe(config_file)
         print(make_plan(parse_recipe(config), merge_options).render())
     except (ProDistillError, OSError) as exc:
-        fail(exc)
+        exit_with(exc)
 
 
 if __name__ == "__main__":

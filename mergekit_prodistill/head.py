@@ -14,7 +14,7 @@ which the merged stream already started from, so only the final norm is trained.
 
 import logging
 import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import transformers

@@ -18,11 +18,10 @@ import glob
 import json
 import os
 import shlex
-import sys
 from typing import List, Optional
 
-from mergekit_prodistill.errors import ProDistillError, one_line
-from mergekit_prodistill.output import REPORT, STAGING, WEIGHT_PREFIXES
+from mergekit_prodistill.errors import ProDistillError, exit_with, one_line
+from mergekit_prodistill.layout import REPORT, STAGING, WEIGHT_PREFIXES
 
 NEVER_UPLOADED = (f"{STAGING}/**", ".*", "**/.*")
 
@@ -128,8 +127,7 @@ def main(argv=None) -> None:
         check_ready(args.repo_id)
         url = push(args.folder, args.repo_id, private=args.private, revision=args.revision)
     except ProDistillError as exc:
-        print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(exc)
     print(f"uploaded {args.folder} to {url}")
 
 

@@ -1,17 +1,17 @@
-"""Everything that reaches into mergekit's internals lives here.
+"""How ``mergekit-yaml`` reaches ProDistill: routing recipes and registering the method.
 
 mergekit 0.1.x plans one task per tensor, which cannot express ProDistill's sequential
 block training, and ``mergekit-yaml`` has no plugin discovery. So:
 
 * :func:`install` (called by the start-up hook in ``_startup.py`` right after mergekit
   imports ``mergekit.merge`` or ``mergekit.scripts.run_yaml``) wraps ``run_merge`` so a
-  recipe with ``merge_method: prodistill`` goes to :func:`mergekit_prodistill.distill.run_prodistill`
+  recipe with ``merge_method: prodistill`` goes to :func:`mergekit_prodistill.run.run_prodistill`
   and every other recipe goes to mergekit untouched. It also registers a ``prodistill``
   entry in mergekit's method registry, so lookups by name (model card links, tooling)
   work; that entry refuses to run through mergekit's per-tensor planner.
-* The private helpers of ``mergekit.merge`` that the block loop reuses (output config,
-  tokenizer and tag-along file copying) are re-exported from here, so a mergekit
-  upgrade that moves them breaks in one place.
+
+The private helpers of ``mergekit.merge`` that the output reuses are re-exported by
+:mod:`mergekit_prodistill.mergekit_internals`.
 """
 
 import functools
@@ -23,12 +23,6 @@ import torch
 METHOD_NAME = "prodistill"
 _PATCHED = "__prodistill_wrapped__"
 
-model_out_config = _mk_merge._model_out_config
-copy_tokenizer = _mk_merge._copy_tokenizer
-copy_tagalong_files = _mk_merge._copy_tagalong_files
-update_config_vocab = _mk_merge._update_config_vocab
-set_chat_template = _mk_merge._set_chat_template
-
 
 def _route(run_merge, exit_on_error: bool):
     """Wrap mergekit's ``run_merge`` so prodistill recipes reach our block loop."""
@@ -39,17 +33,15 @@ def _route(run_merge, exit_on_error: bool):
     def routed(merge_config, out_path, options, config_source=None, **kwargs):
         if merge_config.merge_method != METHOD_NAME:
             return run_merge(merge_config, out_path, options, config_source, **kwargs)
-        from mergekit_prodistill.distill import run_prodistill
-        from mergekit_prodistill.errors import ProDistillError
+        from mergekit_prodistill.errors import ProDistillError, exit_with
+        from mergekit_prodistill.run import run_prodistill
 
         try:
             return run_prodistill(merge_config, out_path, options, config_source)
         except ProDistillError as exc:
             if not exit_on_error:
                 raise
-            # The command line gets one clear line, not a traceback.
-            print(f"mergekit-prodistill: error: {exc}", file=sys.stderr)
-            sys.exit(exc.exit_code)
+            exit_with(exc)  # the command line gets one clear line, not a traceback
 
     setattr(routed, _PATCHED, True)
     return routed

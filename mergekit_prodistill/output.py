@@ -14,18 +14,13 @@ from importlib import metadata
 
 import torch
 
-from mergekit_prodistill import __version__, card, integration
-from mergekit_prodistill.checkpoint import PROGRESS
-
-STAGING = ".prodistill-staging"
-SCRATCH = ".scratch"  # hidden; disk-backed activation streams, unless the recipe places them
-REPORT = "prodistill_report.json"
-WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+from mergekit_prodistill import __version__, card, mergekit_internals
+from mergekit_prodistill.layout import PROGRESS, RECIPE, REPORT, SCRATCH, WEIGHT_PREFIXES, staging_dir
 
 
 def start_staging(out_path: str) -> str:
     """The staging folder, emptied of everything but the progress of an interrupted run."""
-    staging = os.path.join(out_path, STAGING)
+    staging = staging_dir(out_path)
     os.makedirs(staging, exist_ok=True)
     for name in os.listdir(staging):
         if name != PROGRESS:
@@ -73,17 +68,17 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
            calib, blocks, started, device, vocabulary, head=None, facts=None):
     """Write config, tokenizer, card and report into the staging folder, then publish."""
     config_source = config_source or merge_config.to_yaml()
-    cfg = integration.model_out_config(merge_config, arch_info, options.trust_remote_code)
+    cfg = mergekit_internals.model_out_config(merge_config, arch_info, options.trust_remote_code)
     if vocabulary.tokenizer is not None:
         # A built vocabulary is always saved, and sets vocab_size, as mergekit does.
-        integration.update_config_vocab(cfg, arch_info, vocabulary.tokenizer,
+        mergekit_internals.update_config_vocab(cfg, arch_info, vocabulary.tokenizer,
                                         pad_to_multiple_of=vocabulary.pad_to_multiple_of)
-        integration.set_chat_template(vocabulary.tokenizer, merge_config)
+        mergekit_internals.set_chat_template(vocabulary.tokenizer, merge_config)
         vocabulary.tokenizer.save_pretrained(staging)
     elif options.copy_tokenizer:
-        integration.copy_tokenizer(merge_config, staging, options=options)
+        mergekit_internals.copy_tokenizer(merge_config, staging, options=options)
     cfg.save_pretrained(staging)
-    integration.copy_tagalong_files(
+    mergekit_internals.copy_tagalong_files(
         merge_config, staging, files=arch_info.tagalong_files or [], options=options
     )
     report = {
@@ -109,7 +104,7 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
     if options.write_model_card:
         name = os.path.basename(os.path.abspath(out_path))
         card.write_card(staging, merge_config, config_source, name, report)
-        with open(os.path.join(staging, "mergekit_config.yml"), "w", encoding="utf-8") as f:
+        with open(os.path.join(staging, RECIPE), "w", encoding="utf-8") as f:
             f.write(config_source)
     # The report is written last so it can list every file of the finished merge: that
     # list is exactly what --push-to-hub uploads.

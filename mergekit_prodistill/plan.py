@@ -30,7 +30,6 @@ runs. ``README.md`` ("Planning and memory") gives the
 formulas and the measured error.
 """
 
-import json
 import math
 import os
 import shutil
@@ -617,7 +616,7 @@ def make_plan(recipe, options, available: Optional[Dict[str, Optional[int]]] = N
     contexts = context_bytes(shape, work, dtype_bytes(compute))
     buffer = output_buffer(shape, dtype_bytes(out), options.out_shard_size)
     if p.epochs:
-        # Each finished unit goes to its own file (checkpoint.py): only the block being
+        # Each finished unit goes to its own file (progress.py): only the block being
         # written is held; the shards are assembled from those files at the very end.
         per_phase["assemble"] = {OUTPUT: buffer}
     else:

@@ -27,19 +27,17 @@ from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import output, sources
+from mergekit_prodistill import sources
 from mergekit_prodistill.blocks import check_supported
-from mergekit_prodistill.config import ProDistillRecipe
+from mergekit_prodistill.recipe import ProDistillRecipe
 from mergekit_prodistill.errors import ProDistillError, one_line
+from mergekit_prodistill.layout import OUTPUT_FILES, RECIPE, WEIGHT_PREFIXES
 
 # Bytes per element of the safetensors dtype names.
 SAFETENSORS_ITEMSIZE = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
     "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-# What a merge writes at the top of its output folder: finding one of these there means
-# the folder already holds a model that this run would overwrite.
-OUTPUT_FILES = ("config.json", "README.md", "mergekit_config.yml", output.REPORT)
 # Room for config, tokenizer, card and report on top of the weights.
 DISK_MARGIN_BYTES = 64 * 2**20
 
@@ -111,7 +109,7 @@ def check_output_folder(out_path: str, merge_config: MergeConfiguration) -> None
         return
     if not os.path.isdir(out_path):
         raise ProDistillError(f"output path {out_path} exists and is not a folder")
-    recipe_file = os.path.join(out_path, "mergekit_config.yml")
+    recipe_file = os.path.join(out_path, RECIPE)
     if os.path.isfile(recipe_file):
         if _same_recipe(recipe_file, merge_config):
             return  # the same merge again: replace it
@@ -122,7 +120,7 @@ def check_output_folder(out_path: str, merge_config: MergeConfiguration) -> None
         )
     clash = sorted(
         name for name in os.listdir(out_path)
-        if name in OUTPUT_FILES or name.startswith(output.WEIGHT_PREFIXES)
+        if name in OUTPUT_FILES or name.startswith(WEIGHT_PREFIXES)
     )
     if clash:
         raise ProDistillError(

@@ -6,7 +6,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 
 from mergekit_prodistill.card import hub_model_id
-from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.templates import PRESETS, resolve_template
 
 FLAGSHIP = Path(__file__).resolve().parents[1] / "examples" / "wizard-13b" / "recipe.yml"

@@ -17,7 +17,7 @@ from conftest import merge, run_cli
 from mergekit_prodistill import cli, continuation, plan, tiny
 from mergekit_prodistill.blocks import BlockRunner
 from mergekit_prodistill.calibration import Batch
-from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 
 REPO = Path(__file__).resolve().parent.parent

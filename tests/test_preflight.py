@@ -12,7 +12,7 @@ from mergekit.options import MergeOptions
 
 from conftest import BIN, merge, run_cli
 from mergekit_prodistill import calibration, preflight, sources
-from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.weights import ModelTensors
 

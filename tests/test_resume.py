@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from conftest import BIN, merge, run_cli
 from mergekit_prodistill import continuation, distill
-from mergekit_prodistill.checkpoint import Checkpoint
+from mergekit_prodistill.progress import Progress
 from mergekit_prodistill.errors import Interrupted, ProDistillError
 from test_merge import load_tensors
 
@@ -149,19 +149,19 @@ def test_resume_reads_the_saved_continuations_instead_of_generating_them(
                         continue_tokens=6)
     whole = load_tensors(merge(recipe, tmp_path / "whole", random_seed=3))
 
-    save = Checkpoint.save_continuations
+    save = Progress.save_continuations
 
     def save_then_stop(self, sequences):
         save(self, sequences)
         raise KeyboardInterrupt
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(Checkpoint, "save_continuations", save_then_stop)
+    monkeypatch.setattr(Progress, "save_continuations", save_then_stop)
     with pytest.raises(Interrupted, match="run the same command again"):
         merge(recipe, out, random_seed=3)
     assert (out / STAGING / ".progress" / "continuations.json").exists()
 
-    monkeypatch.setattr(Checkpoint, "save_continuations", save)
+    monkeypatch.setattr(Progress, "save_continuations", save)
     monkeypatch.setattr(continuation, "continue_prompts", refuse_to_generate)
     resumed = load_tensors(merge(recipe, out, random_seed=3))
     assert sorted(whole) == sorted(resumed)

@@ -8,7 +8,7 @@ import shutil
 import datasets
 import pytest
 
-from mergekit_prodistill.config import ExpertParameters, parse_recipe
+from mergekit_prodistill.recipe import ExpertParameters, parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.sources import read_expert_prompts
 

@@ -10,7 +10,7 @@ from mergekit.options import MergeOptions
 
 from conftest import merge, with_expert_parameters
 from mergekit_prodistill.calibration import load_for_experts, tokenize
-from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.templates import PRESETS, format_prompts
 from mergekit_prodistill.tiny import BOS_ID, build_tiny_family

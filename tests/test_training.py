@@ -9,7 +9,7 @@ from mergekit.config import MergeConfiguration
 from conftest import merge
 from mergekit_prodistill import dtypes
 from mergekit_prodistill.coefficients import Optimizer, coefficient_stats
-from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 
 

@@ -11,7 +11,7 @@ from mergekit.options import MergeOptions
 
 from conftest import merge
 from mergekit_prodistill import calibration
-from mergekit_prodistill.config import parse_recipe
+from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.vocab import plan_vocabulary
 from test_merge import load_tensors

@@ -22,8 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.layout import PROGRESS
 
-PROGRESS = ".progress"  # hidden: never published or uploaded
 
 
 def _file_identity(path: str) -> str:
@@ -76,7 +76,7 @@ def _atomic(path: str, write) -> None:
     os.replace(tmp, path)
 
 
-class Checkpoint:
+class Progress:
     def __init__(self, staging: str, fingerprint: str):
         self.dir = os.path.join(staging, PROGRESS)
         self.fingerprint = fingerprint
@@ -89,7 +89,7 @@ class Checkpoint:
     def has_continuations(self) -> bool:
         return os.path.exists(self.continuations_path)
 
-    def resume(self) -> Optional[dict]:
+    def restore_or_reset(self) -> Optional[dict]:
         """The saved loop state of an interrupted run of this same merge, if there is one.
 
         A folder holding only the continuations of this merge is kept (the loop starts
@@ -165,7 +165,7 @@ class UnitWriter:
     those files at the end.
     """
 
-    def __init__(self, writer, checkpoint: Optional[Checkpoint]):
+    def __init__(self, writer, checkpoint: Optional[Progress]):
         self.writer = writer
         self.checkpoint = checkpoint
         self.pending: Dict[str, torch.Tensor] = {}

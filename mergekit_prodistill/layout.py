@@ -1,0 +1,32 @@
+"""Every file and folder name a merge writes: the one place that decides them.
+
+The output folder gets mergekit's files (weights, config, tokenizer, card, recipe) plus
+the report. Work in progress lives in a hidden staging folder inside it, so an interrupted
+merge never leaves a folder that looks finished; hidden names are never published.
+"""
+
+import os
+
+STAGING = ".prodistill-staging"  # the output being built, moved into place when complete
+PROGRESS = ".progress"  # inside STAGING: what a resumed run continues from
+SCRATCH = ".scratch"  # inside STAGING: disk-backed activation streams, unless placed
+REPORT = "prodistill_report.json"
+CARD = "README.md"
+PLOT = "prodistill_loss.png"
+RECIPE = "mergekit_config.yml"  # the recipe as mergekit writes it beside the card
+WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+# What a merge writes at the top of its output folder: finding one of these there means
+# the folder already holds a model that this run would overwrite.
+OUTPUT_FILES = ("config.json", CARD, RECIPE, REPORT)
+
+
+def staging_dir(out_path: str) -> str:
+    return os.path.join(out_path, STAGING)
+
+
+def progress_dir(out_path: str) -> str:
+    return os.path.join(staging_dir(out_path), PROGRESS)
+
+
+def scratch_dir(out_path: str) -> str:
+    return os.path.join(staging_dir(out_path), SCRATCH)

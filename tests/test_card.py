@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 from mergekit.config import MergeConfiguration
 
-from conftest import merge, with_expert_parameters
+from helpers import merge, with_expert_parameters
 from mergekit_prodistill import card
 from mergekit_prodistill.tiny import build_tiny_family
 from test_sources import cache_hub_dataset

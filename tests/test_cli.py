@@ -7,7 +7,7 @@ import pytest
 import transformers
 import yaml
 
-from conftest import BIN, run_cli
+from helpers import BIN, run_cli
 
 
 def test_mergekit_yaml_runs_prodistill_and_output_loads(families, tmp_path):

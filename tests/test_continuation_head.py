@@ -7,7 +7,7 @@ import pytest
 import torch
 import transformers
 
-from conftest import merge
+from helpers import merge
 from mergekit_prodistill import continuation
 from mergekit_prodistill.calibration import read_prompts, tokenize
 from mergekit_prodistill.errors import ProDistillError

@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, ModelCard, constants
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
-from conftest import BIN, merge
+from helpers import BIN, merge
 from mergekit_prodistill import cli, hub
 from mergekit_prodistill.errors import ProDistillError
 

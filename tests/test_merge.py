@@ -7,7 +7,7 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-from conftest import merge
+from helpers import merge
 from mergekit_prodistill.blocks import BlockRunner, attention_implementation, layer_weight_names
 from mergekit_prodistill.calibration import make_batches, read_prompts, tokenize
 from mergekit_prodistill.head import HeadForward

@@ -13,7 +13,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from conftest import merge, run_cli
+from helpers import merge, run_cli
 from mergekit_prodistill import cli, continuation, plan, tiny
 from mergekit_prodistill.blocks import BlockRunner
 from mergekit_prodistill.calibration import Batch

@@ -10,7 +10,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from conftest import BIN, merge, run_cli
+from helpers import BIN, merge, run_cli
 from mergekit_prodistill import calibration, preflight, sources
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import BIN, merge, run_cli
+from helpers import BIN, merge, run_cli
 from mergekit_prodistill import continuation, distill
 from mergekit_prodistill.progress import Progress
 from mergekit_prodistill.errors import Interrupted, ProDistillError

@@ -6,7 +6,7 @@ import os
 import yaml
 from click.testing import CliRunner
 
-from conftest import BIN, run_cli
+from helpers import BIN, run_cli
 from mergekit_prodistill import cli
 from mergekit_prodistill.calibration import read_prompts
 from mergekit_prodistill.templates import apply_template, resolve_template

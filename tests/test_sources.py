@@ -12,7 +12,7 @@ from mergekit_prodistill.recipe import ExpertParameters, parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.sources import read_expert_prompts
 
-from conftest import with_expert_parameters
+from helpers import with_expert_parameters
 
 QUESTIONS = ["What is 2 + 3?", "Name a prime above 10.", "How many legs has a cat?"]
 

@@ -8,7 +8,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from conftest import merge, with_expert_parameters
+from helpers import merge, with_expert_parameters
 from mergekit_prodistill.calibration import load_for_experts, tokenize
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mergekit.config import MergeConfiguration
 
-from conftest import merge
+from helpers import merge
 from mergekit_prodistill import dtypes
 from mergekit_prodistill.coefficients import Optimizer, coefficient_stats
 from mergekit_prodistill.recipe import parse_recipe

@@ -9,7 +9,7 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from conftest import merge
+from helpers import merge
 from mergekit_prodistill import calibration
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError

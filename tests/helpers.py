@@ -1,0 +1,39 @@
+"""What tests share besides fixtures: running recipes in-process and commands in a child."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+
+BIN = Path(sys.executable).parent
+
+
+def merge(recipe_text: str, out: Path, **options) -> Path:
+    """Run a recipe in-process through mergekit's own entry point (as mergekit-yaml does)."""
+    options.setdefault("quiet", True)
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
+    run_merge(config, str(out), options=MergeOptions(**options), config_source=recipe_text)
+    return out
+
+
+def run_cli(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def with_expert_parameters(recipe_text: str, *updates: dict) -> str:
+    """The recipe with each expert's ``parameters:`` replaced by the matching dict."""
+    doc = yaml.safe_load(recipe_text)
+    for entry, params in zip(doc["models"], updates):
+        entry["parameters"] = params
+    return yaml.safe_dump(doc, sort_keys=False)

@@ -6,7 +6,7 @@ the prompt formats are :mod:`mergekit_prodistill.templates`.
 
 import logging
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
 
 import torch
@@ -116,6 +116,7 @@ class CalibrationSet:
     hub_datasets: List[Optional[str]]  # the Hub id of each source, where there is one
     batches: List[List[Batch]]
     sequences: List[List[List[int]]]  # the token ids that ``batches`` hold
+    tokenizers: list = field(default_factory=list)  # each expert's, that made the ids
 
     @property
     def prompts(self) -> List[int]:
@@ -185,4 +186,5 @@ def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
         calib.hub_datasets.append(source.hub_dataset)
         calib.batches.append(make_batches(sequences, p.batch_size))
         calib.sequences.append(sequences)
+        calib.tokenizers.append(tokenizer)
     return calib

@@ -1,4 +1,5 @@
-"""The merging coefficients: their start, the merge formula, statistics, and the optimiser.
+"""The merging coefficients: the merge formula, their start, the losses, the optimiser,
+one training loop (:func:`fit`) for the decoder blocks and the head alike, and statistics.
 
 A merged tensor is theta_0 + sum_i lambda_i * tau_i with lambda in fp32 (element-wise by
 default). Gradients reach lambda as dL/dW * tau_i, so their size follows the task
@@ -9,12 +10,15 @@ Adam on gradients measured in units of their own RMS at the first step (per tens
 expert), which makes every step independent of those scales.
 """
 
+import logging
 import math
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from mergekit_prodistill.weights import merge
+from mergekit_prodistill.errors import ProDistillError
+
+LOG = logging.getLogger("mergekit_prodistill")
 
 # Adam's eps in units of each tensor's first-step gradient RMS: elements whose gradient
 # stays far below the typical one move little, the rest by about the learning rate.
@@ -26,21 +30,58 @@ ADAM_EPS = 1e-2
 # therefore step by lr * sqrt(FAN_IN_REF / inputs): the same share of the error per step
 # at every width (at hidden 1024 the unscaled first steps raised the loss tenfold).
 FAN_IN_REF = 64
+# On a non-finite loss the coefficients are trained again from init with the learning rate
+# divided by LR_BACKOFF, at most MAX_RETRIES times.
+MAX_RETRIES = 3
+LR_BACKOFF = 10.0
+
+Weights = Dict[str, torch.Tensor]
 
 
-def init_coefficients(base_w, num_experts, p) -> List[Dict[str, torch.Tensor]]:
-    """lambda in fp32, whatever the weight dtype; shape set by the granularity."""
+def merge(base: torch.Tensor, deltas: List[torch.Tensor], coeffs: List[torch.Tensor]):
+    """theta_0 + sum_i lambda_i * tau_i.
+
+    The products are summed first and the base added last, in the order mergekit's task
+    arithmetic uses, so that untrained coefficients reproduce it bit for bit.
+    """
+    mixed = coeffs[0] * deltas[0]
+    for coeff, delta in zip(coeffs[1:], deltas[1:]):
+        mixed = mixed + coeff * delta
+    return base + mixed
+
+
+def init_coefficients(base_w, num_experts, p, frozen: Sequence[str] = ()) -> List[Weights]:
+    """lambda in fp32, whatever the weight dtype; shape set by the granularity. Tensors
+    named in ``frozen`` keep ``init`` (task arithmetic) and are not trained."""
     coeffs = []
     device = next(iter(base_w.values())).device
     for _ in range(num_experts):
         shared = torch.nn.Parameter(torch.tensor(p.init, dtype=torch.float32, device=device))
         coeffs.append({
-            name: shared if p.granularity == "task" else torch.nn.Parameter(torch.full(
+            name: torch.tensor(p.init, dtype=torch.float32, device=w.device) if name in frozen
+            else shared if p.granularity == "task" else torch.nn.Parameter(torch.full(
                 w.shape if p.granularity == "element" else (), p.init,
                 dtype=torch.float32, device=w.device))
             for name, w in base_w.items()
         })
     return coeffs
+
+
+def at_init(coeffs: List[Weights], init: float) -> List[Weights]:
+    """Coefficients of the same shapes, all at ``init``: the task arithmetic start."""
+    return [{n: torch.full_like(t, init) for n, t in c.items()} for c in coeffs]
+
+
+def masked_mse(out: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor):
+    """Mean squared error per hidden unit over real tokens only (padding excluded)."""
+    err = (out.float() - target.float()).pow(2).mean(-1)
+    return (err * token_mask).sum() / token_mask.sum()
+
+
+def masked_kl(student_logp, teacher_logp, token_mask):
+    """KL(teacher || student) per real token, averaged over real tokens."""
+    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+    return (kl * token_mask).sum() / token_mask.sum()
 
 
 def unique_parameters(coeffs) -> List[torch.Tensor]:
@@ -79,14 +120,15 @@ def merged_weights(base_w, deltas, coeffs, dtype):
 
 
 def training_weights(base_w, deltas, coeffs, dtype):
-    """The same sum for a training step, with fused in-place updates (fewer passes)."""
+    """The same sum for a training step, with fused in-place updates (fewer passes); the
+    tensors with a trained coefficient take a gradient."""
     with torch.no_grad():
         merged = {}
         for name, base in base_w.items():
             w = base.to(torch.float32, copy=True)
             for c, d in zip(coeffs, deltas):
                 w.addcmul_(c[name], d[name])
-            merged[name] = w.to(dtype).requires_grad_()
+            merged[name] = w.to(dtype).requires_grad_(any(c[name].requires_grad for c in coeffs))
         return merged
 
 
@@ -143,3 +185,57 @@ class Optimizer:
         if self._small is None:
             return 0.0
         return float(self._small) / sum(p.numel() for p in self.params)
+
+
+def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequence[int],
+        loss_of: Callable[[Weights, int, int], torch.Tensor], dtype: torch.dtype,
+        generator: torch.Generator, where: str, frozen: Sequence[str] = (),
+        on_epoch: Optional[Callable[[int, float], None]] = None):
+    """Train the coefficients of theta_0 + sum_i lambda_i tau_i; return them and the share
+    of coefficients whose first gradient was below Adam's eps (see :class:`Optimizer`).
+
+    Expert i has ``batches[i]`` batches; ``loss_of(weights, i, b)`` is its loss on batch b
+    for the merged ``weights`` (in ``dtype``). Each step materialises the merged weights
+    once, back-propagates one batch of every expert into them, and applies the chain rule
+    d merged / d lambda_i = tau_i by hand. A non-finite loss trains again from ``init``
+    with a smaller learning rate (no saved copy of lambda needed).
+    """
+    lr, retries, epoch = p.lr, 0, 0
+    coeffs = init_coefficients(base_w, len(deltas), p, frozen)
+    optimizer = Optimizer(unique_parameters(coeffs), lr)
+    steps = max(batches)
+    while epoch < epochs:
+        orders = [torch.randperm(n, generator=generator) for n in batches]
+        epoch_loss = 0.0
+        for step in range(steps):
+            if not math.isfinite(epoch_loss):
+                break
+            merged = training_weights(base_w, deltas, coeffs, dtype)
+            for i, order in enumerate(orders):
+                loss = loss_of(merged, i, int(order[step % len(order)])) / len(orders)
+                loss.backward()
+                epoch_loss += loss.item()
+            chain_rule(merged, deltas, coeffs)
+            optimizer.step()
+        # One reduction per tensor: NaN or inf anywhere makes its sum non-finite.
+        params = optimizer.params
+        if not (math.isfinite(epoch_loss) and torch.stack([t.sum() for t in params]).isfinite().all()):
+            if retries == MAX_RETRIES:
+                raise ProDistillError(
+                    f"{where}: the distillation loss is not finite even with lr={lr:g} "
+                    f"after {MAX_RETRIES} retries; lower 'lr' (now {p.lr:g}) or check the "
+                    "models for NaN or inf weights"
+                )
+            retries += 1
+            lr /= LR_BACKOFF
+            LOG.warning("%s: non-finite loss in epoch %d; training again from the start "
+                        "with lr=%g", where, epoch + 1, lr)
+            with torch.no_grad():
+                for t in params:
+                    t.fill_(p.init)
+            optimizer, epoch = Optimizer(params, lr), 0
+            continue
+        if on_epoch:
+            on_epoch(epoch, epoch_loss / steps)
+        epoch += 1
+    return [{n: t.detach() for n, t in c.items()} for c in coeffs], optimizer.small_gradient_share

@@ -1,96 +1,164 @@
-"""The ProDistill merge: one decoder block at a time, read, train, write, free.
+"""The ProDistill block loop: train one decoder block's merging coefficients, then advance.
 
-For every expert i we keep two activation streams over its calibration prompts: z1, the
-merged model's own activations, and z2, expert i's activations. Block l is merged as
-theta_0 + sum_i lambda_i * tau_i with element-wise coefficients lambda trained by Adam so
-that merged_block(z1) matches expert_block_i(z2) (masked mean squared error, averaged over
-experts). Then z1 advances through the trained merged block and z2 through the expert's.
-Embeddings, the final norm and the LM head are merged by task arithmetic with
-lambda = init. Only one block of the base and of each expert is ever in memory.
+For every expert i we keep two activation streams over its calibration prompts: the
+merged model's own activations and expert i's. Block l is merged as
+theta_0 + sum_i lambda_i * tau_i with element-wise coefficients lambda trained so that
+the merged block, fed the merged stream, matches expert i's block fed expert i's stream
+(masked mean squared error, averaged over experts). Then the merged stream advances
+through the trained merged block and each expert's stream through the expert's block.
+Only one block of the base and of each expert is ever in memory.
 """
 
 import contextlib
 import logging
-import math
-from typing import Dict
+import time
+from dataclasses import dataclass
+from typing import Iterable, List, Optional
 
 import torch
 
-from mergekit_prodistill.coefficients import (Optimizer, chain_rule, init_coefficients,
-                                              merged_weights, training_weights,
-                                              unique_parameters)
-from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.recipe import ProDistillParameters
+from mergekit_prodistill.blocks import BatchContext, BlockRunner
+from mergekit_prodistill.coefficients import (Weights, at_init, coefficient_stats, fit,
+                                              masked_mse, merged_weights)
 
 LOG = logging.getLogger("mergekit_prodistill")
 
-# On a non-finite loss the block is trained again from init with the learning rate
-# divided by LR_BACKOFF, at most MAX_RETRIES times.
-MAX_RETRIES = 3
-LR_BACKOFF = 10.0
+Stream = List[List[torch.Tensor]]  # [expert][batch] -> [batch, length, hidden]
 
 
-def masked_mse(out: torch.Tensor, target: torch.Tensor, token_mask: torch.Tensor):
-    """Mean squared error per hidden unit over real tokens only (padding excluded)."""
-    err = (out.float() - target.float()).pow(2).mean(-1)
-    return (err * token_mask).sum() / token_mask.sum()
+@dataclass
+class Streams:
+    """The activations entering the next block, per expert and batch.
 
-
-def distill_block(runner, index, layer, base_w, deltas, student_in, targets, contexts,
-                  p: ProDistillParameters, generator, on_epoch=None):
-    """Train block ``index``'s coefficients.
-
-    Returns them (one dict of tensors per expert) and the share of coefficients whose
-    first gradient was below Adam's eps (see :class:`coefficients.Optimizer`).
+    ``merged`` is the merged model's stream and ``expert`` each expert's own. Under the
+    paper's single-input ablations one of them is not computed, and its buffer holds the
+    teacher outputs instead: ``expert`` under ``inputs: merged``, ``merged`` under
+    ``inputs: expert``.
     """
-    compute_dtype = student_in[0][0].dtype
-    steps = max(len(batches) for batches in student_in)
-    epochs = p.epochs_for(steps)
-    lr, retries, epoch = p.lr, 0, 0
-    coeffs = init_coefficients(base_w, len(deltas), p)
-    optimizer = Optimizer(unique_parameters(coeffs), lr)
-    while epoch < epochs:
-        orders = [torch.randperm(len(b), generator=generator) for b in student_in]
-        epoch_loss = 0.0
-        for step in range(steps):
-            if not math.isfinite(epoch_loss):
-                break
-            # Materialise sum_i lambda_i tau_i once per step; back-propagate every expert's
-            # batch into it, then apply the chain rule d merged / d lambda_i = tau_i by hand.
-            merged = training_weights(base_w, deltas, coeffs, compute_dtype)
-            for i, order in enumerate(orders):
-                b = int(order[step % len(order)])
-                x = student_in[i][b].to(runner.device, non_blocking=True)
-                y = targets[i][b].to(runner.device, non_blocking=True)
-                out = runner.forward(index, layer, merged, x, contexts[i][b])
-                loss = masked_mse(out, y, contexts[i][b].token_mask) / len(orders)
-                loss.backward()
-                epoch_loss += loss.item()
-            chain_rule(merged, deltas, coeffs)
-            optimizer.step()
-        # One reduction per tensor: NaN or inf anywhere makes its sum non-finite.
-        params = optimizer.params
-        if not (math.isfinite(epoch_loss) and torch.stack([t.sum() for t in params]).isfinite().all()):
-            if retries == MAX_RETRIES:
-                raise ProDistillError(
-                    f"block {index}: the distillation loss is not finite even with lr={lr:g} "
-                    f"after {MAX_RETRIES} retries; lower 'lr' (now {p.lr:g}) or check the "
-                    "models for NaN or inf weights"
-                )
-            retries += 1
-            lr /= LR_BACKOFF
-            LOG.warning("block %d: non-finite loss in epoch %d; training the block again "
-                        "from the start with lr=%g", index, epoch + 1, lr)
-            # Restarting from init needs no saved copy of lambda (4 bytes per coefficient).
-            with torch.no_grad():
-                for t in params:
-                    t.fill_(p.init)
-            optimizer, epoch = Optimizer(params, lr), 0
-            continue
+
+    merged: Stream
+    expert: Stream
+    contexts: List[List[BatchContext]]  # masks and positions of every batch
+
+    def roles(self, inputs: str):
+        """(student inputs, teacher inputs, where the teacher outputs go)."""
+        if inputs == "dual":
+            return self.merged, self.expert, self.expert  # each batch read before written
+        if inputs == "merged":
+            return self.merged, self.merged, self.expert
+        return self.expert, self.expert, self.merged
+
+    def advance(self, inputs: str) -> None:
+        """After an ``inputs: expert`` block the teacher outputs are the expert stream."""
+        if inputs == "expert":
+            self.merged, self.expert = self.expert, self.merged
+
+
+def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weights],
+                    inputs: Stream, contexts, outputs: Optional[Stream] = None,
+                    targets: Optional[Stream] = None) -> float:
+    """Every batch of every expert through block ``index`` (expert i with ``weights[i]``),
+    without gradients. Results go to ``outputs`` (which may be ``inputs``: each batch is
+    read before it is overwritten). With ``targets``, returns the distillation loss per
+    real token, averaged over experts."""
+    per_expert = []
+    with torch.no_grad():
+        for i, (w, ctxs) in enumerate(zip(weights, contexts)):
+            total, tokens = 0.0, 0
+            for b, ctx in enumerate(ctxs):
+                out = runner.forward(index, layer, w, inputs[i][b].to(runner.device), ctx)
+                if targets is not None:
+                    n = int(ctx.token_mask.sum())
+                    total += float(masked_mse(out, targets[i][b].to(runner.device),
+                                              ctx.token_mask)) * n
+                    tokens += n
+                if outputs is not None:
+                    outputs[i][b].copy_(out)
+            per_expert.append(total / max(tokens, 1))
+    return sum(per_expert) / len(per_expert)
+
+
+def distill_block(runner: BlockRunner, index: int, base_w: Weights,
+                  expert_blocks: Iterable[Weights], streams: Streams, p, epochs: int,
+                  generator: torch.Generator, on_epoch=None):
+    """Merge block ``index``: returns its weights as written (the weights' dtype, own
+    parameter names) and its report. ``expert_blocks`` yields each expert's block in turn,
+    so that only one is in memory; the streams advance past the block."""
+    started = time.time()
+    layer = runner.layer(index)
+    dtype = streams.merged[0][0].dtype
+    student, teacher, targets = streams.roles(p.inputs)
+    contexts = streams.contexts
+    n = len(contexts)
+
+    # 1. The teacher outputs never change during training: compute them once.
+    deltas = []
+    for i, expert_w in enumerate(expert_blocks):
+        forward_batches(runner, index, layer, [cast(expert_w, dtype)], [teacher[i]],
+                        [contexts[i]], [targets[i]])
+        deltas.append({name: expert_w[name] - base_w[name] for name in base_w})
+        del expert_w  # it holds its memory-mapped shard's pages
+
+    # 2. The loss to beat: task arithmetic, every coefficient at init.
+    init = [{name: torch.tensor(p.init) for name in base_w}] * n
+    loss_before = forward_batches(runner, index, layer,
+                                  [merged_weights(base_w, deltas, init, dtype)] * n,
+                                  student, contexts, targets=targets)
+
+    # 3. Train the coefficients.
+    epoch_losses = []
+
+    def record(epoch, loss):
+        del epoch_losses[epoch:]  # a retry trains the block again from its first epoch
+        epoch_losses.append(loss)
         if on_epoch:
-            on_epoch(epoch, epoch_loss / steps)
-        epoch += 1
-    return [{n: t.detach() for n, t in c.items()} for c in coeffs], optimizer.small_gradient_share
+            on_epoch(epoch, loss)
+
+    def loss_of(weights, i, b):
+        out = runner.forward(index, layer, weights, student[i][b].to(runner.device),
+                             contexts[i][b])
+        return masked_mse(out, targets[i][b].to(runner.device), contexts[i][b].token_mask)
+
+    coeffs, small_share = fit(base_w, deltas, p, epochs, [len(b) for b in student],
+                              loss_of, dtype, generator, f"block {index}", on_epoch=record)
+
+    # 4. Evaluate exactly the block that is written. A block never ends worse on its
+    #    calibration data than the task arithmetic it started from.
+    final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs,
+                                            streams, student, targets, dtype)
+    if not loss_after <= loss_before:
+        LOG.warning("block %d: training raised the loss (%.4g -> %.4g); keeping task "
+                    "arithmetic for this block (lower 'lr' if this recurs)",
+                    index, loss_before, loss_after)
+        coeffs = at_init(coeffs, p.init)
+        final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas,
+                                                coeffs, streams, student, targets, dtype)
+
+    # 5. Advance the merged stream through exactly the weights just written.
+    if p.inputs != "expert":
+        forward_batches(runner, index, layer, [block_w] * n, student, contexts, student)
+    streams.advance(p.inputs)
+    report = {"block": index, "loss_before": loss_before, "loss_after": loss_after,
+              "epoch_losses": epoch_losses, **coefficient_stats(coeffs),
+              "small_gradient_share": small_share}
+    LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
+    return final, report | {"seconds": time.time() - started}
+
+
+def _evaluated(runner, index, layer, base_w, deltas, coeffs, streams, student, targets,
+               dtype):
+    """The block as written (the weights' dtype), the same in the compute dtype, and
+    its loss on the student stream."""
+    final = {name: t.to(base_w[name].dtype) for name, t in
+             merged_weights(base_w, deltas, coeffs, torch.float32).items()}
+    block_w = cast(final, dtype)
+    loss = forward_batches(runner, index, layer, [block_w] * len(deltas), student,
+                           streams.contexts, targets=targets)
+    return final, block_w, loss
+
+
+def cast(weights: Weights, dtype: torch.dtype) -> Weights:
+    return {name: t.to(dtype) for name, t in weights.items()}
 
 
 @contextlib.contextmanager
@@ -110,42 +178,3 @@ def denormals_flushed(enabled: bool):
         yield
     finally:
         torch.set_flush_denormal(False)
-
-
-def run_block(runner, index, layer, weights, inputs, contexts, outputs, targets=None):
-    """Forward every batch of every expert through one block, without gradients.
-
-    Results go into ``outputs`` (which may be ``inputs``: each batch is read before it is
-    overwritten). With ``targets``, returns the distillation loss averaged over experts.
-    """
-    per_expert = []
-    with torch.no_grad():
-        for i, (w, ctxs) in enumerate(zip(weights, contexts)):
-            total, tokens = 0.0, 0
-            for b, ctx in enumerate(ctxs):
-                out = runner.forward(index, layer, w, inputs[i][b].to(runner.device), ctx)
-                if targets is not None:
-                    n = int(ctx.token_mask.sum())
-                    y = targets[i][b].to(runner.device)
-                    total += float(masked_mse(out, y, ctx.token_mask)) * n
-                    tokens += n
-                if outputs is not None:
-                    outputs[i][b].copy_(out)
-            per_expert.append(total / max(tokens, 1))
-    return sum(per_expert) / len(per_expert)
-
-
-def _evaluated(runner, index, layer, base_w, deltas, coeffs, student, contexts, targets,
-               compute_dtype):
-    """The block to write (in the weights' dtype), the same in the compute dtype, and its
-    loss on the merged stream."""
-    final = {n: t.to(base_w[n].dtype) for n, t in
-             merged_weights(base_w, deltas, coeffs, torch.float32).items()}
-    block_w = _cast(final, compute_dtype)
-    loss = run_block(runner, index, layer, [block_w] * len(deltas), student, contexts, None,
-                     targets)
-    return final, block_w, loss
-
-
-def _cast(weights: Dict[str, torch.Tensor], dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    return {n: t.to(dtype) for n, t in weights.items()}

@@ -13,16 +13,15 @@ which the merged stream already started from, so only the final norm is trained.
 """
 
 import logging
-import math
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 import transformers
 from torch.func import functional_call
 
 from mergekit_prodistill.blocks import family_of
-from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, init_coefficients,
-                                              merged_weights, unique_parameters)
+from mergekit_prodistill.coefficients import (coefficient_stats, fit, init_coefficients,
+                                              masked_kl, merged_weights)
 from mergekit_prodistill.errors import ProDistillError
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -80,28 +79,13 @@ class HeadForward:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-def masked_kl(student_logp, teacher_logp, token_mask):
-    """KL(teacher || student) per real token, averaged over real tokens."""
-    kl = (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
-    return (kl * token_mask).sum() / token_mask.sum()
+def train_head(norm_weight, head_weight, head_trainable: bool, base, experts, align,
+               streams, contexts, config, p, generator: torch.Generator,
+               device: torch.device) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """Trained final norm (and untied LM head) for the merged model, and a report.
 
-
-def train_head(
-    norm_weight,
-    head_weight,
-    head_trainable: bool,
-    base,
-    experts,
-    align,
-    merged_hidden: List[List[torch.Tensor]],
-    expert_hidden: List[List[torch.Tensor]],
-    contexts,
-    config,
-    p,
-    generator: torch.Generator,
-    device: torch.device,
-) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    """Trained final norm (and untied LM head) for the merged model, and a report."""
+    ``streams`` holds the last block's outputs: the merged model's and every expert's own.
+    """
     log_probs = HeadForward(config)
     trained = {norm_weight.name: "weight"}
     if head_trainable:
@@ -120,70 +104,43 @@ def train_head(
             w[own] = t
     deltas = [{n: w[n] - base_w[n] for n in base_w} for w in expert_w]
     del base_t, expert_t, expert_w, aligned, t
-    coeffs = init_coefficients(base_w, len(experts), p)
-    if not head_trainable:
-        # Tied: the head is the input embedding, merged by task arithmetic with init.
-        for c in coeffs:
-            c["head"] = torch.tensor(p.init, dtype=torch.float32, device=base_w["head"].device)
-    optimizer = Optimizer(unique_parameters(coeffs), p.lr)
-    compute_dtype = merged_hidden[0][0].dtype
-
-    def weights_now():
-        mixed = {}
-        for name, base_t in base_w.items():
-            total = coeffs[0][name] * deltas[0][name]
-            for c, d in zip(coeffs[1:], deltas[1:]):
-                total = total + c[name] * d[name]
-            mixed[name] = (base_t + total).to(compute_dtype)
-        return mixed
+    dtype = streams.merged[0][0].dtype
 
     def teacher(i, b):
         with torch.no_grad():
-            w = {n: (base_w[n] + deltas[i][n]).to(compute_dtype) for n in base_w}
-            return log_probs(w["weight"], w["head"], expert_hidden[i][b].to(device))
+            w = {n: (base_w[n] + deltas[i][n]).to(dtype) for n in base_w}
+            return log_probs(w["weight"], w["head"], streams.expert[i][b].to(device))
 
-    def full_loss() -> float:
+    def loss_of(w, i, b):
+        student = log_probs(w["weight"], w["head"], streams.merged[i][b].to(device))
+        return masked_kl(student, teacher(i, b), contexts[i][b].token_mask)
+
+    def mean_loss(coeffs) -> float:
+        """The loss over every batch, averaged over experts, with the weights as written."""
+        w = merged_weights(base_w, deltas, coeffs, dtype)
+        per_expert = []
         with torch.no_grad():
-            w = weights_now()
-            per_expert = []
-            for i, batches in enumerate(merged_hidden):
-                total, tokens = 0.0, 0
-                for b, x in enumerate(batches):
-                    mask = contexts[i][b].token_mask
-                    kl = masked_kl(log_probs(w["weight"], w["head"], x.to(device)),
-                                   teacher(i, b), mask)
-                    total += float(kl) * int(mask.sum())
-                    tokens += int(mask.sum())
-                per_expert.append(total / tokens)
+            for i, batches in enumerate(contexts):
+                tokens = [int(ctx.token_mask.sum()) for ctx in batches]
+                per_expert.append(sum(float(loss_of(w, i, b)) * n
+                                      for b, n in enumerate(tokens)) / sum(tokens))
         return sum(per_expert) / len(per_expert)
 
-    report = {"loss_before": full_loss(), "epoch_losses": []}
-    steps = max(len(b) for b in merged_hidden)
-    for epoch in range(p.head_epochs):
-        orders = [torch.randperm(len(b), generator=generator) for b in merged_hidden]
-        epoch_loss = 0.0
-        for step in range(steps):
-            w = weights_now()
-            step_loss = 0.0
-            for i, order in enumerate(orders):
-                b = int(order[step % len(order)])
-                student = log_probs(w["weight"], w["head"], merged_hidden[i][b].to(device))
-                loss = masked_kl(student, teacher(i, b), contexts[i][b].token_mask) / len(orders)
-                loss.backward(retain_graph=i + 1 < len(orders))
-                step_loss += loss.item()
-            if not math.isfinite(step_loss):
-                raise ProDistillError(
-                    f"final norm and LM head: the loss became {step_loss} at epoch "
-                    f"{epoch + 1}; lower 'lr' (now {p.lr})"
-                )
-            optimizer.step()
-            epoch_loss += step_loss
-        report["epoch_losses"].append(epoch_loss / steps)
-    report["loss_after"] = full_loss()
-    report["small_gradient_share"] = optimizer.small_gradient_share
+    # Tied: the head is the input embedding, merged by task arithmetic with init.
+    frozen = () if head_trainable else ("head",)
+    start = init_coefficients(base_w, len(experts), p, frozen)
+    report = {"loss_before": mean_loss(start), "epoch_losses": []}
+
+    def on_epoch(epoch, loss):
+        del report["epoch_losses"][epoch:]  # a retry trains again from the first epoch
+        report["epoch_losses"].append(loss)
+
+    coeffs, small_share = fit(base_w, deltas, p, p.head_epochs, [len(b) for b in contexts],
+                              loss_of, dtype, generator, "final norm and LM head",
+                              frozen, on_epoch)
+    report["loss_after"] = mean_loss(coeffs)
+    report["small_gradient_share"] = small_share
     report.update(coefficient_stats([{n: c[n] for n in trained.values()} for c in coeffs]))
     LOG.info("final norm and LM head: KL %.4g -> %.4g", report["loss_before"], report["loss_after"])
-    with torch.no_grad():
-        final = merged_weights(base_w, deltas, [{n: c[n].detach() for n in base_w} for c in coeffs],
-                               torch.float32)
+    final = merged_weights(base_w, deltas, coeffs, torch.float32)
     return {name: final[own].to(base_w[own].dtype) for name, own in trained.items()}, report

@@ -64,6 +64,8 @@ class Checked:
     models: Dict[ModelReference, ModelFiles]
     vocabulary_rows: Dict[ModelReference, int]  # input embedding rows per model
     output_bytes: int
+    module: object  # mergekit's configured architecture module of the base model
+    arch_info: object  # mergekit's architecture info
 
 
 def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguration,
@@ -83,13 +85,13 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
                 f"model {ref} is {_arch_name(configs[ref])} but the base model is "
                 f"{_arch_name(configs[recipe.base])}; experts must be fine-tuned from the base"
             )
-    module = _module(recipe, merge_config, options, refs)
+    arch_info, module = _module(recipe, merge_config, options, refs)
     weights = module.all_weights()
     check_tensors(recipe, models, weights)
     rows = {ref: _vocabulary_rows(weights, files) for ref, files in models.items()}
     needed = output_bytes(recipe, models, weights)
     check_free_disk(out_path, needed)
-    return Checked(models, rows, needed)
+    return Checked(models, rows, needed, module, arch_info)
 
 
 def check_dtypes(recipe: ProDistillRecipe) -> None:
@@ -299,7 +301,7 @@ def _module(recipe, merge_config, options, refs):
                 f"model {ref} has {n} layers but the base model has {layers}; experts must "
                 "be fine-tuned from the base"
             )
-    return module
+    return arch_info, module
 
 
 def _find(weight: WeightInfo, tensors: Dict[str, TensorInfo]) -> Optional[str]:

@@ -1,122 +1,132 @@
-"""The merge from recipe to written model (temporary split; see distill.py)."""
+"""One ProDistill merge, from the recipe to the published output folder.
+
+Each step is a call into the module that does that job; read this file top to bottom to
+follow a merge. Everything below it imports downwards, and mergekit's ``MergeOptions``
+stops here except where it is handed back to mergekit (model folders, the output's
+config and tokenizer) or mirrors mergekit's flags (the plan).
+
+1. the recipe, and every check that reads no weight (``recipe``, ``preflight``);
+2. the merged vocabulary (``vocab``);
+3. the calibration prompts, read and tokenised once (``calibration``);
+4. the plan: where every tensor lives, in which dtype, and whether it fits (``plan``);
+5. the staging folder and the saved progress of an interrupted run (``progress``);
+6. each expert's greedy continuation of its prompts (``continuation``);
+7. the embeddings, then every decoder block (``distill``), then the final norm and LM
+   head (``head``), each unit saved as it is finished;
+8. the shards, config, tokenizer, model card and report, moved into place (``output``).
+"""
 
 import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
+from typing import List, Optional
+
 import torch
 import tqdm
-from mergekit.architecture import ConfiguredModelArchitecture, get_architecture_info
 from mergekit.common import dtype_from_name
-from mergekit.config import MergeConfiguration
 from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
-from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, continuation, dtypes, head, output, plan, preflight
+from mergekit_prodistill import (calibration, continuation, distill, head, output, plan,
+                                 preflight)
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
-from mergekit_prodistill.coefficients import coefficient_stats, merged_weights
+from mergekit_prodistill.errors import Interrupted
+from mergekit_prodistill.layout import scratch_dir
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
-from mergekit_prodistill.recipe import ProDistillRecipe, parse_recipe
-from mergekit_prodistill.errors import Interrupted, ProDistillError
-from mergekit_prodistill.vocab import plan_vocabulary
-from mergekit_prodistill.weights import ModelTensors, check_shape, merge
+from mergekit_prodistill.recipe import parse_recipe
+from mergekit_prodistill.vocab import Vocabulary, plan_vocabulary
+from mergekit_prodistill.weights import ModelTensors, check_shape, task_arithmetic
 
 LOG = logging.getLogger("mergekit_prodistill")
 
-# On a non-finite loss the block is trained again from init with the learning rate
-# divided by LR_BACKOFF, at most MAX_RETRIES times.
-MAX_RETRIES = 3
-LR_BACKOFF = 10.0
+
+@dataclass(frozen=True)
+class Context:
+    """What the run takes from the command line besides the recipe."""
+
+    device: torch.device
+    seed: int
+    trust_remote_code: bool
+    quiet: bool
+
+    @classmethod
+    def of(cls, options) -> "Context":
+        seed = options.random_seed if options.random_seed is not None else 0
+        return cls(torch.device(options.device or "cpu"), seed, options.trust_remote_code,
+                   options.quiet)
 
 
-from mergekit_prodistill.distill import (_cast, _evaluated, denormals_flushed, distill_block,
-                                         run_block)
-
-
-def run_prodistill(
-    merge_config: MergeConfiguration,
-    out_path: str,
-    options: MergeOptions,
-    config_source: str = None,
-):
+def run_prodistill(merge_config, out_path: str, options, config_source: str = None):
     """Merge the recipe's experts into its base with ProDistill and write ``out_path``."""
     started = time.time()
-    recipe: ProDistillRecipe = parse_recipe(merge_config)
+    ctx = Context.of(options)
+    # 1. The recipe, and every check that reads no weight.
+    recipe = parse_recipe(merge_config)
     p = recipe.params
     checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
+    # 2. The merged vocabulary.
     vocabulary = plan_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
-    plan.check_fits(recipe, options)  # before any weight is read
-    seed = options.random_seed if options.random_seed is not None else 0
-    generator = torch.Generator().manual_seed(seed)
-    device = torch.device(options.device or "cpu")
+    # 3. The calibration prompts, read and tokenised once; every prompt token must have a
+    #    row in the merged vocabulary.
+    calib = calibration.load_for_experts(recipe, options, ctx.seed)
+    vocabulary.calibration_ids(calib)
+    # 4. The plan, checked against the memory free now, before any weight is read.
+    decided = plan.check_fits(recipe, options)
 
     LoaderCache().setup(options=options)
-    arch_info = get_architecture_info(merge_config, options)
-    base_config = recipe.base.config(trust_remote_code=options.trust_remote_code)
-    module = ConfiguredModelArchitecture(info=arch_info, config=base_config).get_module("default")
-    num_layers = module.num_layers()
-    for expert in recipe.experts:
-        n = module.info.num_layers(expert.model.config(trust_remote_code=options.trust_remote_code))
-        if n != num_layers:
-            raise ProDistillError(
-                f"model {expert.model} has {n} layers but the base model has {num_layers}"
-            )
-
-    base = ModelTensors(recipe.base, recipe.dtype, str(device))
-    experts = [ModelTensors(e.model, recipe.dtype, str(device)) for e in recipe.experts]
+    module = checked.module
+    base = ModelTensors(recipe.base, recipe.dtype, str(ctx.device))
+    experts = [ModelTensors(e.model, recipe.dtype, str(ctx.device)) for e in recipe.experts]
     out_dtype = recipe.out_dtype or recipe.dtype
-    cast_out = (lambda t: t.to(dtype_from_name(out_dtype))) if out_dtype else (lambda t: t)
+    facts = {"activation_dtype": decided.dtypes["cache"],
+             "epochs": p.epochs_for(max(len(b) for b in calib.batches))} if p.epochs else {}
 
-    activation_dtype = dtypes.activation_dtype(
-        p.activation_dtype, dtypes.weights_dtype(recipe, base_config), device)
-    calib = calibration.load_for_experts(recipe, options, seed)
-    merged_ids = vocabulary.calibration_ids(calib)  # every prompt token has a merged row
+    # 5. The staging folder; with training, the progress a resumed run continues from.
+    # Without training the merge is streaming task arithmetic: nothing worth resuming.
     created_out = not os.path.exists(out_path)
     staging = output.start_staging(out_path)
-    writer = TensorWriter(
-        staging,
-        max_shard_size=options.out_shard_size,
-        safe_serialization=options.safe_serialization,
-    )
-    # With no training the merge is streaming task arithmetic: nothing worth resuming, and
-    # no continuations to generate. The fingerprint covers the prompts before continuation.
-    checkpoint = None
+    writer = TensorWriter(staging, max_shard_size=options.out_shard_size,
+                          safe_serialization=options.safe_serialization)
+    progress = None
     if p.epochs:
-        checkpoint = Progress(staging, fingerprint(
+        progress = Progress(staging, fingerprint(
             repr(merge_config),  # to_yaml() refuses recipes that share YAML anchors
-            {"seed": seed, "device": device.type, "dtype": recipe.dtype},
+            {"seed": ctx.seed, "device": ctx.device.type, "dtype": recipe.dtype},
             [f for m in [base, *experts] for f in m.shard_files()],
             calib.batches,
         ))
-    resumed = checkpoint.restore_or_reset() if checkpoint else None
-    units = UnitWriter(writer, checkpoint)
-
+    resumed = progress.restore_or_reset() if progress else None
+    units = UnitWriter(writer, progress)
+    merge = Merge(recipe, module, base, experts, vocabulary, units,
+                  dtype_from_name(out_dtype) if out_dtype else None, ctx)
     try:
-        facts = {"activation_dtype": activation_dtype,
-                 "epochs": p.epochs_for(max(len(b) for b in calib.batches))} if p.epochs else {}
-        if checkpoint is not None and p.continue_tokens:
+        # 6. Each expert's continuation of its prompts, generated once and saved.
+        if progress is not None and p.continue_tokens:
             continued = time.time()
-            calib = _continued(recipe, options, calib, device, checkpoint)
-            merged_ids = vocabulary.calibration_ids(calib)
+            folders = [checked.models[e.model].folder for e in recipe.experts]
+            calib = _continued(recipe, folders, calib, ctx, progress)
             facts["continuation_seconds"] = time.time() - continued
-        with denormals_flushed(bool(p.epochs)):
-            report_blocks, head_report = _merge(
-                recipe, module, base, experts, calib, merged_ids, vocabulary, device,
-                generator, units, cast_out, checkpoint, resumed, options,
-                p.activation_dir or os.path.join(staging, output.SCRATCH), activation_dtype)
-        units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
-        output.finish(
-            staging, out_path, merge_config, arch_info, options, config_source, recipe,
-            calib, report_blocks, started, device, vocabulary, head_report,
-            facts=facts,
-        )
+        # 7. The embeddings, every decoder block, the final norm and LM head.
+        with distill.denormals_flushed(bool(p.epochs)):
+            if p.epochs:
+                report_blocks, head_report = merge.trained(
+                    calib, decided, resumed, progress,
+                    p.activation_dir or scratch_dir(out_path))
+            else:
+                report_blocks, head_report = merge.task_arithmetic(), None
+        units.finalize(["pre", *(f"block-{i}" for i in range(module.num_layers())), "post"])
+        # 8. The output, moved into place once complete.
+        output.finish(staging, out_path, merge_config, checked.arch_info, options,
+                      config_source, recipe, calib, report_blocks, started, ctx.device,
+                      vocabulary, head_report, facts=facts)
     except BaseException as exc:
         # Saved continuations alone are kept when the run was stopped, not when it failed:
         # a failure is usually fixed by changing the recipe, which voids them.
-        resumable = checkpoint is not None and (checkpoint.has_progress() or (
-            isinstance(exc, KeyboardInterrupt) and checkpoint.has_continuations()))
+        resumable = progress is not None and (progress.has_progress() or (
+            isinstance(exc, KeyboardInterrupt) and progress.has_continuations()))
         if not resumable:  # nothing worth keeping: leave no trace
             output.discard(staging, out_path, created_out)
         if isinstance(exc, KeyboardInterrupt):
@@ -129,180 +139,149 @@ def run_prodistill(
     shutil.rmtree(staging)
 
 
-def _continued(recipe, options, calib, device, checkpoint):
+def _continued(recipe, folders: List[str], calib, ctx: Context, progress: Progress):
     """Every expert's prompts, each followed by its greedy continuation.
 
     Generated once, one expert at a time, and saved in the progress folder: a run that
     continues this merge reads them back instead of generating them again.
     """
-    sequences = checkpoint.load_continuations()
+    sequences = progress.load_continuations()
     if sequences is None:
         sequences = []
-        for expert, prompts in zip(recipe.experts, calib.sequences):
-            tokenizer = calibration.load_tokenizer(expert.model, recipe.base,
-                                                   options.trust_remote_code)
-            free = {str(device): plan.available_memory(device),
+        for folder, tokenizer, prompts in zip(folders, calib.tokenizers, calib.sequences):
+            free = {str(ctx.device): plan.available_memory(ctx.device),
                     "cpu": plan.available_memory(torch.device("cpu"))}
             sequences.append(continuation.continue_prompts(
-                expert.model.local_path(cache_dir=options.transformers_cache), prompts,
-                recipe.params.continue_tokens, tokenizer, dtype=recipe.dtype, device=device,
-                free=free, trust_remote_code=options.trust_remote_code))
-        checkpoint.save_continuations(sequences)
+                folder, prompts, recipe.params.continue_tokens, tokenizer,
+                dtype=recipe.dtype, device=ctx.device, free=free,
+                trust_remote_code=ctx.trust_remote_code))
+        progress.save_continuations(sequences)
     return calib.with_sequences(sequences, recipe.params.batch_size)
 
 
-def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
-           units, cast_out, checkpoint, resumed, options, activation_dir, activation_dtype):
-    """Merge every tensor in order; returns the per-block report and the head's (or None)."""
-    p = recipe.params
-    num_layers = module.num_layers()
-    train = bool(p.epochs)
-    init = [torch.tensor(p.init, dtype=torch.float32)] * len(experts)
+@dataclass
+class Merge:
+    """The models being merged, read tensor by tensor, and where merged tensors go."""
 
-    def task_arithmetic(weight):
-        """Merge one non-block tensor with lambda = init; also return the inputs."""
-        base_t = base.load(weight)
-        expert_ts = [e.load(weight) for e in experts]
-        base_a, aligned = vocabulary.align(weight, base_t, expert_ts)
-        for e, t in zip(experts, aligned):
-            check_shape(weight.name, base_a, t, e.model)
-        merged = merge(base_a, [t - base_a for t in aligned], init).to(base_t.dtype)
-        units.save_tensor(weight.name, cast_out(merged))
+    recipe: object
+    module: object  # mergekit's configured architecture module of the base
+    base: ModelTensors
+    experts: List[ModelTensors]
+    vocabulary: Vocabulary
+    units: UnitWriter
+    out_dtype: Optional[torch.dtype]
+    ctx: Context
+
+    def held(self, weight) -> bool:
+        return self.base.has(weight) or any(e.has(weight) for e in self.experts)
+
+    def present(self, weight) -> bool:
+        """Optional tensors no model holds (e.g. Granite's biases) are skipped, as mergekit
+        skips them."""
+        return not weight.optional or self.held(weight)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.units.save_tensor(name, tensor.to(self.out_dtype) if self.out_dtype else tensor)
+
+    def merge_tensor(self, weight):
+        """One tensor by task arithmetic, written; returns it and the experts' tensors."""
+        init = torch.tensor(self.recipe.params.init, dtype=torch.float32)
+        merged, expert_ts = task_arithmetic(weight, self.base, self.experts,
+                                            self.vocabulary.align, init)
+        self.write(weight.name, merged)
         return merged, expert_ts
 
-    # Optional tensors no model holds (e.g. Granite's biases) are skipped, as mergekit does.
-    present = lambda w: base.has(w) or any(e.has(w) for e in experts)  # noqa: E731
+    def task_arithmetic(self) -> list:
+        """Every tensor with lambda = init, streamed to the output (``epochs: 0``)."""
+        for weights in (self.module.pre_weights(),
+                        *(self.module.layer_weights(i) for i in range(self.module.num_layers())),
+                        self.module.post_weights()):
+            for weight in filter(self.present, weights):
+                self.merge_tensor(weight)
+        return []
 
-    # Embeddings: merged rows start z1, each expert's own rows start its z2 (the same
-    # prompts, as ids of the merged vocabulary and of the expert's own), through the
-    # model's own embedding, so that a family's scaling (Gemma, Granite) is applied.
-    z1 = z2 = store = contexts = runner = None
-    if train:
-        runner = BlockRunner(module.config, device, options.trust_remote_code)
-        hidden = module.config.hidden_size
-        store = ActivationStore(calib.shapes(), hidden, dtype_from_name(activation_dtype),
+    def trained(self, calib, decided, resumed, progress: Progress, activation_dir: str):
+        """Embeddings by task arithmetic, every block distilled, the head trained or merged
+        by task arithmetic; returns the blocks' reports and the head's (or None)."""
+        p, device = self.recipe.params, self.ctx.device
+        runner = BlockRunner(self.module.config, device, self.ctx.trust_remote_code)
+        store = ActivationStore(calib.shapes(), self.module.config.hidden_size,
+                                dtype_from_name(decided.dtypes["cache"]),
                                 p.activation_placement, device, activation_dir)
-        z1, z2 = store.allocate("z1"), store.allocate("z2")
-    blocks_done = resumed["blocks_done"] if resumed else 0
-    report_blocks = resumed["report_blocks"] if resumed else []
-    if resumed:
-        checkpoint.load_streams([z1, z2], generator)
-    else:
-        for weight in module.pre_weights():
-            merged, expert_ts = task_arithmetic(weight)
-            if train and weight.vocabulary_axis == 0:
+        streams = distill.Streams(store.allocate("merged"), store.allocate("expert"), [])
+        blocks_done = resumed["blocks_done"] if resumed else 0
+        reports = resumed["report_blocks"] if resumed else []
+        generator = torch.Generator().manual_seed(self.ctx.seed)
+        if resumed:
+            progress.load_streams([streams.merged, streams.expert], generator)
+        else:
+            self._embeddings(runner, calib, streams)
+        dtype = streams.merged[0][0].dtype
+        streams.contexts = [[runner.context(b, dtype) for b in batches]
+                            for batches in calib.batches]
+        epochs = p.epochs_for(max(len(b) for b in calib.batches))
+
+        bar = tqdm.tqdm(total=self.module.num_layers(), initial=blocks_done,
+                        desc="ProDistill blocks", disable=self.ctx.quiet)
+        for index in range(blocks_done, self.module.num_layers()):
+            infos = [w for w in self.module.layer_weights(index) if self.present(w)]
+            names = layer_weight_names(runner.layer(index), [w.name for w in infos])
+            base_w = {names[n]: t for n, t in self.base.load_all(infos).items()}
+            final, report = distill.distill_block(
+                runner, index, base_w, self._expert_blocks(infos, names, base_w), streams,
+                p, epochs, generator, on_epoch=lambda epoch, loss: bar.set_postfix(
+                    block=index, epoch=epoch + 1, loss=f"{loss:.3g}"))
+            for full_name, own_name in names.items():
+                self.write(full_name, final[own_name])
+            self.units.end_unit(f"block-{index}")
+            reports.append(report)
+            progress.save_state(index + 1, [streams.merged, streams.expert], generator, reports)
+            bar.set_postfix(block=index, loss=f"{report['loss_before']:.3g}->"
+                            f"{report['loss_after']:.3g}")
+            bar.update()
+            del base_w, final
+        bar.close()
+        return reports, self._final(streams, runner, generator)
+
+    def _expert_blocks(self, infos, names, base_w):
+        """Each expert's block in turn, under the block module's parameter names."""
+        for expert in self.experts:
+            block = {names[n]: t for n, t in expert.load_all(infos).items()}
+            for name in block:
+                check_shape(name, base_w[name], block[name], expert.model)
+            yield block
+            del block  # before the next expert's block is read
+
+    def _embeddings(self, runner: BlockRunner, calib, streams) -> None:
+        """Merge the embeddings; the merged rows start the merged stream and each expert's
+        own rows its stream (the same prompts, as ids of the merged vocabulary and of the
+        expert's own), through the model's own embedding module, so that a family's
+        scaling (Gemma, Granite) is applied."""
+        merged_ids = self.vocabulary.calibration_ids(calib)
+        for weight in filter(self.present, self.module.pre_weights()):
+            merged, expert_ts = self.merge_tensor(weight)
+            if weight.vocabulary_axis == 0:
                 for i, batches in enumerate(calib.batches):
                     for b, batch in enumerate(batches):
-                        z1[i][b].copy_(runner.embed(merged, merged_ids[i][b]))
-                        z2[i][b].copy_(runner.embed(expert_ts[i], batch.input_ids))
+                        streams.merged[i][b].copy_(runner.embed(merged, merged_ids[i][b]))
+                        streams.expert[i][b].copy_(runner.embed(expert_ts[i], batch.input_ids))
             del merged, expert_ts
-        units.end_unit("pre")
-    if train:
-        contexts = [[runner.context(b, z1[0][0].dtype) for b in batches]
-                    for batches in calib.batches]
+        self.units.end_unit("pre")
 
-    progress = tqdm.tqdm(total=num_layers, initial=blocks_done, desc="ProDistill blocks",
-                         disable=options.quiet)
-    for index in range(blocks_done, num_layers):
-        block_started = time.time()
-        weight_infos = [w for w in module.layer_weights(index) if not w.optional or present(w)]
-        if not train:
-            for weight in weight_infos:
-                task_arithmetic(weight)
-            units.end_unit(f"block-{index}")
-            progress.update()
-            continue
-
-        layer = runner.layer(index)
-        names = layer_weight_names(layer, [w.name for w in weight_infos])
-        base_w = {names[n]: t for n, t in base.load_all(weight_infos).items()}
-        compute_dtype = z1[0][0].dtype
-
-        # Which stream feeds the student and the teacher (dual inputs unless ablated); the
-        # teacher outputs go to the buffer the student does not read, in place.
-        student = z1 if p.inputs in ("dual", "merged") else z2
-        teacher = z2 if p.inputs in ("dual", "expert") else z1
-        targets = z2 if student is z1 else z1
-        # The teacher outputs never change during training: compute them once. They are
-        # also the expert stream's next input.
-        deltas = []
-        for i, expert in enumerate(experts):
-            expert_w = {names[n]: t for n, t in expert.load_all(weight_infos).items()}
-            # No loop variable may outlive expert_w: any of its tensors keeps the whole
-            # memory-mapped shard, every page read from it, in memory.
-            for n in expert_w:
-                check_shape(n, base_w[n], expert_w[n], expert.model)
-            run_block(runner, index, layer, [_cast(expert_w, compute_dtype)], [teacher[i]],
-                      [contexts[i]], [targets[i]])
-            deltas.append({n: expert_w[n] - base_w[n] for n in base_w})
-            del expert_w
-
-        init_w = merged_weights(base_w, deltas, [{n: init[0] for n in base_w} for _ in deltas],
-                                compute_dtype)
-        loss_before = run_block(runner, index, layer, [init_w] * len(experts), student,
-                                contexts, None, targets)
-        del init_w
-
-        epoch_losses = []
-
-        def on_epoch(epoch, loss):
-            del epoch_losses[epoch:]  # a retry trains the block again from its first epoch
-            epoch_losses.append(loss)
-            progress.set_postfix(block=index, epoch=epoch + 1, loss=f"{loss:.3g}")
-
-        coeffs, small_share = distill_block(runner, index, layer, base_w, deltas, student,
-                                            targets, contexts, p, generator, on_epoch)
-        final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs,
-                                                student, contexts, targets, compute_dtype)
-        if not loss_after <= loss_before:
-            # A block never ends worse on its calibration data than the task arithmetic it
-            # started from (a too large lr, or a scalar coefficient that overshoots).
-            LOG.warning("block %d: training raised the loss (%.4g -> %.4g); keeping task "
-                        "arithmetic for this block (lower 'lr' if this recurs)",
-                        index, loss_before, loss_after)
-            coeffs = [{n: torch.full_like(t, p.init) for n, t in c.items()} for c in coeffs]
-            final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas,
-                                                    coeffs, student, contexts, targets,
-                                                    compute_dtype)
-        for full_name, own_name in names.items():
-            units.save_tensor(full_name, cast_out(final[own_name]))
-        units.end_unit(f"block-{index}")
-
-        # Advance the merged stream through exactly the weights just written.
-        if p.inputs != "expert":
-            run_block(runner, index, layer, [block_w] * len(experts), student, contexts, student)
-        if p.inputs == "expert":
-            z1, z2 = z2, z1  # the teacher outputs, in z1's buffer, are the next expert stream
-        report_blocks.append({
-            "block": index,
-            "loss_before": loss_before,
-            "loss_after": loss_after,
-            "epoch_losses": epoch_losses,
-            **coefficient_stats(coeffs),
-            "small_gradient_share": small_share,
-            "seconds": time.time() - block_started,
-        })
-        checkpoint.save_state(index + 1, [z1, z2], generator, report_blocks)
-        progress.set_postfix(block=index, loss=f"{loss_before:.3g}->{loss_after:.3g}")
-        progress.update()
-        LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
-        del base_w, deltas, coeffs, final, block_w
-    progress.close()
-
-    trained_head, head_report = {}, None
-    if p.head_epochs and train:
-        norm_w, head_w, untied = head.find_norm_and_head(
-            module.pre_weights(), module.post_weights(), present)
-        trained_head, head_report = head.train_head(
-            norm_w, head_w, untied, base, experts, vocabulary.align, z1, z2, contexts,
-            module.config, p, generator, device)
-    for weight in module.post_weights():
-        if weight.optional and not present(weight):
-            continue  # e.g. no lm_head with tied embeddings, as mergekit does
-        if weight.name in trained_head:
-            units.save_tensor(weight.name, cast_out(trained_head[weight.name]))
-        else:
-            task_arithmetic(weight)
-    units.end_unit("post")
-    return report_blocks, head_report
-
+    def _final(self, streams, runner, generator) -> Optional[dict]:
+        """The final norm and LM head: trained with ``head_epochs``, else task arithmetic."""
+        p, trained, report = self.recipe.params, {}, None
+        post = self.module.post_weights()
+        if p.head_epochs:
+            norm_w, head_w, untied = head.find_norm_and_head(
+                self.module.pre_weights(), post, self.held)
+            trained, report = head.train_head(
+                norm_w, head_w, untied, self.base, self.experts, self.vocabulary.align,
+                streams, streams.contexts, self.module.config, p, generator, self.ctx.device)
+        for weight in filter(self.present, post):
+            if weight.name in trained:
+                self.write(weight.name, trained[weight.name])
+            else:
+                self.merge_tensor(weight)
+        self.units.end_unit("post")
+        return report

@@ -1,4 +1,4 @@
-"""Lazy tensor access through mergekit's loader, and the merge formula itself."""
+"""Lazy tensor access through mergekit's loader."""
 
 import os
 from typing import Dict, List, Optional, Sequence
@@ -8,6 +8,7 @@ from mergekit.architecture import WeightInfo
 from mergekit.common import ModelReference
 from mergekit.io.tasks import LoadTensor, LoaderCache
 
+from mergekit_prodistill.coefficients import merge
 from mergekit_prodistill.errors import ProDistillError
 
 
@@ -55,13 +56,16 @@ def check_shape(name: str, base: torch.Tensor, other: torch.Tensor, model) -> No
         )
 
 
-def merge(base: torch.Tensor, deltas: List[torch.Tensor], coeffs: List[torch.Tensor]):
-    """theta_0 + sum_i lambda_i * tau_i.
 
-    The products are summed first and the base added last, in the order mergekit's task
-    arithmetic uses, so that untrained coefficients reproduce it bit for bit.
-    """
-    mixed = coeffs[0] * deltas[0]
-    for coeff, delta in zip(coeffs[1:], deltas[1:]):
-        mixed = mixed + coeff * delta
-    return base + mixed
+def task_arithmetic(weight: WeightInfo, base: ModelTensors, experts: List[ModelTensors],
+                    align, init: torch.Tensor):
+    """One tensor merged with every coefficient at ``init``, in the base's dtype, and the
+    experts' tensors as read. ``align`` puts vocabulary-indexed tensors in the output's
+    row order (:meth:`vocab.Vocabulary.align`)."""
+    base_t = base.load(weight)
+    expert_ts = [e.load(weight) for e in experts]
+    base_a, aligned = align(weight, base_t, expert_ts)
+    for e, t in zip(experts, aligned):
+        check_shape(weight.name, base_a, t, e.model)
+    merged = merge(base_a, [t - base_a for t in aligned], [init] * len(experts))
+    return merged.to(base_t.dtype), expert_ts

@@ -89,7 +89,7 @@ def test_non_finite_loss_trains_the_block_again_with_a_lower_lr(families, tmp_pa
     monkeypatch.setattr(distill, "masked_mse", first_call_nan)
     fam = families("llama", 2)
     out = merge(fam.recipe("prodistill", epochs=2, lr=0.05, shots=4), tmp_path / "out")
-    assert "training the block again from the start with lr=0.005" in caplog.text
+    assert "block 0: non-finite loss in epoch 1; training again from the start with lr=0.005" in caplog.text
     tensors = load_file(out / "model.safetensors")
     assert all(torch.isfinite(t).all() for t in tensors.values())
     report = json.loads((out / "prodistill_report.json").read_text())

@@ -1,5 +1,7 @@
-"""The flagship recipe validates offline, with the prompt formats its experts were trained with."""
+"""The flagship recipe validates offline, with the prompt formats its experts were trained
+with; the README shows that very recipe, and the documentation's relative links resolve."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -9,7 +11,9 @@ from mergekit_prodistill.card import hub_model_id
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.templates import PRESETS, resolve_template
 
-FLAGSHIP = Path(__file__).resolve().parents[1] / "examples" / "wizard-13b" / "recipe.yml"
+REPO = Path(__file__).resolve().parents[1]
+FLAGSHIP = REPO / "examples" / "wizard-13b" / "recipe.yml"
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
 def test_flagship_recipe_validates_offline():
@@ -31,3 +35,18 @@ def test_flagship_recipe_validates_offline():
     assert recipe.params.shots == 64 and recipe.params.max_length == 512
     # Every model is a Hub id, so the card's base_model lists all four.
     assert all(hub_model_id(m) == m for m in [str(recipe.base), *experts])
+
+
+def test_readme_shows_the_flagship_recipe():
+    readme = (REPO / "README.md").read_text()
+    shown = [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", readme, re.S)
+             if "merge_method" in block]
+    assert shown == [yaml.safe_load(FLAGSHIP.read_text())]
+
+
+def test_relative_links_in_the_documentation_resolve():
+    for page in DOCS:
+        prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", prose):
+            if not target.startswith(("http://", "https://")):
+                assert (page.parent / target).exists(), f"{page.name}: broken link {target}"

@@ -74,7 +74,7 @@ class PhasePeaks:
         from mergekit_prodistill import distill, head, weights
 
         load_all = weights.ModelTensors.load_all
-        distill_block, train_head = distill.distill_block, head.train_head
+        fit, train_head = distill.fit, head.train_head
 
         def loading(*args, **kwargs):
             if self.phase not in ("load", "head"):  # the head reads its tensors too
@@ -91,7 +91,7 @@ class PhasePeaks:
             return wrapped
 
         weights.ModelTensors.load_all = loading
-        distill.distill_block = around(distill_block, "train", "write")
+        distill.fit = around(fit, "train", "write")  # the blocks' training, as distill calls it
         head.train_head = around(train_head, "head", "assemble")
 
 

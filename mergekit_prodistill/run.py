@@ -19,6 +19,7 @@ from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.coefficients import coefficient_stats, merged_weights
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
 from mergekit_prodistill.recipe import ProDistillRecipe, parse_recipe
+from mergekit_prodistill.report import Report
 from mergekit_prodistill.errors import Interrupted, ProDistillError
 from mergekit_prodistill.vocab import plan_vocabulary
 from mergekit_prodistill.weights import ModelTensors, check_shape, merge
@@ -107,11 +108,10 @@ def run_prodistill(
                 generator, units, cast_out, checkpoint, resumed, options,
                 p.activation_dir or os.path.join(staging, output.SCRATCH), activation_dtype)
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
-        output.finish(
-            staging, out_path, merge_config, arch_info, options, config_source, recipe,
-            calib, report_blocks, started, device, vocabulary, head_report,
-            facts=facts,
-        )
+        report = Report.of_run(recipe, config_source or merge_config.to_yaml(), calib,
+                               vocabulary.summary, report_blocks, head_report, seed=seed,
+                               device=device, started=started, **facts)
+        output.finish(staging, out_path, merge_config, arch_info, options, vocabulary, report)
     except BaseException as exc:
         # Saved continuations alone are kept when the run was stopped, not when it failed:
         # a failure is usually fixed by changing the recipe, which voids them.

@@ -36,13 +36,13 @@ def main():
     plan = common.run_command("mergekit-prodistill", "plan", recipe,
                               "--out-shard-size", args.out_shard_size)
     print(plan, flush=True)
-    result = common.merge("mergekit-prodistill", recipe, root / "out",
-                          "--out-shard-size", args.out_shard_size)
-    print(f"\npeak RSS {common.gb(result['peak_rss_bytes'])}; total {result['wall']:.0f} s "
-          f"(merge {result['seconds']:.0f} s); per block: "
-          + ", ".join(f"{b['seconds']:.0f} s" for b in result["blocks"])
-          + "; loss " + ", ".join(f"{b['loss_before']:.3g} -> {b['loss_after']:.3g}"
-                                  for b in result["blocks"]))
+    wall, report = common.merge("mergekit-prodistill", recipe, root / "out",
+                                "--out-shard-size", args.out_shard_size)
+    print(f"\npeak RSS {common.gb(report.peak_rss_bytes)}; total {wall:.0f} s "
+          f"(merge {report.seconds:.0f} s); per block: "
+          + ", ".join(f"{b.seconds:.0f} s" for b in report.blocks)
+          + "; loss " + ", ".join(f"{b.loss_before:.3g} -> {b.loss_after:.3g}"
+                                  for b in report.blocks))
     if not args.keep:
         shutil.rmtree(root)
 

@@ -12,10 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional, Tuple
 
 import torch
 from safetensors.torch import save_file
 
+from mergekit_prodistill.report import Report
 from mergekit_prodistill.tiny import TinyFamily, build_tokenizer, make_prompts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,13 +123,16 @@ def run_command(command, *args) -> str:
     return proc.stdout
 
 
-def merge(command, recipe, out, *flags) -> dict:
-    """Run one merge in a child process; return its wall time and ProDistill report."""
+def merge(command, recipe, out, *flags) -> Tuple[float, Optional[Report]]:
+    """Run one merge in a child process; return its wall time and ProDistill report
+    (None when the merge was not a ProDistill one)."""
     started = time.perf_counter()
     run_command(command, recipe, out, "--quiet", *flags)
     wall = time.perf_counter() - started
-    report = Path(out) / "prodistill_report.json"
-    return {"wall": wall, **(json.loads(report.read_text()) if report.exists() else {})}
+    try:
+        return wall, Report.read(str(out))
+    except FileNotFoundError:
+        return wall, None
 
 
 def gb(n: float) -> str:

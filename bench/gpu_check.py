@@ -73,13 +73,14 @@ def run_one(root: Path, dtype: torch.dtype, shape, layers: int, device: str) -> 
                                 if not line.startswith("dtype:")) + "\n")
     planned = plan_figures(recipe, device)
     flags = ["--cuda"] if device == "cuda" else []
-    report = common.merge("mergekit-prodistill", recipe, root / "out", *flags)
-    blocks = report["blocks"]
+    _, report = common.merge("mergekit-prodistill", recipe, root / "out", *flags)
+    blocks = report.blocks
+    peak = report.peak_device_bytes
     return {
-        "written": written, "planned": planned, "report": report, "blocks": blocks,
-        "measured_peak": report.get("peak_device_bytes", report["peak_rss_bytes"]),
-        "trained": all(b["loss_after"] < b["loss_before"] for b in blocks)
-        and all(s > 0 for b in blocks for s in b["coefficient_std"]),
+        "written": written, "planned": planned, "report": report,
+        "measured_peak": report.peak_rss_bytes if peak is None else peak,
+        "trained": all(b.loss_after < b.loss_before for b in blocks)
+        and all(s > 0 for b in blocks for s in b.coefficient_std),
     }
 
 
@@ -103,26 +104,29 @@ def main():
         name = str(dtype).replace("torch.", "")
         r = run_one(scratch / name, dtype, shape, args.layers, args.device)
         results[name] = r
-        rep, plan, blocks = r["report"], r["planned"], r["blocks"]
-        per_block = sum(b["seconds"] for b in blocks) / len(blocks)
-        reduction = [1 - b["loss_after"] / b["loss_before"] for b in blocks]
+        rep, plan = r["report"], r["planned"]
+        blocks = rep.blocks
+        per_block = sum(b.seconds for b in blocks) / len(blocks)
+        reduction = [1 - b.loss_after / b.loss_before for b in blocks]
         print(f"\n== {name} checkpoint (models written in {r['written']:.0f} s)", flush=True)
         print(f"  peak memory on {args.device}: planned {common.gb(plan['peak'])}, measured "
               f"{common.gb(r['measured_peak'])} (ratio {r['measured_peak'] / plan['peak']:.2f})")
-        print(f"  time: merge {rep['seconds']:.0f} s; per block {per_block:.1f} s; plan for "
+        continued = rep.continuation_seconds
+        print(f"  time: merge {rep.seconds:.0f} s; per block {per_block:.1f} s; plan for "
               f"{plan['class']}: {plan['seconds']:.0f} s in all")
-        print(f"  continuation pass: {rep.get('continuation_seconds', float('nan')):.1f} s")
-        print(f"  training dtype {rep.get('activation_dtype')}; gradients below eps "
-              + ", ".join(f"{b.get('small_gradient_share', float('nan')):.1%}" for b in blocks)
+        print(f"  continuation pass: {float('nan') if continued is None else continued:.1f} s")
+        print(f"  training dtype {rep.activation_dtype}; gradients below eps "
+              + ", ".join(f"{b.small_gradient_share:.1%}" for b in blocks)
               + "; block-loss reduction " + ", ".join(f"{x:.1%}" for x in reduction)
               + "; coefficient std " + ", ".join(
-                  f"{sum(b['coefficient_std']) / len(b['coefficient_std']):.3g}" for b in blocks))
+                  f"{sum(b.coefficient_std) / len(b.coefficient_std):.3g}" for b in blocks))
         print(f"  trained: {'yes' if r['trained'] else 'NO'}", flush=True)
         ok &= r["trained"]
         shutil.rmtree(scratch / name)
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {k: {**v, "planned": {x: y for x, y in v["planned"].items() if x != "text"}}
+            {k: {**v, "report": v["report"].to_dict(),
+                 "planned": {x: y for x, y in v["planned"].items() if x != "text"}}
              for k, v in results.items()}, indent=1, default=str))
     if not args.dir:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -43,7 +43,7 @@ def main():
     for round_ in range(args.rounds + 1):
         for i, (name, recipe) in enumerate(recipes.items()):
             # One folder per recipe: a folder holding another recipe's merge is refused.
-            wall = common.merge("mergekit-yaml", recipe, root / f"out-{i}")["wall"]
+            wall, _ = common.merge("mergekit-yaml", recipe, root / f"out-{i}")
             if round_:  # the first round only warms the page cache
                 times[name].append(wall)
                 print(f"{name:<20} {wall:6.1f} s", flush=True)

@@ -40,13 +40,13 @@ def main():
                                      vocab=768)
         family = common.write_family(root / f"l{layers}", config, args.experts, torch.bfloat16)
         recipe = common.write_recipe(family, root / f"l{layers}.yml", **PARAMS)
-        result = common.merge("mergekit-prodistill", recipe, root / f"l{layers}-out",
-                              "--out-shard-size", shard)
+        wall, report = common.merge("mergekit-prodistill", recipe, root / f"l{layers}-out",
+                                    "--out-shard-size", shard)
         predicted = common.planned_peak(recipe, out_shard_size=int(shard))
-        rows.append((layers, result["peak_rss_bytes"], predicted, result["wall"]))
+        rows.append((layers, report.peak_rss_bytes, predicted, wall))
         shutil.rmtree(root / f"l{layers}")
-        print(f"{layers:>2} layers: peak RSS {common.gb(result['peak_rss_bytes'])} "
-              f"(plan: {common.gb(predicted)} + Python runtime), {result['wall']:.0f} s",
+        print(f"{layers:>2} layers: peak RSS {common.gb(report.peak_rss_bytes)} "
+              f"(plan: {common.gb(predicted)} + Python runtime), {wall:.0f} s",
               flush=True)
     print(f"block {block_bytes / 2 / 1e6:.1f}M parameters (bfloat16), {args.experts} experts,"
           f" output shard {int(shard) / 1e6:.0f} MB")

@@ -46,16 +46,16 @@ def cell(root: Path, hidden: int, tau: float, layers: int, params: dict) -> dict
                                  tau_std=tau)
     recipe = common.write_recipe(family, root / "recipe.yml", dtype="float32",
                                  **{**PARAMS, **params})
-    report = common.merge("mergekit-prodistill", recipe, root / "out")
-    blocks = report["blocks"]
+    _, report = common.merge("mergekit-prodistill", recipe, root / "out")
+    blocks = report.blocks
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     return {
-        "reduction": mean([1 - b["loss_after"] / b["loss_before"] for b in blocks]),
-        "worse": sum(b["loss_after"] > b["loss_before"] for b in blocks),
-        "small": mean([b.get("small_gradient_share", float("nan")) for b in blocks]),
-        "spread": mean([mean(b["coefficient_std"]) for b in blocks]),
-        "loss": mean([b["loss_before"] for b in blocks]),
-        "seconds": mean([b["seconds"] for b in blocks]),
+        "reduction": mean([1 - b.loss_after / b.loss_before for b in blocks]),
+        "worse": sum(b.loss_after > b.loss_before for b in blocks),
+        "small": mean([b.small_gradient_share for b in blocks]),
+        "spread": mean([mean(b.coefficient_std) for b in blocks]),
+        "loss": mean([b.loss_before for b in blocks]),
+        "seconds": mean([b.seconds for b in blocks]),
     }
 
 

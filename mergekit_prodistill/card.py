@@ -21,6 +21,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from mergekit.card import generate_card
 
 from mergekit_prodistill.layout import CARD, PLOT
+from mergekit_prodistill.report import BlockReport, CalibrationEntry, Report
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -42,19 +43,18 @@ def hub_model_id(path: str) -> Optional[str]:
     return path
 
 
-def card_metadata(merge_config, report) -> dict:
+def card_metadata(merge_config, report: Report) -> dict:
     models = [merge_config.base_model, *(m.model for m in merge_config.models)]
     ids = list(dict.fromkeys(i for m in models if m and (i := hub_model_id(m.model.path))))
     meta = {"base_model": ids, "base_model_relation": "merge"} if ids else {}
-    datasets = list(dict.fromkeys(c["hub_dataset"] for c in report["calibration"]
-                                  if c.get("hub_dataset")))
+    datasets = list(dict.fromkeys(c.hub_dataset for c in report.calibration if c.hub_dataset))
     if datasets:
         meta["datasets"] = datasets
     meta.update(library_name="transformers", pipeline_tag="text-generation", tags=list(TAGS))
     return meta
 
 
-def loss_plot(blocks: List[dict], path: str) -> bool:
+def loss_plot(blocks: List[BlockReport], path: str) -> bool:
     """Draw the per-block loss before and after training; False without matplotlib."""
     try:
         from matplotlib.figure import Figure
@@ -63,9 +63,9 @@ def loss_plot(blocks: List[dict], path: str) -> bool:
         LOG.info("matplotlib is not installed, so the model card has no loss plot "
                  "(pip install 'mergekit-prodistill[plot]')")
         return False
-    x = [b["block"] for b in blocks]
-    before = [b["loss_before"] for b in blocks]
-    after = [b["loss_after"] for b in blocks]
+    x = [b.block for b in blocks]
+    before = [b.loss_before for b in blocks]
+    after = [b.loss_after for b in blocks]
     # Figure without pyplot: no global backend is chosen for the caller's process.
     fig = Figure(figsize=(9, 3.4), dpi=110)
     # Fixed margins: an automatic layout engine would double the drawing time.
@@ -89,16 +89,17 @@ def loss_plot(blocks: List[dict], path: str) -> bool:
     return True
 
 
-def write_card(folder: str, merge_config, config_source: str, name: str, report) -> None:
+def write_card(folder: str, merge_config, name: str, report: Report) -> None:
     """Write README.md (and the loss plot it shows) into ``folder``."""
-    blocks = report["blocks"]
+    blocks = report.blocks
     plot = PLOT if blocks and loss_plot(blocks, os.path.join(folder, PLOT)) else None
     with open(os.path.join(folder, CARD), "w", encoding="utf-8") as f:
-        f.write(model_card(merge_config, config_source, name, report, plot))
+        f.write(model_card(merge_config, name, report, plot))
 
 
-def model_card(merge_config, config_source, name, report, plot: Optional[str] = None) -> str:
-    card = generate_card(_paths_for_card(merge_config), config_source, name)
+def model_card(merge_config, name: str, report: Report, plot: Optional[str] = None) -> str:
+    """The card's text; its Configuration section is the report's recipe."""
+    card = generate_card(_paths_for_card(merge_config), report.recipe, name)
     _, _, body = card.split("---\n", 2)
     section = "\n".join(_prodistill_section(report, plot))
     marker = "### Configuration"
@@ -107,24 +108,23 @@ def model_card(merge_config, config_source, name, report, plot: Optional[str] = 
     return f"---\n{meta}---\n{body}"
 
 
-def _prodistill_section(report, plot: Optional[str]) -> List[str]:
-    params = report["parameters"]
-    blocks = report["blocks"]
-    hyper = {**params, "seed": report["seed"]}
-    run = [("time", _duration(report["seconds"])),
-           ("peak memory (process RSS)", _size(report["peak_rss_bytes"]))]
-    if "peak_device_bytes" in report:
-        run.append(("peak accelerator memory", _size(report["peak_device_bytes"])))
-    run.append(("device", report["device"]))
-    run += [(f"{package} version", version)
-            for package, version in report.get("versions", {}).items()]
+def _prodistill_section(report: Report, plot: Optional[str]) -> List[str]:
+    params = report.parameters
+    blocks = report.blocks
+    hyper = {**params, "seed": report.seed}
+    run = [("time", _duration(report.seconds)),
+           ("peak memory (process RSS)", _size(report.peak_rss_bytes))]
+    if report.peak_device_bytes is not None:
+        run.append(("peak accelerator memory", _size(report.peak_device_bytes)))
+    run.append(("device", report.device))
+    run += [(f"{package} version", version) for package, version in report.versions.items()]
     continued = (", each followed by the expert's own greedy continuation (up to "
                  f"{params['continue_tokens']} tokens)") if params.get("continue_tokens") and blocks else ""
-    head = report.get("head")
+    head = report.head
     ending = (
         f"Embeddings were merged by task arithmetic with weight {params['init']}; the final "
         "norm and LM head coefficients were trained to match each expert's next-token "
-        f"distribution (KL {head['loss_before']:.4g} -> {head['loss_after']:.4g})."
+        f"distribution (KL {head.loss_before:.4g} -> {head.loss_after:.4g})."
         if head else
         "Embeddings, the final norm and the LM head were merged by task arithmetic with "
         f"weight {params['init']}."
@@ -136,14 +136,14 @@ def _prodistill_section(report, plot: Optional[str]) -> List[str]:
         "decoder block, fed the merged model's own activations, reproduces every expert's "
         f"block on that expert's unlabeled calibration prompts{continued} "
         f"([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). {ending}",
-        *(["", report["vocabulary"]] if report.get("vocabulary") else []),
+        *(["", report.vocabulary] if report.vocabulary else []),
         "",
         "#### Calibration prompts",
         "",
         "| expert | prompts from | template | prompts | tokens |",
         "|---|---|---|---|---|",
-        *[f"| {_model_md(c['model'])} | {_source_md(c)} | {_template_md(c['template'])} | "
-          f"{c['prompts']} | {c['tokens']} |" for c in report["calibration"]],
+        *[f"| {_model_md(c.model)} | {_source_md(c)} | {_template_md(c.template)} | "
+          f"{c.prompts} | {c.tokens} |" for c in report.calibration],
         "",
         "#### Hyper-parameters",
         "",
@@ -169,9 +169,9 @@ def _model_md(path: str) -> str:
     return f"[{hub}](https://huggingface.co/{hub})" if hub else _cell(path)
 
 
-def _source_md(calibration: dict) -> str:
-    hub = calibration.get("hub_dataset")
-    text = _cell(calibration["source"])
+def _source_md(calibration: CalibrationEntry) -> str:
+    hub = calibration.hub_dataset
+    text = _cell(calibration.source)
     if hub:
         return text.replace(hub, f"[{hub}](https://huggingface.co/datasets/{hub})", 1)
     return text
@@ -234,7 +234,7 @@ def _paths_for_card(merge_config):
     })
 
 
-def _loss_section(blocks: List[dict], plot) -> List[str]:
+def _loss_section(blocks: List[BlockReport], plot) -> List[str]:
     return [
         "#### Distillation loss per block",
         "",
@@ -246,7 +246,7 @@ def _loss_section(blocks: List[dict], plot) -> List[str]:
           if plot else []),
         "| block | loss before | loss after | change |",
         "|---|---|---|---|",
-        *[f"| {b['block']} | {b['loss_before']:.4g} | {b['loss_after']:.4g} | "
-          f"{_change_md(b['loss_before'], b['loss_after'])} |" for b in blocks],
+        *[f"| {b.block} | {b.loss_before:.4g} | {b.loss_after:.4g} | "
+          f"{_change_md(b.loss_before, b.loss_after)} |" for b in blocks],
         "",
     ]

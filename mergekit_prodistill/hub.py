@@ -15,13 +15,13 @@ merged folder complete and says how to retry:
 
 import argparse
 import glob
-import json
 import os
 import shlex
 from typing import List, Optional
 
 from mergekit_prodistill.errors import ProDistillError, exit_with, one_line
 from mergekit_prodistill.layout import REPORT, STAGING, WEIGHT_PREFIXES
+from mergekit_prodistill.report import Report
 
 NEVER_UPLOADED = (f"{STAGING}/**", ".*", "**/.*")
 
@@ -48,13 +48,14 @@ def check_ready(repo_id: str) -> None:
 def finished_files(folder: str) -> List[str]:
     """The files of the finished merge in ``folder``, as its report lists them."""
     try:
-        with open(os.path.join(folder, REPORT), encoding="utf-8") as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError):
+        files = Report.read(folder).files
+    except (OSError, ValueError):
+        files = None
+    if files is None:
         raise ProDistillError(
             f"{folder} holds no finished mergekit-prodistill merge (no readable {REPORT} "
             "listing its files)"
-        ) from None
+        )
     missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
     if missing:
         raise ProDistillError(f"{folder} is incomplete: {', '.join(missing[:3])} missing")

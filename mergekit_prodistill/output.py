@@ -4,18 +4,12 @@ The whole output is written to a staging folder inside the target and moved into
 only when complete, so an interrupted merge never leaves a folder that looks finished.
 """
 
-import json
 import os
-import resource
 import shutil
-import sys
-import time
-from importlib import metadata
 
-import torch
-
-from mergekit_prodistill import __version__, card, mergekit_internals
+from mergekit_prodistill import card, mergekit_internals
 from mergekit_prodistill.layout import PROGRESS, RECIPE, REPORT, SCRATCH, WEIGHT_PREFIXES, staging_dir
+from mergekit_prodistill.report import Report
 
 
 def start_staging(out_path: str) -> str:
@@ -36,24 +30,6 @@ def discard(staging: str, out_path: str, created_out: bool) -> None:
         os.rmdir(out_path)
 
 
-def peak_memory(device: torch.device) -> dict:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    peak = {"peak_rss_bytes": rss * (1 if sys.platform == "darwin" else 1024)}
-    if device.type == "cuda":
-        peak["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
-    return peak
-
-
-def versions() -> dict:
-    found = {"mergekit-prodistill": __version__}
-    for package in ("mergekit", "transformers", "torch"):
-        try:
-            found[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
-
-
 def listing(folder: str) -> list:
     """The files under ``folder`` as sorted relative paths, hidden ones (working data) left out."""
     found = []
@@ -64,10 +40,9 @@ def listing(folder: str) -> list:
     return sorted(found)
 
 
-def finish(staging, out_path, merge_config, arch_info, options, config_source, recipe,
-           calib, blocks, started, device, vocabulary, head=None, facts=None):
+def finish(staging: str, out_path: str, merge_config, arch_info, options, vocabulary,
+           report: Report) -> None:
     """Write config, tokenizer, card and report into the staging folder, then publish."""
-    config_source = config_source or merge_config.to_yaml()
     cfg = mergekit_internals.model_out_config(merge_config, arch_info, options.trust_remote_code)
     if vocabulary.tokenizer is not None:
         # A built vocabulary is always saved, and sets vocab_size, as mergekit does.
@@ -81,36 +56,15 @@ def finish(staging, out_path, merge_config, arch_info, options, config_source, r
     mergekit_internals.copy_tagalong_files(
         merge_config, staging, files=arch_info.tagalong_files or [], options=options
     )
-    report = {
-        "method": "prodistill",
-        "version": __version__,
-        "parameters": recipe.params.model_dump(),
-        "seed": options.random_seed if options.random_seed is not None else 0,
-        "device": str(device),
-        **(facts or {}),
-        "calibration": [
-            {"model": str(e.model), "source": source, "hub_dataset": hub_dataset,
-             "template": e.params.template, "prompts": n, "tokens": calib.tokens(i)}
-            for i, (e, source, hub_dataset, n) in enumerate(
-                zip(recipe.experts, calib.sources, calib.hub_datasets, calib.prompts))
-        ],
-        "vocabulary": vocabulary.summary,
-        "blocks": blocks,
-        **({"head": head} if head else {}),
-        "seconds": time.time() - started,
-        **peak_memory(device),
-        "versions": versions(),
-    }
     if options.write_model_card:
         name = os.path.basename(os.path.abspath(out_path))
-        card.write_card(staging, merge_config, config_source, name, report)
+        card.write_card(staging, merge_config, name, report)
         with open(os.path.join(staging, RECIPE), "w", encoding="utf-8") as f:
-            f.write(config_source)
+            f.write(report.recipe)
     # The report is written last so it can list every file of the finished merge: that
     # list is exactly what --push-to-hub uploads.
-    report["files"] = sorted([*listing(staging), REPORT])
-    with open(os.path.join(staging, REPORT), "w", encoding="utf-8") as f:
-        json.dump(report, f, indent=2)
+    report.files = sorted([*listing(staging), REPORT])
+    report.write(staging)
     publish(staging, out_path)
 
 

@@ -15,31 +15,27 @@ trust, and does not count.
 
 import json
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import yaml
 from mergekit.architecture import ConfiguredModelArchitecture, WeightInfo, get_architecture_info
 from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_prodistill import sources
+from mergekit_prodistill.output_folder import check_free_disk, check_output_folder
 from mergekit_prodistill.blocks import check_supported
 from mergekit_prodistill.recipe import ProDistillRecipe
 from mergekit_prodistill.errors import ProDistillError, one_line
-from mergekit_prodistill.layout import OUTPUT_FILES, RECIPE, WEIGHT_PREFIXES
 
 # Bytes per element of the safetensors dtype names.
 SAFETENSORS_ITEMSIZE = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2,
     "I16": 2, "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }
-# Room for config, tokenizer, card and report on top of the weights.
-DISK_MARGIN_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -103,41 +99,6 @@ def check_dtypes(recipe: ProDistillRecipe) -> None:
             raise ProDistillError(
                 f"recipe: {key} '{value}' is not one of bfloat16, float16, float32"
             ) from None
-
-
-def check_output_folder(out_path: str, merge_config: MergeConfiguration) -> None:
-    """Refuse to overwrite a model that this recipe did not make."""
-    if not os.path.lexists(out_path):
-        return
-    if not os.path.isdir(out_path):
-        raise ProDistillError(f"output path {out_path} exists and is not a folder")
-    recipe_file = os.path.join(out_path, RECIPE)
-    if os.path.isfile(recipe_file):
-        if _same_recipe(recipe_file, merge_config):
-            return  # the same merge again: replace it
-        raise ProDistillError(
-            f"output folder {out_path} already holds a different merge (its "
-            "mergekit_config.yml is not this recipe); choose another folder, or delete "
-            "that one to replace it"
-        )
-    clash = sorted(
-        name for name in os.listdir(out_path)
-        if name in OUTPUT_FILES or name.startswith(WEIGHT_PREFIXES)
-    )
-    if clash:
-        raise ProDistillError(
-            f"output folder {out_path} already holds {', '.join(clash[:3])}, which this "
-            "merge would overwrite; choose an empty or new folder"
-        )
-
-
-def _same_recipe(path: str, merge_config: MergeConfiguration) -> bool:
-    try:
-        with open(path, encoding="utf-8") as f:
-            previous = MergeConfiguration.model_validate(yaml.safe_load(f))
-    except Exception:  # unreadable or not a recipe: certainly not this one
-        return False
-    return previous == merge_config
 
 
 def model_folder(ref: ModelReference, options: MergeOptions) -> str:
@@ -364,19 +325,3 @@ def output_bytes(recipe, models: Dict[ModelReference, ModelFiles], weights) -> i
         itemsize = out_dtype.itemsize if out_dtype else info.itemsize
         total += int(torch.Size(shape).numel()) * itemsize
     return total
-
-
-def check_free_disk(out_path: str, needed: int) -> None:
-    existing = os.path.abspath(out_path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing).free
-    if free < needed + DISK_MARGIN_BYTES:
-        raise ProDistillError(
-            f"not enough free disk for the output: it needs about {_gb(needed + DISK_MARGIN_BYTES)}, "
-            f"and {existing} has {_gb(free)} free"
-        )
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"

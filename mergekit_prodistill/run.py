@@ -37,6 +37,7 @@ from mergekit_prodistill.errors import Interrupted
 from mergekit_prodistill.layout import scratch_dir
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
 from mergekit_prodistill.recipe import parse_recipe
+from mergekit_prodistill.report import Report
 from mergekit_prodistill.vocab import Vocabulary, plan_vocabulary
 from mergekit_prodistill.weights import ModelTensors, check_shape, task_arithmetic
 
@@ -119,9 +120,11 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
                 report_blocks, head_report = merge.task_arithmetic(), None
         units.finalize(["pre", *(f"block-{i}" for i in range(module.num_layers())), "post"])
         # 8. The output, moved into place once complete.
-        output.finish(staging, out_path, merge_config, checked.arch_info, options,
-                      config_source, recipe, calib, report_blocks, started, ctx.device,
-                      vocabulary, head_report, facts=facts)
+        report = Report.of_run(recipe, config_source or merge_config.to_yaml(), calib,
+                               vocabulary.summary, report_blocks, head_report, seed=ctx.seed,
+                               device=ctx.device, started=started, **facts)
+        output.finish(staging, out_path, merge_config, checked.arch_info, options, vocabulary,
+                      report)
     except BaseException as exc:
         # Saved continuations alone are kept when the run was stopped, not when it failed:
         # a failure is usually fixed by changing the recipe, which voids them.

@@ -13,6 +13,7 @@ from mergekit.config import MergeConfiguration
 
 from helpers import merge, with_expert_parameters
 from mergekit_prodistill import card
+from mergekit_prodistill.report import Report
 from mergekit_prodistill.tiny import build_tiny_family
 from test_sources import cache_hub_dataset
 
@@ -96,13 +97,20 @@ def test_card_shows_sources_loss_plot_and_run(merged):
     assert recipe.strip() in text
 
 
+def test_report_of_a_merge_reads_back_key_for_key(merged):
+    out, recipe = merged
+    data = json.loads((out / "prodistill_report.json").read_text())
+    assert Report.from_dict(data).to_dict() == data
+    assert data["recipe"] == recipe  # the folder says which recipe made it
+
+
 def test_without_matplotlib_the_card_has_no_plot(merged, tmp_path, monkeypatch, caplog):
     out, recipe = merged
-    report = json.loads((out / "prodistill_report.json").read_text())
+    report = Report.read(str(out))
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
     with caplog.at_level(logging.INFO, logger="mergekit_prodistill"):
-        card.write_card(str(tmp_path), config, recipe, "merged", report)
+        card.write_card(str(tmp_path), config, "merged", report)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
     text = (tmp_path / "README.md").read_text()
     assert "![" not in text and "| block | loss before | loss after | change |" in text

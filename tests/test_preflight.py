@@ -11,8 +11,9 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from helpers import BIN, merge, run_cli
-from mergekit_prodistill import calibration, preflight, sources
+from mergekit_prodistill import calibration, output_folder, preflight, sources
 from mergekit_prodistill.recipe import parse_recipe
+from mergekit_prodistill.report import Report
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.weights import ModelTensors
 
@@ -141,7 +142,7 @@ def test_prompt_without_tokens_is_one_line_from_plan_and_merge(families, tmp_pat
     expert = _with_unreadable_tokenizer(_copy_model(fam.experts[1], tmp_path / "expert"))
     doc = _with_expert(recipe(fam, shots=4), 1, expert)
     first = calibration.read_prompts(str(fam.calibration[1]))
-    message = refused(doc, tmp_path / "out", rf"model .*expert: its tokenizer \(Qwen2Tokenizer\) "
+    message = refused(doc, tmp_path / "out", r"model .*expert: its tokenizer \(Qwen2Tokenizer\) "
                                              r"turns the calibration prompt '.*' into no tokens")
     assert any(p[:40] in message for p in first)
     path = tmp_path / "recipe.yml"
@@ -404,19 +405,35 @@ def test_output_folder_holding_another_model_is_refused(families, tmp_path, no_w
 def test_output_folder_rules(families, tmp_path):
     fam = families("llama", 2)
     config = MergeConfiguration.model_validate(recipe(fam, epochs=3))
-    preflight.check_output_folder(str(tmp_path / "new"), config)
+    output_folder.check_output_folder(str(tmp_path / "new"), config)
     (tmp_path / "empty").mkdir()
-    preflight.check_output_folder(str(tmp_path / "empty"), config)
+    output_folder.check_output_folder(str(tmp_path / "empty"), config)
     # The same recipe again (formatted differently) may replace its own earlier result.
     same = tmp_path / "same"
     same.mkdir()
     (same / "mergekit_config.yml").write_text(yaml.safe_dump(recipe(fam, epochs=3), indent=4))
     (same / "model.safetensors").write_bytes(b"old")
-    preflight.check_output_folder(str(same), config)
+    output_folder.check_output_folder(str(same), config)
     # Unrelated files are left alone and do not stop the merge.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "notes.txt").write_text("mine")
-    preflight.check_output_folder(str(tmp_path / "notes"), config)
+    output_folder.check_output_folder(str(tmp_path / "notes"), config)
+
+
+def test_a_merge_without_its_card_can_replace_itself(families, tmp_path):
+    # No card means no mergekit_config.yml: the recipe in the report names the merge.
+    fam = families("llama", 2)
+    out = tmp_path / "out"
+    merge(fam.recipe("prodistill", epochs=0), out, write_model_card=False)
+    assert not (out / "mergekit_config.yml").exists()
+    merge(fam.recipe("prodistill", epochs=0), out, write_model_card=False)
+    assert Report.read(str(out)).recipe == fam.recipe("prodistill", epochs=0)
+    weights = (out / "model.safetensors").read_bytes()
+    with pytest.raises(ProDistillError, match=r"output folder .*out already holds a different "
+                                              r"merge \(the recipe in its "
+                                              r"prodistill_report.json is not this recipe\)"):
+        merge(fam.recipe("prodistill", epochs=0, init=0.3), out, write_model_card=False)
+    assert (out / "model.safetensors").read_bytes() == weights
 
 
 def test_not_enough_disk(families, tmp_path, no_weight_reads, monkeypatch):
@@ -431,7 +448,7 @@ def test_not_enough_disk(families, tmp_path, no_weight_reads, monkeypatch):
     assert checked.output_bytes == sum(t.numel() * 4 for t in base.values())
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(preflight.shutil, "disk_usage",
+    monkeypatch.setattr(output_folder.shutil, "disk_usage",
                         lambda path: usage._replace(free=checked.output_bytes // 2))
     refused(recipe(fam), tmp_path / "out",
             r"not enough free disk for the output: it needs about 0.07 GB, and .* has 0.00 GB free")

@@ -21,7 +21,6 @@ ones, unless ``--results`` says where.
 """
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,6 +35,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
+from mergekit_prodistill.report import Report  # noqa: E402
 
 import diagnose  # noqa: E402
 import evaluate  # noqa: E402
@@ -50,17 +50,18 @@ DIAGNOSED = ("prodistill-paper", "prodistill")
 
 def prodistill_report(path: Path):
     """Per-block losses and coefficient statistics a ProDistill merge wrote, if any."""
-    file = path / "prodistill_report.json"
-    if not file.exists():
+    try:
+        data = Report.read(str(path))
+    except FileNotFoundError:
         return None
-    data = json.loads(file.read_text())
     keep = ("block", "loss_before", "loss_after", "coefficient_mean", "coefficient_std",
             "coefficient_range", "seconds")
+    head = data.head.to_dict() if data.head else {}
     return {
-        "blocks": [{k: b[k] for k in keep if k in b} for b in data["blocks"]],
-        "head": {k: v for k, v in data.get("head", {}).items() if k != "epoch_losses"} or None,
-        "calibration_tokens": [c["tokens"] for c in data["calibration"]],
-        "seconds": data["seconds"],
+        "blocks": [{k: getattr(b, k) for k in keep} for b in data.blocks],
+        "head": {k: v for k, v in head.items() if k != "epoch_losses"} or None,
+        "calibration_tokens": [c.tokens for c in data.calibration],
+        "seconds": data.seconds,
     }
 
 

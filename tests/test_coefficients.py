@@ -1,0 +1,138 @@
+"""The coefficients' contract: the merge formula, the optimiser, and the one training loop
+(`fit`) that the decoder blocks and the head share, with its policy on non-finite losses."""
+
+import json
+
+import pytest
+import torch
+
+from helpers import merge
+from mergekit_prodistill import coefficients, head
+from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, fit, merge as merge_formula,
+                                              merged_weights)
+from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.recipe import ProDistillParameters
+
+
+def test_the_merge_formula_sums_products_before_adding_the_base():
+    # mergekit's task arithmetic order: an untrained merge equals it bit for bit only so.
+    base = torch.tensor([1.0, 1e8, -3.0])
+    deltas = [torch.tensor([1e-8, 1.0, 0.1]), torch.tensor([3e-8, 1.0, 0.2])]
+    init = [torch.tensor(0.5)] * 2
+    assert torch.equal(merge_formula(base, deltas, init), base + (0.5 * deltas[0] + 0.5 * deltas[1]))
+    merged = merged_weights({"w": base}, [{"w": d} for d in deltas], [{"w": c} for c in init],
+                            torch.float32)
+    assert torch.equal(merged["w"], merge_formula(base, deltas, init))
+
+
+def test_optimizer_steps_do_not_depend_on_the_gradient_scale():
+    # Coefficient gradients are ~1e-11 to 1e-9 at 13B widths and ~1e-4 on tiny models:
+    # the same problem at either scale must take the same steps.
+    torch.manual_seed(0)
+    grads = [torch.randn(64, 32) * torch.rand(64, 32) for _ in range(5)]
+    runs = []
+    for scale in (1.0, 1e-10):
+        lam = torch.nn.Parameter(torch.full((64, 32), 0.5))
+        opt = Optimizer([lam], lr=0.1)
+        for g in grads:
+            lam.grad = g * scale
+            opt.step()
+        runs.append(lam.detach().clone())
+    assert not torch.equal(runs[0], torch.full((64, 32), 0.5))
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-5, atol=1e-6)
+
+
+def test_coefficient_spread_is_pooled_over_every_element():
+    # Tensor by tensor, without concatenating them: the same figures as over all elements.
+    torch.manual_seed(0)
+    shared = torch.tensor(0.7)  # a task-wise coefficient, shared by names: counted once
+    experts = [{"a": 0.5 + 0.1 * torch.randn(40, 30), "b": 0.2 + torch.rand(7),
+                "c": torch.tensor(0.3), "d": shared, "e": shared}, {"a": torch.tensor(0.5)}]
+    stats = coefficient_stats(experts)
+    for i, cf in enumerate(experts):
+        flat = torch.cat([t.reshape(-1) for t in {id(t): t for t in cf.values()}.values()])
+        expected_std = float(flat.double().std()) if flat.numel() > 1 else 0.0
+        assert stats["coefficient_std"][i] == pytest.approx(expected_std, rel=1e-6)
+        assert stats["coefficient_range"][i] == [float(flat.min()), float(flat.max())]
+    assert stats["coefficient_mean"][1] == pytest.approx(0.5)
+
+
+
+def quadratic_problem(nan_steps=()):
+    """Two experts whose best merge is known: the loss pulls the merged weight to a target."""
+    torch.manual_seed(0)
+    base = {"w": torch.randn(8, 4)}
+    deltas = [{"w": torch.randn(8, 4)}, {"w": torch.randn(8, 4)}]
+    target = base["w"] + 0.8 * deltas[0]["w"] + 0.3 * deltas[1]["w"]
+    calls = {"n": 0}
+
+    def loss_of(weights, i, b):
+        calls["n"] += 1
+        loss = (weights["w"] - target).pow(2).mean()
+        return loss * float("nan") if calls["n"] in nan_steps else loss
+
+    return base, deltas, loss_of
+
+
+def test_fit_lowers_the_loss_from_task_arithmetic():
+    base, deltas, loss_of = quadratic_problem()
+    p = ProDistillParameters(lr=0.05)
+    coeffs, _ = fit(base, deltas, p, 40, [1, 1], loss_of, torch.float32,
+                    torch.Generator().manual_seed(0), "test")
+    start = [{"w": torch.tensor(p.init)}] * 2
+    before = float(loss_of(merged_weights(base, deltas, start, torch.float32), 0, 0))
+    after = float(loss_of(merged_weights(base, deltas, coeffs, torch.float32), 0, 0))
+    assert after < 0.2 * before
+
+
+def test_fit_trains_again_from_init_with_a_lower_lr_after_a_non_finite_loss(caplog):
+    base, deltas, loss_of = quadratic_problem(nan_steps={1})
+    p = ProDistillParameters(lr=0.05)
+    losses = []
+    coeffs, _ = fit(base, deltas, p, 3, [1, 1], loss_of, torch.float32,
+                    torch.Generator().manual_seed(0), "block 7",
+                    on_epoch=lambda epoch, loss: losses.append((epoch, loss)))
+    assert "block 7: non-finite loss in epoch 1; training again from the start with lr=0.005" \
+        in caplog.text
+    assert [e for e, _ in losses] == [0, 1, 2]
+    assert all(torch.isfinite(t).all() for c in coeffs for t in c.values())
+
+
+def test_fit_gives_up_with_one_line_after_its_retries():
+    base, deltas, loss_of = quadratic_problem(nan_steps=set(range(1, 1000)))
+    with pytest.raises(ProDistillError, match="block 3: the distillation loss is not finite"):
+        fit(base, deltas, ProDistillParameters(), 2, [1, 1], loss_of, torch.float32,
+            torch.Generator().manual_seed(0), "block 3")
+
+
+def test_frozen_coefficients_stay_at_init():
+    base, deltas, loss_of = quadratic_problem()
+    base["v"] = torch.randn(3)
+    for d in deltas:
+        d["v"] = torch.randn(3)
+    coeffs, _ = fit(base, deltas, ProDistillParameters(), 5, [1, 1], loss_of, torch.float32,
+                    torch.Generator().manual_seed(0), "test", frozen=("v",))
+    assert all(float(c["v"]) == 0.5 for c in coeffs)
+    assert all(not torch.equal(c["w"], torch.full_like(c["w"], 0.5)) for c in coeffs)
+
+
+def test_the_head_retries_a_non_finite_loss_as_the_blocks_do(families, tmp_path, monkeypatch,
+                                                            caplog):
+    calls = {"n": 0}
+    real = coefficients.masked_kl
+
+    def first_training_call_nan(student, teacher, mask):
+        loss = real(student, teacher, mask)
+        if student.requires_grad:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return loss * float("nan")
+        return loss
+
+    monkeypatch.setattr(head, "masked_kl", first_training_call_nan)
+    fam = families("llama", 2)
+    out = merge(fam.recipe("prodistill", epochs=1, head_epochs=2, lr=0.05, shots=4,
+                           continue_tokens=0), tmp_path / "out")
+    assert "final norm and LM head: non-finite loss in epoch 1; training again" in caplog.text
+    report = json.loads((out / "prodistill_report.json").read_text())
+    assert len(report["head"]["epoch_losses"]) == 2

@@ -17,7 +17,8 @@ import torch
 import transformers
 
 from mergekit_prodistill.blocks import BlockRunner, attention_implementation, layer_weight_names
-from mergekit_prodistill.calibration import make_batches, read_prompts, tokenize
+from mergekit_prodistill.calibration import make_batches, tokenize
+from mergekit_prodistill.sources import read_prompts
 from mergekit_prodistill.head import HeadForward
 from mergekit_prodistill.tiny import ARCHITECTURES, build_tiny_family
 

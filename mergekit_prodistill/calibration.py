@@ -12,9 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from mergekit_prodistill.errors import ProDistillError
-# read_prompts and PROMPT_FIELDS stay importable from here for existing callers.
-from mergekit_prodistill.sources import (  # noqa: F401 (read_prompts, PROMPT_FIELDS: API)
-    PROMPT_FIELDS, Prompts, read_expert_prompts, read_prompts)
+from mergekit_prodistill.sources import Prompts, read_expert_prompts
 from mergekit_prodistill.templates import PLACEHOLDER, format_prompts, resolve_template
 
 LOG = logging.getLogger("mergekit_prodistill")

@@ -24,9 +24,5 @@ def staging_dir(out_path: str) -> str:
     return os.path.join(out_path, STAGING)
 
 
-def progress_dir(out_path: str) -> str:
-    return os.path.join(staging_dir(out_path), PROGRESS)
-
-
 def scratch_dir(out_path: str) -> str:
     return os.path.join(staging_dir(out_path), SCRATCH)

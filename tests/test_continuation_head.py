@@ -9,7 +9,8 @@ import transformers
 
 from helpers import merge
 from mergekit_prodistill import continuation
-from mergekit_prodistill.calibration import read_prompts, tokenize
+from mergekit_prodistill.calibration import tokenize
+from mergekit_prodistill.sources import read_prompts
 from mergekit_prodistill.errors import ProDistillError
 from test_merge import load_tensors
 

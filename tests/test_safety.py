@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from helpers import BIN, run_cli
 from mergekit_prodistill import cli
-from mergekit_prodistill.calibration import read_prompts
+from mergekit_prodistill.sources import read_prompts
 from mergekit_prodistill.templates import apply_template, resolve_template
 
 HOSTILE = [

@@ -39,20 +39,30 @@ class Batch:
 
 def tokenize(prompts: List[str], tokenizer, max_length: int,
              where: str = "calibration") -> List[List[int]]:
-    """Token ids of every prompt; a prompt that gives none is refused.
+    """Token ids of every prompt, at most ``max_length``; see :func:`tokenize_counting`."""
+    return tokenize_counting(prompts, tokenizer, max_length, where)[0]
+
+
+def tokenize_counting(prompts: List[str], tokenizer, max_length: int,
+                      where: str = "calibration") -> Tuple[List[List[int]], List[int]]:
+    """Token ids of every prompt, cut to ``max_length`` by the tokenizer's own truncation,
+    and every prompt's full length; a prompt that gives no token is refused.
 
     Blank prompts never get here (sources drop them), so a prompt without tokens means a
     tokenizer that cannot represent the text: e.g. transformers rebuilds every qwen2/qwen3
     tokenizer as ``Qwen2Tokenizer``, which drops the text of a custom vocabulary.
     """
     bos = tokenizer.bos_token
-    sequences = []
+    sequences, lengths = [], []
     for text in prompts:
         # Chat templates (and some hand-written ones) already start with the BOS text;
         # letting the tokenizer add its own would give the model a doubled BOS.
         special = not (bos and text.startswith(bos))
-        ids = tokenizer(text, add_special_tokens=special, truncation=True,
-                        max_length=max_length)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=special, verbose=False)["input_ids"]
+        lengths.append(len(ids))
+        if len(ids) > max_length:  # only these are tokenised again, to be cut
+            ids = tokenizer(text, add_special_tokens=special, truncation=True,
+                            max_length=max_length)["input_ids"]
         if not ids:
             sample = text if len(text) <= 60 else text[:57] + "..."
             raise ProDistillError(
@@ -61,7 +71,7 @@ def tokenize(prompts: List[str], tokenizer, max_length: int,
                 "the model's own vocabulary"
             )
         sequences.append(ids)
-    return sequences
+    return sequences, lengths
 
 
 def warn_if_truncated(path: str, template: str, lengths: List[int], max_length: int) -> None:
@@ -175,11 +185,10 @@ def load_for_experts(recipe, options, seed: int) -> CalibrationSet:
                 "calibration source %s holds %d prompts, fewer than shots=%d: using all of them",
                 source.source, len(source.texts), p.shots,
             )
-        full = tokenizer(prompts, add_special_tokens=True, verbose=False)["input_ids"]
-        warn_if_truncated(source.source, resolve_template(expert.params.template),
-                          [len(ids) for ids in full],
+        sequences, lengths = tokenize_counting(prompts, tokenizer, p.max_length,
+                                               f"model {expert.model}")
+        warn_if_truncated(source.source, resolve_template(expert.params.template), lengths,
                           p.max_length)
-        sequences = tokenize(prompts, tokenizer, p.max_length, f"model {expert.model}")
         calib.sources.append(source.source)
         calib.hub_datasets.append(source.hub_dataset)
         calib.batches.append(make_batches(sequences, p.batch_size))

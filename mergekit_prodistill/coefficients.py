@@ -38,7 +38,7 @@ LR_BACKOFF = 10.0
 Weights = Dict[str, torch.Tensor]
 
 
-def merge(base: torch.Tensor, deltas: List[torch.Tensor], coeffs: List[torch.Tensor]):
+def combine(base: torch.Tensor, deltas: List[torch.Tensor], coeffs: List[torch.Tensor]):
     """theta_0 + sum_i lambda_i * tau_i.
 
     The products are summed first and the base added last, in the order mergekit's task
@@ -114,7 +114,7 @@ def merged_weights(base_w, deltas, coeffs, dtype):
     """The weights that are written: summed exactly as mergekit's task arithmetic."""
     with torch.no_grad():
         return {
-            name: merge(base, [d[name] for d in deltas], [c[name] for c in coeffs]).to(dtype)
+            name: combine(base, [d[name] for d in deltas], [c[name] for c in coeffs]).to(dtype)
             for name, base in base_w.items()
         }
 

@@ -38,7 +38,7 @@ from mergekit_prodistill.layout import scratch_dir
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.report import Report
-from mergekit_prodistill.vocab import Vocabulary, plan_vocabulary
+from mergekit_prodistill.vocab import Vocabulary, build_vocabulary
 from mergekit_prodistill.weights import ModelTensors, check_shape, task_arithmetic
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -69,7 +69,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
     p = recipe.params
     checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
     # 2. The merged vocabulary.
-    vocabulary = plan_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
+    vocabulary = build_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
     # 3. The calibration prompts, read and tokenised once; every prompt token must have a
     #    row in the merged vocabulary.
     calib = calibration.load_for_experts(recipe, options, ctx.seed)
@@ -101,7 +101,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
         ))
     resumed = progress.restore_or_reset() if progress else None
     units = UnitWriter(writer, progress)
-    merge = Merge(recipe, module, base, experts, vocabulary, units,
+    merger = Merger(recipe, module, base, experts, vocabulary, units,
                   dtype_from_name(out_dtype) if out_dtype else None, ctx)
     try:
         # 6. Each expert's continuation of its prompts, generated once and saved.
@@ -113,11 +113,11 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
         # 7. The embeddings, every decoder block, the final norm and LM head.
         with distill.denormals_flushed(bool(p.epochs)):
             if p.epochs:
-                report_blocks, head_report = merge.trained(
+                report_blocks, head_report = merger.trained(
                     calib, decided, resumed, progress,
                     p.activation_dir or scratch_dir(out_path))
             else:
-                report_blocks, head_report = merge.task_arithmetic(), None
+                report_blocks, head_report = merger.task_arithmetic(), None
         units.finalize(["pre", *(f"block-{i}" for i in range(module.num_layers())), "post"])
         # 8. The output, moved into place once complete.
         report = Report.of_run(recipe, config_source or merge_config.to_yaml(), calib,
@@ -163,7 +163,7 @@ def _continued(recipe, folders: List[str], calib, ctx: Context, progress: Progre
 
 
 @dataclass
-class Merge:
+class Merger:
     """The models being merged, read tensor by tensor, and where merged tensors go."""
 
     recipe: object

@@ -140,8 +140,8 @@ class Vocabulary:
         return f"{head}. The merged model has {size} tokens{tail}."
 
 
-def plan_vocabulary(recipe, merge_config, options, rows: Dict[ModelReference, int]) -> Vocabulary:
-    """Decide the merged vocabulary from the recipe's tokenizer settings and row counts."""
+def build_vocabulary(recipe, merge_config, options, rows: Dict[ModelReference, int]) -> Vocabulary:
+    """Build the merged vocabulary from the recipe's tokenizer settings and row counts."""
     experts = [e.model for e in recipe.experts]
     source = merge_config.tokenizer.source if merge_config.tokenizer else merge_config.tokenizer_source
     implicit = False

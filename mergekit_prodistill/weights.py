@@ -8,7 +8,7 @@ from mergekit.architecture import WeightInfo
 from mergekit.common import ModelReference
 from mergekit.io.tasks import LoadTensor, LoaderCache
 
-from mergekit_prodistill.coefficients import merge
+from mergekit_prodistill.coefficients import combine
 from mergekit_prodistill.errors import ProDistillError
 
 
@@ -67,5 +67,5 @@ def task_arithmetic(weight: WeightInfo, base: ModelTensors, experts: List[ModelT
     base_a, aligned = align(weight, base_t, expert_ts)
     for e, t in zip(experts, aligned):
         check_shape(weight.name, base_a, t, e.model)
-    merged = merge(base_a, [t - base_a for t in aligned], [init] * len(experts))
+    merged = combine(base_a, [t - base_a for t in aligned], [init] * len(experts))
     return merged.to(base_t.dtype), expert_ts

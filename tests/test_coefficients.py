@@ -8,7 +8,7 @@ import torch
 
 from helpers import merge
 from mergekit_prodistill import coefficients, head
-from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, fit, merge as merge_formula,
+from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, fit, combine,
                                               merged_weights)
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.recipe import ProDistillParameters
@@ -19,10 +19,10 @@ def test_the_merge_formula_sums_products_before_adding_the_base():
     base = torch.tensor([1.0, 1e8, -3.0])
     deltas = [torch.tensor([1e-8, 1.0, 0.1]), torch.tensor([3e-8, 1.0, 0.2])]
     init = [torch.tensor(0.5)] * 2
-    assert torch.equal(merge_formula(base, deltas, init), base + (0.5 * deltas[0] + 0.5 * deltas[1]))
+    assert torch.equal(combine(base, deltas, init), base + (0.5 * deltas[0] + 0.5 * deltas[1]))
     merged = merged_weights({"w": base}, [{"w": d} for d in deltas], [{"w": c} for c in init],
                             torch.float32)
-    assert torch.equal(merged["w"], merge_formula(base, deltas, init))
+    assert torch.equal(merged["w"], combine(base, deltas, init))
 
 
 def test_optimizer_steps_do_not_depend_on_the_gradient_scale():

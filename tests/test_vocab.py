@@ -13,7 +13,7 @@ from helpers import merge
 from mergekit_prodistill import calibration
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.vocab import plan_vocabulary
+from mergekit_prodistill.vocab import build_vocabulary
 from test_merge import load_tensors
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -120,7 +120,7 @@ def test_calibration_ids_follow_the_merged_vocabulary(families, tmp_path):
     config = MergeConfiguration.model_validate(doc)
     recipe = parse_recipe(config)
     rows = {recipe.base: 768, **{e.model: 769 for e in recipe.experts}}
-    vocabulary = plan_vocabulary(recipe, config, MergeOptions(), rows)
+    vocabulary = build_vocabulary(recipe, config, MergeOptions(), rows)
     calib = calibration.load_for_experts(recipe, MergeOptions(), seed=0)
     merged_ids = vocabulary.calibration_ids(calib)
 

@@ -17,11 +17,11 @@ from safetensors import safe_open
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import mergekit_prodistill.tiny as tiny  # noqa: E402
+import mergekit_prodistill  # noqa: E402
 from mergekit_prodistill.tiny import ARCHITECTURES, build_tiny_family  # noqa: E402
 
 # The CLI subprocess must import the same copy of the package as this process.
-PACKAGE_PARENT = Path(tiny.__file__).resolve().parents[1]
+PACKAGE_PARENT = Path(mergekit_prodistill.__file__).resolve().parents[1]
 
 
 def _tensors(model_dir: Path) -> dict[str, torch.Tensor]:

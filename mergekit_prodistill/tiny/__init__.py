@@ -1,0 +1,197 @@
+"""Tiny offline "base + experts" model families for tests and examples.
+
+`build_tiny_family` writes, without any network access and deterministically:
+
+* a small decoder-only causal LM (llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3 or
+  granite flavour) saved as a
+  sharded safetensors Hugging Face checkpoint together with a real fast tokenizer,
+* `n_experts` copies of it, each with its own small perturbation of every parameter,
+* one unlabeled JSONL calibration prompt file per expert (`{"text": ...}` per line),
+  each expert with a different task flavour (arithmetic, code, chat, ...).
+
+The result is small enough to build in about a second, yet exercises the parts of a
+real checkpoint that a merge method can get wrong: GQA, tied / untied embeddings,
+q/k/v biases, q/k norms, sliding-window attention layers, several shards, scaled
+embeddings (Gemma, Granite), (1 + weight) norms, attention and logit soft-capping, a
+rotary embedding per attention type (Gemma3) and Granite's residual and logit multipliers.
+
+The package splits the work by job: `text` (prompts and tokenizer), `configs` (one
+config per architecture), `perturb` (the base's and experts' weights); this module
+assembles them on disk, and `__main__` is the command line:
+``python -m mergekit_prodistill.tiny OUT_DIR --arch llama --experts 3``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+
+from .configs import ARCH_CLASS, ARCHITECTURES, SLIDING_WINDOW, make_config
+from .perturb import expert_state, perturb_base, with_added_tokens
+from .text import (BOS_ID, EOS_ID, FLAVOUR_NAMES, MAX_POSITIONS, PAD_ID, SPECIAL_TOKENS,
+                   TOKENIZER_VOCAB_SIZE, UNK_ID, build_tokenizer, make_prompts)
+
+__all__ = ["ARCHITECTURES", "ARCH_CLASS", "BOS_ID", "EOS_ID", "FLAVOUR_NAMES", "MAX_POSITIONS",
+           "PAD_ID", "SLIDING_WINDOW", "SPECIAL_TOKENS", "TOKENIZER_VOCAB_SIZE", "TinyFamily",
+           "UNK_ID", "build_tiny_family", "build_tokenizer", "make_config", "make_prompts"]
+
+# The names these two had while the package was one module.
+_make_config, _ARCH_CLASS = make_config, ARCH_CLASS
+
+_BASELESS_METHODS = frozenset({"linear"})
+
+
+@dataclass
+class TinyFamily:
+    """Where `build_tiny_family` put one family's models and calibration files."""
+
+    root: Path
+    base: Path
+    experts: list[Path]
+    calibration: list[Path]
+    arch: str = "llama"
+    flavours: list[str] = field(default_factory=list)
+
+    def recipe(self, merge_method: str = "prodistill", **parameters) -> str:
+        """A mergekit YAML recipe text (absolute paths, `dtype: float32`).
+
+        For `prodistill` each expert gets `parameters: {calibration: <jsonl>}` and
+        **parameters become the global `parameters:` block. For any other method each
+        expert gets `weight: parameters.get("weight", 0.5)` and the remaining
+        **parameters (all but `weight`) become the global block. `linear` gets no
+        `base_model`: mergekit's linear merge has no base and would otherwise treat the
+        base as one more input that needs a weight.
+        """
+        models = []
+        global_params = dict(parameters)
+        if merge_method == "prodistill":
+            for expert, calib in zip(self.experts, self.calibration):
+                models.append(
+                    {"model": str(Path(expert).resolve()), "parameters": {"calibration": str(Path(calib).resolve())}}
+                )
+        else:
+            weight = global_params.pop("weight", 0.5)
+            for expert in self.experts:
+                models.append({"model": str(Path(expert).resolve()), "parameters": {"weight": weight}})
+        doc: dict[str, Any] = {"merge_method": merge_method}
+        if merge_method not in _BASELESS_METHODS:
+            doc["base_model"] = str(Path(self.base).resolve())
+        doc["models"] = models
+        if global_params:
+            doc["parameters"] = global_params
+        doc["dtype"] = "float32"
+        return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+
+
+def build_tiny_family(
+    root,
+    arch: str = "llama",
+    n_experts: int = 2,
+    *,
+    num_layers: int = 2,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    tie_embeddings: bool | None = None,
+    prompts_per_expert: int = 32,
+    seed: int = 0,
+    max_shard_size: int | str = "100KB",
+    expert_scale: float = 0.05,
+    extra_tokens: Sequence[Sequence[str]] = (),
+) -> TinyFamily:
+    """Build a base model, `n_experts` perturbed experts and calibration files under `root`.
+
+    Layout: root/base, root/expert_{i}, root/calibration/expert_{i}.jsonl.
+    Existing model directories are replaced.
+
+    `extra_tokens[i]` (optional) are tokens added to expert i's tokenizer, with as many
+    new embedding (and LM head) rows, the way a fine-tune that adds a `[PAD]` token
+    grows its vocabulary.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
+    if n_experts < 1:
+        raise ValueError("n_experts must be >= 1")
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = build_tokenizer()
+    config = make_config(arch, len(tokenizer), num_layers=num_layers, hidden_size=hidden_size,
+                         intermediate_size=intermediate_size, num_heads=num_heads,
+                         num_kv_heads=num_kv_heads, tie_embeddings=tie_embeddings)
+
+    # Fork the RNG so building a family does not disturb the caller's torch seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        # transformers' default attention: sdpa, or eager where a family has no sdpa (Gemma2).
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    perturb_base(model, torch.Generator().manual_seed(seed + 1))
+
+    base_dir = root / "base"
+    _save(model, tokenizer, base_dir, max_shard_size)
+
+    # named_parameters() skips tied duplicates, so lm_head follows embed_tokens when tied.
+    base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
+    experts = []
+    for i in range(n_experts):
+        state = expert_state(base_state, seed=seed * 1000 + 17 * (i + 1), scale=expert_scale)
+        with torch.no_grad():
+            for name, t in state.items():
+                params[name].copy_(t)
+        d = root / f"expert_{i}"
+        added = tuple(extra_tokens[i]) if i < len(extra_tokens) else ()
+        if added:
+            _save(*with_added_tokens(model, tokenizer, added, seed * 1000 + 31 * (i + 1)),
+                  d, max_shard_size)
+        else:
+            _save(model, tokenizer, d, max_shard_size)
+        experts.append(d)
+
+    calib_dir = root / "calibration"
+    calib_dir.mkdir(exist_ok=True)
+    calibration = []
+    for i in range(n_experts):
+        path = calib_dir / f"expert_{i}.jsonl"
+        prompts = make_prompts(i, prompts_per_expert, seed=seed)
+        with open(path, "w", encoding="utf-8", newline="\n") as f:
+            for p in prompts:
+                f.write(json.dumps({"text": p}, ensure_ascii=False) + "\n")
+        calibration.append(path)
+
+    return TinyFamily(
+        root=root,
+        base=base_dir,
+        experts=experts,
+        calibration=calibration,
+        arch=arch,
+        flavours=[FLAVOUR_NAMES[i % len(FLAVOUR_NAMES)] for i in range(n_experts)],
+    )
+
+
+def _save(model, tokenizer, directory: Path, max_shard_size) -> None:
+    from transformers.utils import logging as hf_logging
+
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    # save_pretrained draws a "Writing model shards" bar per call; silence it, then
+    # restore the caller's setting.
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(directory, max_shard_size=max_shard_size)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(directory)

@@ -1,0 +1,106 @@
+"""The tiny families' model configs: one per architecture, each with the features that
+family's real checkpoints have (GQA, sliding windows, soft-capping, multipliers, ...).
+
+`make_config` is the one place that knows how each family is configured; everything else
+in the tiny package is architecture-agnostic.
+"""
+
+from __future__ import annotations
+
+from .text import BOS_ID, EOS_ID, MAX_POSITIONS, PAD_ID
+
+__all__ = ["ARCHITECTURES", "ARCH_CLASS", "SLIDING_WINDOW", "make_config"]
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite")
+
+# Small window so prompts of ordinary length really cross it.
+SLIDING_WINDOW = 6
+
+ARCH_CLASS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma": "GemmaForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "granite": "GraniteForCausalLM",
+}
+# One sliding and one full attention layer first, so two layers already hold both kinds.
+_ALTERNATING = ("sliding_attention", "full_attention")
+
+
+def make_config(
+    arch: str,
+    vocab_size: int,
+    *,
+    num_layers: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    tie_embeddings: bool | None,
+):
+    """The transformers config of a tiny `arch` model; `tie_embeddings=None` ties as that family's
+    checkpoints do."""
+    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig,
+                              LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+
+    if tie_embeddings is None:
+        # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
+        tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3")
+    head_dim = hidden_size // num_heads
+    layer_types = [_ALTERNATING[i % 2] for i in range(num_layers)]
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=tie_embeddings,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        architectures=[ARCH_CLASS[arch]],
+    )
+    if arch == "llama":
+        cfg = LlamaConfig(**common)
+    elif arch == "mistral":
+        cfg = MistralConfig(sliding_window=SLIDING_WINDOW, **common)
+    elif arch == "qwen2":
+        # Qwen2 derives layer_types from these: layers with index >= max_window_layers
+        # slide, so with max_window_layers=1 every layer after the first is sliding.
+        cfg = Qwen2Config(
+            use_sliding_window=True,
+            sliding_window=SLIDING_WINDOW,
+            max_window_layers=1,
+            **common,
+        )
+    elif arch == "qwen3":
+        # Qwen3Config defaults head_dim to 128 instead of hidden/heads.
+        cfg = Qwen3Config(head_dim=head_dim, **common)
+    elif arch == "gemma":
+        # Gemma configs default head_dim to 256 instead of hidden/heads.
+        cfg = GemmaConfig(head_dim=head_dim, **common)
+    elif arch == "gemma2":
+        # Soft-capping thresholds low enough that the tiny model's logits reach them.
+        cfg = Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                           sliding_window=SLIDING_WINDOW, layer_types=layer_types,
+                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **common)
+    elif arch == "gemma3":
+        # Sliding layers take their own rotary base, as in real Gemma3 checkpoints.
+        cfg = Gemma3TextConfig(
+            head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW,
+            layer_types=layer_types, final_logit_softcapping=3.0,
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+            **common)
+    elif arch == "granite":
+        # Multipliers away from 1, as in Granite 3 checkpoints, so that ignoring any shows.
+        cfg = GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22,
+                            attention_multiplier=1 / head_dim, logits_scaling=8.0, **common)
+    else:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
+    return cfg

@@ -13,7 +13,7 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill import calibration, continuation, dtypes, head, output, plan, preflight
+from mergekit_prodistill import calibration, continuation, devices, head, output, plan, preflight
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.coefficients import coefficient_stats, merged_weights
@@ -47,8 +47,10 @@ def run_prodistill(
     p = recipe.params
     checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
     vocabulary = plan_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
-    plan.check_fits(recipe, options)  # before any weight is read
     seed = options.random_seed if options.random_seed is not None else 0
+    calib = calibration.load_for_experts(recipe, options, seed)
+    # Before any weight is read; the plan also decides where the activation streams go.
+    fit = plan.check_fits(recipe, options, out_path, calib)
     generator = torch.Generator().manual_seed(seed)
     device = torch.device(options.device or "cpu")
 
@@ -69,9 +71,6 @@ def run_prodistill(
     out_dtype = recipe.out_dtype or recipe.dtype
     cast_out = (lambda t: t.to(dtype_from_name(out_dtype))) if out_dtype else (lambda t: t)
 
-    activation_dtype = dtypes.activation_dtype(
-        p.activation_dtype, dtypes.weights_dtype(recipe, base_config), device)
-    calib = calibration.load_for_experts(recipe, options, seed)
     merged_ids = vocabulary.calibration_ids(calib)  # every prompt token has a merged row
     created_out = not os.path.exists(out_path)
     staging = output.start_staging(out_path)
@@ -94,7 +93,7 @@ def run_prodistill(
     units = UnitWriter(writer, checkpoint)
 
     try:
-        facts = {"activation_dtype": activation_dtype,
+        facts = {"activation_dtype": fit.dtypes["cache"],
                  "epochs": p.epochs_for(max(len(b) for b in calib.batches))} if p.epochs else {}
         if checkpoint is not None and p.continue_tokens:
             continued = time.time()
@@ -104,8 +103,7 @@ def run_prodistill(
         with denormals_flushed(bool(p.epochs)):
             report_blocks, head_report = _merge(
                 recipe, module, base, experts, calib, merged_ids, vocabulary, device,
-                generator, units, cast_out, checkpoint, resumed, options,
-                p.activation_dir or os.path.join(staging, output.SCRATCH), activation_dtype)
+                generator, units, cast_out, checkpoint, resumed, options, fit)
         units.finalize(["pre", *(f"block-{i}" for i in range(num_layers)), "post"])
         output.finish(
             staging, out_path, merge_config, arch_info, options, config_source, recipe,
@@ -141,8 +139,7 @@ def _continued(recipe, options, calib, device, checkpoint):
         for expert, prompts in zip(recipe.experts, calib.sequences):
             tokenizer = calibration.load_tokenizer(expert.model, recipe.base,
                                                    options.trust_remote_code)
-            free = {str(device): plan.available_memory(device),
-                    "cpu": plan.available_memory(torch.device("cpu"))}
+            free = devices.free_memory(device)
             sequences.append(continuation.continue_prompts(
                 expert.model.local_path(cache_dir=options.transformers_cache), prompts,
                 recipe.params.continue_tokens, tokenizer, dtype=recipe.dtype, device=device,
@@ -152,7 +149,7 @@ def _continued(recipe, options, calib, device, checkpoint):
 
 
 def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device, generator,
-           units, cast_out, checkpoint, resumed, options, activation_dir, activation_dtype):
+           units, cast_out, checkpoint, resumed, options, fit):
     """Merge every tensor in order; returns the per-block report and the head's (or None)."""
     p = recipe.params
     num_layers = module.num_layers()
@@ -180,8 +177,8 @@ def _merge(recipe, module, base, experts, calib, merged_ids, vocabulary, device,
     if train:
         runner = BlockRunner(module.config, device, options.trust_remote_code)
         hidden = module.config.hidden_size
-        store = ActivationStore(calib.shapes(), hidden, dtype_from_name(activation_dtype),
-                                p.activation_placement, device, activation_dir)
+        store = ActivationStore(calib.shapes(), hidden, dtype_from_name(fit.dtypes["cache"]),
+                                fit.placement, device, fit.activation_dir)
         z1, z2 = store.allocate("z1"), store.allocate("z2")
     blocks_done = resumed["blocks_done"] if resumed else 0
     report_blocks = resumed["report_blocks"] if resumed else []

@@ -47,8 +47,8 @@ KNOBS = {
     WEIGHTS: "run on a device with more memory (--device / --cuda) or set 'dtype: bfloat16'",
     LAMBDA: "run on a device with more memory (--device / --cuda), merge fewer experts at "
     "once, or set 'granularity: tensor'",
-    CACHE: "lower 'shots' or 'max_length', or store the cache in a smaller dtype or in an "
-    "activation directory on disk",
+    CACHE: "lower 'shots' or 'max_length', or store the cache in a smaller dtype "
+    "('activation_dtype') or elsewhere ('activation_placement: auto', 'cpu' or 'disk')",
     CONTEXTS: "lower 'shots' or 'max_length'",
     TRANSIENT: "lower 'batch_size' or 'max_length'",
     EXPERT: "run on a device with more memory (--device / --cuda) or set 'dtype: bfloat16'",
@@ -148,7 +148,8 @@ def stream_placement(requested: str, device: torch.device, totals: Dict[str, int
     return "disk" if totals["disk"] <= free[dev] else "device"
 
 
-def make_plan(recipe, options, calib=None, available: Optional[Dict[str, Optional[int]]] = None,
+def make_plan(recipe, options, calib=None,
+              available: Optional[Dict[str, Optional[int]]] = None,
               out_path: Optional[str] = None) -> Plan:
     """Plan ``recipe`` under ``options`` from configs and prompts alone.
 

@@ -84,10 +84,11 @@ def test_the_merge_puts_the_streams_where_its_plan_does(families, tmp_path, monk
         monkeypatch.setattr(devices, "available_memory", lambda device: roomy.total("cpu") - 1)
     plans, stores = [], []
     check_fits, init = plan.check_fits, ActivationStore.__init__
-    monkeypatch.setattr(plan, "check_fits", lambda *a: plans.append(check_fits(*a)) or plans[-1])
+    monkeypatch.setattr(plan, "check_fits",
+                        lambda *a, **k: plans.append(check_fits(*a, **k)) or plans[-1])
 
-    def spy(store, *args):
-        init(store, *args)
+    def spy(store, *args, **kwargs):
+        init(store, *args, **kwargs)
         stores.append(store)
 
     monkeypatch.setattr(ActivationStore, "__init__", spy)

@@ -183,9 +183,9 @@ def test_cache_goes_to_device_then_cpu_then_disk(wizard_13b):
 def test_real_run_refuses_a_13b_merge_with_16gb_free(wizard_13b, tmp_path, monkeypatch):
     monkeypatch.setattr(devices, "available_memory", lambda device: 16 * 10**9)
     config = MergeConfiguration.model_validate(yaml.safe_load(wizard_13b.read_text()))
-    # The merge calls this right after checking its inputs (the models here are configs
-    # only, which that check would refuse first); the tiny-model test below goes through
-    # a whole merge.
+    # The merge calls this after checking its inputs and reading its prompts (the models
+    # here are configs only, which that check would refuse first); the tiny-model test
+    # below goes through a whole merge.
     with pytest.raises(ProDistillError) as err:
         plan.check_fits(parse_recipe(config), MergeOptions(), str(tmp_path / "out"))
     message = str(err.value)

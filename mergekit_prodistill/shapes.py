@@ -13,6 +13,7 @@ from mergekit_prodistill.blocks import BlockRunner, model_class
 # memory.SLACK_FRACTION); larger ones are mapped and returned at once.
 HEAP_LIMIT = 32 * 2**20
 
+
 def dtype_bytes(name: str) -> int:
     return torch.empty((), dtype=dtype_from_name(name)).element_size()
 

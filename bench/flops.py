@@ -27,7 +27,8 @@ from mergekit_prodistill import distill  # noqa: E402
 from mergekit_prodistill.blocks import BlockRunner  # noqa: E402
 from mergekit_prodistill.calibration import Batch  # noqa: E402
 from mergekit_prodistill.recipe import ProDistillParameters  # noqa: E402
-from mergekit_prodistill.plan import batch_flops, model_shape  # noqa: E402
+from mergekit_prodistill.memory import batch_flops  # noqa: E402
+from mergekit_prodistill.shapes import model_shape  # noqa: E402
 
 
 def build(args):

@@ -48,7 +48,8 @@ def plan_figures(recipe: Path, device: str) -> dict:
     from mergekit.options import MergeOptions
 
     from mergekit_prodistill.recipe import parse_recipe
-    from mergekit_prodistill.plan import DEVICE_CLASSES, make_plan
+    from mergekit_prodistill.devices import DEVICE_CLASSES
+    from mergekit_prodistill.plan import make_plan
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text()))
     plan = make_plan(parse_recipe(config), MergeOptions(device=device))

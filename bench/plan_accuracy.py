@@ -102,7 +102,8 @@ def child(warmup: str, recipe: str, out: str) -> dict:
 
     from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.run import run_prodistill
-    from mergekit_prodistill.plan import DEVICE_CLASSES, make_plan
+    from mergekit_prodistill.devices import DEVICE_CLASSES
+    from mergekit_prodistill.plan import make_plan
 
     options = MergeOptions(quiet=True)
 
@@ -134,7 +135,7 @@ def measured_class(config_dtype: str):
     """This machine's matmul and element-wise rates right now (other load included)."""
     import torch
 
-    from mergekit_prodistill.plan import DeviceClass
+    from mergekit_prodistill.devices import DeviceClass
 
     dtype = getattr(torch, config_dtype)
     a, b = torch.randn(512, 1024, dtype=dtype), torch.randn(1024, 2816, dtype=dtype)

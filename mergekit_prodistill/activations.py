@@ -1,10 +1,12 @@
-"""Where the activation streams live: on the device, in (pinned) CPU memory, or on disk.
+"""The activation streams, allocated where the plan put them: on the device, in (pinned)
+CPU memory, or on disk.
 
 Two streams per expert (the merged model's and the expert's own) of shots x tokens x
-hidden values are gigabytes for a 13B model. They are stored in a chosen dtype, on the
-compute device when they fit, else in CPU memory (pinned when a GPU is used, so copies to
-it are fast), else in memory-mapped files in a folder the user can place. Every stream is
-a list per expert of one tensor per batch, updated in place as blocks advance.
+hidden values are gigabytes for a 13B model. Their dtype, place and folder are decided by
+the plan (``plan.py``), which checks that they fit; this module only allocates them: on
+the compute device, in CPU memory (pinned when a GPU is used, so copies to it are fast),
+or in memory-mapped files. Every stream is a list per expert of one tensor per batch,
+updated in place as blocks advance.
 """
 
 import logging
@@ -18,37 +20,12 @@ from mergekit_prodistill.errors import ProDistillError
 LOG = logging.getLogger("mergekit_prodistill")
 
 Stream = List[List[torch.Tensor]]  # [expert][batch] -> [batch, length, hidden]
-
-# Fractions of free memory the streams may take, leaving room for the block's weights,
-# coefficients, optimiser state and one batch's forward and backward pass.
-DEVICE_SHARE = 0.5
-HOST_SHARE = 0.7
-
-
-def available_host_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-
-
-def choose_placement(requested: str, nbytes: int, device: torch.device) -> str:
-    """'device', 'cpu' or 'disk' for streams totalling ``nbytes``."""
-    if requested != "auto":
-        return requested
-    if device.type == "cuda" and nbytes <= DEVICE_SHARE * torch.cuda.mem_get_info(device)[0]:
-        return "device"
-    if nbytes <= HOST_SHARE * available_host_bytes():
-        return "device" if device.type == "cpu" else "cpu"
-    return "disk"
+PLACEMENTS = ("device", "cpu", "disk")
 
 
 class ActivationStore:
-    """Allocates the streams for a given set of batch shapes."""
+    """Allocates the streams for a given set of batch shapes, at ``placement``: "device",
+    "cpu" or "disk" (files in ``directory``)."""
 
     def __init__(self, shapes: Sequence[Sequence[Tuple[int, int]]], hidden: int,
                  dtype: torch.dtype, placement: str, device: torch.device,
@@ -59,7 +36,9 @@ class ActivationStore:
         self.nbytes_per_stream = sum(
             b * n * hidden for batches in shapes for b, n in batches
         ) * dtype.itemsize
-        self.placement = choose_placement(placement, 2 * self.nbytes_per_stream, device)
+        if placement not in PLACEMENTS:
+            raise ValueError(f"placement {placement!r}: expected one of {PLACEMENTS}")
+        self.placement = placement
         self.device = device if self.placement == "device" else torch.device("cpu")
         self.directory = directory
         LOG.info("activation streams: 2 x %.1f MB of %s on %s", self.nbytes_per_stream / 1e6,

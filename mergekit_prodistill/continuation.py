@@ -11,7 +11,7 @@ activations, it is loaded there, whole (no offload hooks), and a batch holds as 
 prompts as fit beside it; the expert is freed before the next one. Otherwise
 accelerate keeps what fits on the device, then in CPU memory, and reads the rest from
 disk for every forward pass; prompts per batch are then chosen to read the least. The
-plan (``plan.py``) calls the same functions, so its figures are the pass's own.
+plan (``generation_plan.py``) calls the same functions, so its figures are the pass's own.
 """
 
 import gc
@@ -25,6 +25,7 @@ import torch
 
 from mergekit_prodistill import dtypes
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.formatting import fmt_bytes
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -122,8 +123,6 @@ class Placement:
 
     def check(self, device: torch.device, model) -> None:
         """Refuse a pass that cannot fit even with one prompt per batch, fully offloaded."""
-        from mergekit_prodistill.plan import fmt_bytes  # plan imports this module
-
         if not self.fits:
             raise ProDistillError(
                 f"model {model}: generating its continuations needs "

@@ -29,12 +29,11 @@ from mergekit.common import dtype_from_name
 from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 
-from mergekit_prodistill import (calibration, continuation, distill, head, output, plan,
-                                 preflight)
+from mergekit_prodistill import (calibration, continuation, devices, distill, head, output,
+                                 plan, preflight)
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.errors import Interrupted
-from mergekit_prodistill.layout import scratch_dir
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.report import Report
@@ -75,7 +74,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
     calib = calibration.load_for_experts(recipe, options, ctx.seed)
     vocabulary.calibration_ids(calib)
     # 4. The plan, checked against the memory free now, before any weight is read.
-    decided = plan.check_fits(recipe, options)
+    decided = plan.check_fits(recipe, options, out_path, calib)
 
     LoaderCache().setup(options=options)
     module = checked.module
@@ -114,8 +113,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
         with distill.denormals_flushed(bool(p.epochs)):
             if p.epochs:
                 report_blocks, head_report = merger.trained(
-                    calib, decided, resumed, progress,
-                    p.activation_dir or scratch_dir(out_path))
+                    calib, decided, resumed, progress)
             else:
                 report_blocks, head_report = merger.task_arithmetic(), None
         units.finalize(["pre", *(f"block-{i}" for i in range(module.num_layers())), "post"])
@@ -152,11 +150,9 @@ def _continued(recipe, folders: List[str], calib, ctx: Context, progress: Progre
     if sequences is None:
         sequences = []
         for folder, tokenizer, prompts in zip(folders, calib.tokenizers, calib.sequences):
-            free = {str(ctx.device): plan.available_memory(ctx.device),
-                    "cpu": plan.available_memory(torch.device("cpu"))}
             sequences.append(continuation.continue_prompts(
                 folder, prompts, recipe.params.continue_tokens, tokenizer,
-                dtype=recipe.dtype, device=ctx.device, free=free,
+                dtype=recipe.dtype, device=ctx.device, free=devices.free_memory(ctx.device),
                 trust_remote_code=ctx.trust_remote_code))
         progress.save_continuations(sequences)
     return calib.with_sequences(sequences, recipe.params.batch_size)
@@ -203,14 +199,14 @@ class Merger:
                 self.merge_tensor(weight)
         return []
 
-    def trained(self, calib, decided, resumed, progress: Progress, activation_dir: str):
+    def trained(self, calib, decided, resumed, progress: Progress):
         """Embeddings by task arithmetic, every block distilled, the head trained or merged
         by task arithmetic; returns the blocks' reports and the head's (or None)."""
         p, device = self.recipe.params, self.ctx.device
         runner = BlockRunner(self.module.config, device, self.ctx.trust_remote_code)
         store = ActivationStore(calib.shapes(), self.module.config.hidden_size,
                                 dtype_from_name(decided.dtypes["cache"]),
-                                p.activation_placement, device, activation_dir)
+                                decided.placement, device, decided.activation_dir)
         streams = distill.Streams(store.allocate("merged"), store.allocate("expert"), [])
         blocks_done = resumed["blocks_done"] if resumed else 0
         reports = resumed["report_blocks"] if resumed else []

@@ -1,44 +1,58 @@
-"""Where activation streams go, decided without needing an accelerator."""
+"""Where activation streams go, decided by the plan without needing an accelerator, and
+allocated there by the merge."""
 
 import pytest
 import torch
+import yaml
+from mergekit.common import dtype_from_name
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
 
-from mergekit_prodistill import activations
-from mergekit_prodistill.activations import ActivationStore, choose_placement
+from helpers import merge
+from mergekit_prodistill import devices, plan
+from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.plan import stream_placement
+from mergekit_prodistill.recipe import parse_recipe
 
 GB = 1 << 30
 CUDA = torch.device("cuda")  # only the object: nothing is allocated on it here
 
 
-@pytest.fixture
-def free_memory(monkeypatch):
-    def set_free(device_bytes, host_bytes):
-        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (device_bytes, 80 * GB))
-        monkeypatch.setattr(activations, "available_host_bytes", lambda: host_bytes)
-    return set_free
+def placed(streams, device_free, host_free, device=CUDA, requested="auto"):
+    """The placement of ``streams`` bytes beside 4 GB of block state on the device and
+    1 GB of output buffer in CPU memory."""
+    rest, host_rest = 4 * GB, 1 * GB
+    if device.type == "cpu":  # one memory: the block state and the buffer share it
+        rest = host_rest = rest + host_rest
+    totals = {"device": rest + streams, "cpu": host_rest + streams, "disk": rest}
+    return stream_placement(requested, device, totals, {str(device): device_free,
+                                                        "cpu": host_free})
 
 
-def test_streams_stay_on_the_gpu_when_they_fit(free_memory):
-    free_memory(device_bytes=40 * GB, host_bytes=100 * GB)
-    assert choose_placement("auto", 10 * GB, CUDA) == "device"
+def test_streams_stay_on_the_gpu_when_they_fit():
+    assert placed(10 * GB, device_free=40 * GB, host_free=100 * GB) == "device"
+    assert placed(10 * GB, device_free=None, host_free=0) == "device"  # unknown: as if enough
 
 
-def test_streams_move_to_host_then_disk_as_they_grow(free_memory):
-    free_memory(device_bytes=10 * GB, host_bytes=100 * GB)
-    assert choose_placement("auto", 30 * GB, CUDA) == "cpu"
-    assert choose_placement("auto", 90 * GB, CUDA) == "disk"
+def test_streams_move_to_host_then_disk_as_they_grow():
+    assert placed(30 * GB, device_free=10 * GB, host_free=100 * GB) == "cpu"
+    assert placed(99 * GB + 1, device_free=10 * GB, host_free=100 * GB) == "disk"
 
 
-def test_cpu_compute_keeps_streams_in_memory_unless_they_do_not_fit(free_memory):
-    free_memory(device_bytes=0, host_bytes=20 * GB)
-    assert choose_placement("auto", 10 * GB, torch.device("cpu")) == "device"
-    assert choose_placement("auto", 19 * GB, torch.device("cpu")) == "disk"
+def test_cpu_compute_keeps_streams_in_memory_unless_they_do_not_fit():
+    cpu = torch.device("cpu")
+    assert placed(10 * GB, 20 * GB, 20 * GB, device=cpu) == "device"
+    assert placed(19 * GB, 20 * GB, 20 * GB, device=cpu) == "disk"
 
 
-def test_an_explicit_choice_wins(free_memory):
-    free_memory(device_bytes=80 * GB, host_bytes=100 * GB)
-    assert choose_placement("disk", 1, CUDA) == "disk"
+def test_streams_stay_when_moving_them_would_not_help():
+    assert placed(GB, device_free=2 * GB, host_free=0) == "device"  # the check refuses
+
+
+def test_an_explicit_choice_wins():
+    assert placed(1, device_free=80 * GB, host_free=100 * GB, requested="disk") == "disk"
+    assert placed(90 * GB, device_free=GB, host_free=GB, requested="device") == "device"
 
 
 def test_disk_streams_need_a_folder(tmp_path):
@@ -50,3 +64,38 @@ def test_disk_streams_need_a_folder(tmp_path):
     stream[0].fill_(1.5)
     assert stream[0].shape == (2, 3, 4) and stream[0].dtype == torch.bfloat16
     assert (tmp_path / "z1.bin").stat().st_size == 2 * 3 * 4 * 2
+
+
+def test_the_store_takes_a_decided_placement():
+    with pytest.raises(ValueError, match="auto"):
+        ActivationStore([[(2, 3)]], 4, torch.float32, "auto", torch.device("cpu"), None)
+
+
+@pytest.mark.parametrize("requested, tight", [("auto", False), ("auto", True), ("device", False),
+                                              ("cpu", False), ("disk", False)])
+def test_the_merge_puts_the_streams_where_its_plan_does(families, tmp_path, monkeypatch,
+                                                        requested, tight):
+    fam = families("llama", 2)
+    recipe = fam.recipe("prodistill", epochs=1, shots=8, continue_tokens=0,
+                        activation_placement=requested)
+    if tight:  # CPU memory for everything but the streams: auto sends them to disk
+        config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
+        roomy = plan.make_plan(parse_recipe(config), MergeOptions(), available={"cpu": None})
+        monkeypatch.setattr(devices, "available_memory", lambda device: roomy.total("cpu") - 1)
+    plans, stores = [], []
+    check_fits, init = plan.check_fits, ActivationStore.__init__
+    monkeypatch.setattr(plan, "check_fits",
+                        lambda *a, **k: plans.append(check_fits(*a, **k)) or plans[-1])
+
+    def spy(store, *args, **kwargs):
+        init(store, *args, **kwargs)
+        stores.append(store)
+
+    monkeypatch.setattr(ActivationStore, "__init__", spy)
+    out = merge(recipe, tmp_path / "out")
+    (fit,), (store,) = plans, stores
+    expected = requested if requested != "auto" else "disk" if tight else "device"
+    assert store.placement == fit.placement == expected
+    assert store.dtype == dtype_from_name(fit.dtypes["cache"]) == torch.float32
+    assert store.directory == fit.activation_dir == str(out / ".prodistill-staging" / ".scratch")
+    assert (out / "model.safetensors").exists()

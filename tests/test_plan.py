@@ -1,6 +1,7 @@
 """The plan: offline for the 13B flagship recipe, exact where it can be, and enforced."""
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -8,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-import transformers
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from helpers import merge, run_cli
-from mergekit_prodistill import cli, continuation, plan, tiny
+from mergekit_prodistill import (calibration, cli, continuation, devices, memory, plan,
+                                 preflight, shapes, tiny)
 from mergekit_prodistill.blocks import BlockRunner
 from mergekit_prodistill.calibration import Batch
 from mergekit_prodistill.recipe import parse_recipe
@@ -53,7 +54,7 @@ def wizard_13b(tmp_path):
 
 def plan_for(recipe_path, available=None, **options):
     config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe_path).read_text()))
-    return plan.make_plan(parse_recipe(config), MergeOptions(**options), available)
+    return plan.make_plan(parse_recipe(config), MergeOptions(**options), available=available)
 
 
 def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
@@ -65,17 +66,17 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     assert [b for bs in p.work.batches for b in bs] == [(16, width)] * 12
     train = p.phases["cuda"]["train"]
     bf16, experts, slots = 2, 3, 64 * width
-    assert train[plan.LAMBDA] == 16 * experts * BLOCK_13B  # lambda, grad, Adam m and v
-    assert train[plan.WEIGHTS] == (1 + experts) * BLOCK_13B * bf16 + 2 * BLOCK_13B * bf16
+    assert train[memory.LAMBDA] == 16 * experts * BLOCK_13B  # lambda, grad, Adam m and v
+    assert train[memory.WEIGHTS] == (1 + experts) * BLOCK_13B * bf16 + 2 * BLOCK_13B * bf16
     assert p.cache_at == "cuda"
-    assert train[plan.CACHE] == 2 * experts * slots * HIDDEN * bf16  # z1 and z2
+    assert train[memory.CACHE] == 2 * experts * slots * HIDDEN * bf16  # z1 and z2
     # Finished units go to their own files; one shard (mergekit's default) is held only
     # while the shards are assembled, at the end.
-    assert p.phases["cpu"]["train"][plan.OUTPUT] == 0
-    assert p.phases["cpu"]["write"][plan.OUTPUT] == BLOCK_13B * bf16  # the block being saved
-    assert p.phases["cpu"]["assemble"][plan.OUTPUT] == 5_000_000_000
+    assert p.phases["cpu"]["train"][memory.OUTPUT] == 0
+    assert p.phases["cpu"]["write"][memory.OUTPUT] == BLOCK_13B * bf16  # the block being saved
+    assert p.phases["cpu"]["assemble"][memory.OUTPUT] == 5_000_000_000
     # 13B tensors are mapped by the C allocator and returned at once: next to no slack.
-    assert p.phases["cpu"]["train"][plan.SLACK] < 10**6 and p.shape.heap_share < 1e-4
+    assert p.phases["cpu"]["train"][memory.SLACK] < 10**6 and p.shape.heap_share < 1e-4
 
     matmuls = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE
     batch = 16 * width * (2 * matmuls + 4 * width * HEADS * 128)
@@ -88,15 +89,15 @@ def test_plan_command_prints_the_table(wizard_13b):
                   "--out-shard-size", "2B").stdout
     assert "40 blocks of 317.2M parameters" in out
     assert "estimated at 3 characters per token" in out
-    for row in (plan.WEIGHTS, plan.LAMBDA, plan.CACHE, plan.TRANSIENT, plan.OUTPUT):
+    for row in (memory.WEIGHTS, memory.LAMBDA, memory.CACHE, memory.TRANSIENT, memory.OUTPUT):
         assert row in out
     # Free memory unknown: every expert whole on the GPU, all 64 prompts in one batch,
     # which is the GPU's peak.
     assert "each expert whole on the device; 64 prompts per batch, 1 batch" in out
-    expert = next(line for line in out.splitlines() if plan.EXPERT in line)
+    expert = next(line for line in out.splitlines() if memory.EXPERT in line)
     assert expert.split()[-3:] == ["26.03", "GB", "-"]  # on cuda; nothing of it on the CPU
-    assert "2.00 GB" in next(line for line in out.splitlines() if plan.OUTPUT in line)
-    for cls in plan.DEVICE_CLASSES:
+    assert "2.00 GB" in next(line for line in out.splitlines() if memory.OUTPUT in line)
+    for cls in devices.DEVICE_CLASSES:
         assert cls.name in out
     assert "fits in 80 GB" in out
 
@@ -117,9 +118,9 @@ def test_plan_counts_the_continuation_pass(wizard_13b):
     expert_bytes = 13_015_864_320 * 2  # Llama-2-13B in bfloat16
     roomy = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
     generating = roomy.phases["cuda"]["continuation"]
-    assert generating[plan.EXPERT] == expert_bytes
+    assert generating[memory.EXPERT] == expert_bytes
     # Keys and values of 40 layers x 5120 for 512 + 64 positions, per prompt, and more.
-    assert generating[plan.GENERATION] > 64 * 2 * 40 * 5120 * 2 * 576
+    assert generating[memory.GENERATION] > 64 * 2 * 40 * 5120 * 2 * 576
     assert [(g.rows, g.batches, g.offloaded) for g in roomy.generation] == [(64, 1, False)] * 3
     # Forward FLOPs of 3 x 64 x 575 tokens through the non-embedding weights, give or take
     # attention and the head.
@@ -130,7 +131,7 @@ def test_plan_counts_the_continuation_pass(wizard_13b):
     wizard_13b.write_text(yaml.safe_dump(without))
     plain = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
     assert "continuation" not in plain.phases["cuda"] and plain.flops["continuation"] == 0
-    h100 = next(c for c in plan.DEVICE_CLASSES if c.name == "h100-80gb")
+    h100 = next(c for c in devices.DEVICE_CLASSES if c.name == "h100-80gb")
     # About a minute: mostly reading the three experts once more (78 GB at 2 GB/s).
     assert 39 < roomy.continuation_seconds(h100) < 60 and plain.continuation_seconds(h100) == 0
     assert roomy.seconds(h100) > plain.seconds(h100) + roomy.continuation_seconds(h100)
@@ -141,12 +142,12 @@ def test_continuation_on_a_small_gpu_offloads_and_costs_its_reads(wizard_13b):
     p = plan_for(wizard_13b, free, device="cuda")
     assert all(g.offloaded and g.host_bytes > 0 and g.disk_bytes == 0 for g in p.generation)
     on_gpu = p.phases["cuda"]["continuation"]
-    assert on_gpu[plan.EXPERT] + on_gpu[plan.GENERATION] <= 24 * 10**9
+    assert on_gpu[memory.EXPERT] + on_gpu[memory.GENERATION] <= 24 * 10**9
     g = p.generation[0]
     assert p.continuation_reads["host"] == 3 * g.batches * 64 * g.host_bytes
-    h100 = next(c for c in plan.DEVICE_CLASSES if c.name == "h100-80gb")
+    h100 = next(c for c in devices.DEVICE_CLASSES if c.name == "h100-80gb")
     assert p.continuation_seconds(h100) > p.continuation_reads["host"] / (h100.link_gbps * 1e9)
-    assert p.phases["cpu"]["continuation"][plan.EXPERT] == g.host_bytes
+    assert p.phases["cpu"]["continuation"][memory.EXPERT] == g.host_bytes
 
 
 def test_a_continuation_that_cannot_fit_is_refused_before_any_weight_is_read(
@@ -167,12 +168,12 @@ def test_cache_goes_to_device_then_cpu_then_disk(wizard_13b):
     # The peak of the block loop (the continuation before it takes what memory is free).
     with_cache = max(sum(terms.values()) for phase, terms in everything.phases["cuda"].items()
                      if phase != "continuation")
-    cache = everything.phases["cuda"]["train"][plan.CACHE]
+    cache = everything.phases["cuda"]["train"][memory.CACHE]
     assert plan_for(wizard_13b, {"cuda": with_cache, "cpu": None}, device="cuda").cache_at == "cuda"
     tight = {"cuda": with_cache - 1, "cpu": 10**12}
     moved = plan_for(wizard_13b, tight, device="cuda")
-    assert moved.cache_at == "cpu" and plan.CACHE not in moved.phases["cuda"]["train"]
-    assert moved.phases["cpu"]["write"][plan.CACHE] == cache  # streams updated in place
+    assert moved.cache_at == "cpu" and memory.CACHE not in moved.phases["cuda"]["train"]
+    assert moved.phases["cpu"]["write"][memory.CACHE] == cache  # streams updated in place
     assert plan_for(wizard_13b, {"cuda": with_cache - 1, "cpu": 10**9},
                     device="cuda").cache_at == "disk"
     # When even the rest does not fit, moving the cache would not help: it stays.
@@ -180,13 +181,13 @@ def test_cache_goes_to_device_then_cpu_then_disk(wizard_13b):
 
 
 def test_real_run_refuses_a_13b_merge_with_16gb_free(wizard_13b, tmp_path, monkeypatch):
-    monkeypatch.setattr(plan, "available_memory", lambda device: 16 * 10**9)
+    monkeypatch.setattr(devices, "available_memory", lambda device: 16 * 10**9)
     config = MergeConfiguration.model_validate(yaml.safe_load(wizard_13b.read_text()))
-    # The merge calls this right after checking its inputs (the models here are configs
-    # only, which that check would refuse first); the tiny-model test below goes through
-    # a whole merge.
+    # The merge calls this after checking its inputs and reading its prompts (the models
+    # here are configs only, which that check would refuse first); the tiny-model test
+    # below goes through a whole merge.
     with pytest.raises(ProDistillError) as err:
-        plan.check_fits(parse_recipe(config), MergeOptions())
+        plan.check_fits(parse_recipe(config), MergeOptions(), str(tmp_path / "out"))
     message = str(err.value)
     assert message.startswith("plan: the merge needs ") and "on cpu while training a block" in message
     assert "the largest part is the lambda + grads + Adam" in message and "--device" in message
@@ -194,7 +195,7 @@ def test_real_run_refuses_a_13b_merge_with_16gb_free(wizard_13b, tmp_path, monke
 
 
 def test_refusal_names_the_knob_of_the_largest_part(families, tmp_path, monkeypatch):
-    monkeypatch.setattr(plan, "available_memory", lambda device: 100_000)
+    monkeypatch.setattr(devices, "available_memory", lambda device: 100_000)
     fam = families("llama", 2)
     with pytest.raises(ProDistillError, match="lower 'batch_size' or 'max_length'"):
         merge(fam.recipe("prodistill", shots=32, batch_size=32), tmp_path / "a")
@@ -227,8 +228,8 @@ def test_saved_activations_match_autograd(arch, dtype):
     config, runner, batch, ctx = tiny_block_runner(arch, dtype)
     rows, width = batch.input_ids.shape
     hidden = torch.randn(rows, width, config.hidden_size, dtype=dtype)
-    shape = plan.model_shape(config, [])
-    predicted = plan.saved_bytes(shape, rows, width, dtype.itemsize)
+    shape = shapes.model_shape(config, [])
+    predicted = memory.saved_bytes(shape, rows, width, dtype.itemsize)
     for index in range(2):  # both attention kinds where the family alternates them
         layer = runner.layer(index)
         weights = {n: (0.02 * torch.randn(p.shape)).to(dtype).requires_grad_()
@@ -255,6 +256,71 @@ def test_context_bytes_match_the_batch_contexts(arch, dtype):
                *(t for table in ctx.position_embeddings.values() for t in table)]
     measured = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for t in tensors}.values())
-    work = plan.Workload(((tuple(batch.input_ids.shape),),), (0,), "test", ((),))
-    predicted = plan.context_bytes(plan.model_shape(config, []), work, dtype.itemsize)
+    work = shapes.Workload(((tuple(batch.input_ids.shape),),), (0,), "test", ((),))
+    predicted = memory.context_bytes(shapes.model_shape(config, []), work, dtype.itemsize)
     assert abs(predicted / measured - 1) < 0.02, (predicted, measured)
+
+
+def with_parameters(recipe_path, **params):
+    doc = yaml.safe_load(recipe_path.read_text())
+    doc["parameters"].update(params)
+    recipe_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+@pytest.mark.parametrize("requested, at", [("device", "cuda"), ("cpu", "cpu"), ("disk", "disk")])
+def test_the_plan_honours_an_explicit_activation_placement(wizard_13b, requested, at):
+    with_parameters(wizard_13b, activation_placement=requested)
+    # With free memory unknown, auto would keep the streams on the device.
+    p = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
+    assert p.cache_at == at
+    held = {d: memory.CACHE in p.phases[d]["train"] for d in ("cuda", "cpu")}
+    assert held == {"cuda": at == "cuda", "cpu": at == "cpu"}
+
+
+def test_an_explicit_placement_that_cannot_fit_is_refused(wizard_13b, tmp_path, monkeypatch):
+    with_parameters(wizard_13b, activation_placement="device", continue_tokens=0)
+    roomy = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
+    free = {"cuda": roomy.total("cuda") - 1, "cpu": 10**12}
+    assert plan_for(wizard_13b, free, device="cuda").placement == "device"
+    monkeypatch.setattr(devices, "available_memory", lambda device: free[device.type])
+    config = MergeConfiguration.model_validate(yaml.safe_load(wizard_13b.read_text()))
+    with pytest.raises(ProDistillError, match=r"^plan: the merge needs .* on cuda while "
+                       r"training a block \(.*activation cache"):
+        plan.check_fits(parse_recipe(config), MergeOptions(device="cuda"), str(tmp_path / "out"))
+    with_parameters(wizard_13b, activation_placement="auto")  # the same memory is enough
+    assert plan_for(wizard_13b, free, device="cuda").placement == "cpu"
+
+
+def test_the_disk_check_looks_at_the_folder_the_streams_use(families, tmp_path, monkeypatch):
+    fam = families("llama", 2)
+    recipe = fam.recipe("prodistill", epochs=1, shots=32, batch_size=32, continue_tokens=0)
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
+    roomy = plan.make_plan(parse_recipe(config), MergeOptions(), available={"cpu": None})
+    # Room for everything but the streams, which therefore go to disk.
+    monkeypatch.setattr(devices, "available_memory", lambda device: roomy.total("cpu") - 1)
+    monkeypatch.setattr(preflight, "check_free_disk", lambda out_path, needed: None)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 1, 0))
+    out = tmp_path / "out"
+    scratch = re.escape(str(out / ".prodistill-staging" / ".scratch"))
+    with pytest.raises(ProDistillError, match=f"on disk but {scratch} has 0 B free"):
+        merge(recipe, out)
+    elsewhere = tmp_path / "acts" / "z"
+    with pytest.raises(ProDistillError, match=f"on disk but {re.escape(str(elsewhere))} has"):
+        merge(fam.recipe("prodistill", epochs=1, shots=32, batch_size=32, continue_tokens=0,
+                         activation_dir=str(elsewhere)), out)
+    assert not out.exists()
+
+
+def test_a_merge_plans_from_its_own_calibration_set(families, monkeypatch):
+    fam = families("llama", 2)
+    recipe = MergeConfiguration.model_validate(yaml.safe_load(fam.recipe("prodistill", shots=8)))
+    recipe, options = parse_recipe(recipe), MergeOptions()
+    read = plan.make_plan(recipe, options, available={"cpu": None})
+    calib = calibration.load_for_experts(recipe, options, 0)
+    monkeypatch.setattr(calibration, "load_tokenizer", None)  # nothing is read again
+    monkeypatch.setattr(calibration, "expert_prompts", None)
+    given = plan.make_plan(recipe, options, calib, available={"cpu": None})
+    assert given.work == read.work and given.phases == read.phases
+    # Room for continue_tokens (64) after every prompt, as without the set.
+    widths = [w for bs in given.work.batches for _, w in bs]
+    assert min(widths) > 64 and given.work.source == "tokenizer"

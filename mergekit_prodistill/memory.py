@@ -1,0 +1,260 @@
+"""A merge's memory and FLOPs from shapes alone (:mod:`shapes`): the formulas, no policy.
+
+The terms follow the block loop in ``distill.py`` phase by phase:
+
+* ``load``: block l of the base, every task vector, and the expert block being read or the
+  block merged at init; the two streams of every expert.
+* ``train``: base + task vectors, the merged block and its gradient, lambda with its
+  gradient and Adam's two moments (fp32), the two streams per expert, and the largest of a
+  step's moments: the chain rule, the next merged block being built, one batch's
+  forward/backward (:func:`training_step_bytes`).
+* ``write``: base + task vectors, lambda, the trained block in fp32, the block as written
+  (until its unit file is saved), then in the compute dtype to advance the merged stream.
+* ``embed``: the embedding (or LM head) of every model, its task vectors and the merge.
+* ``head`` (with ``head_epochs``): the final norm and LM head trained like a block.
+
+:func:`place` puts every term on the device that holds it, the activation cache where the
+plan placed it, and adds the allocator's slack. ``README.md`` ("Planning and memory")
+gives the formulas and the measured error.
+"""
+
+from typing import Dict, List, Optional, Tuple
+
+from mergekit_prodistill.shapes import ModelShape, Workload
+
+# Memory terms, in the order the table prints them.
+WEIGHTS = "block weights"
+LAMBDA = "lambda + grads + Adam"
+CACHE = "activation cache"
+CONTEXTS = "masks and positions"
+TRANSIENT = "forward/backward, one batch"
+OUTPUT = "output buffer, one shard"
+EXPERT = "expert weights, generating"
+GENERATION = "KV cache + activations"
+SLACK = "allocator slack"
+TERMS = (WEIGHTS, LAMBDA, CACHE, CONTEXTS, TRANSIENT, EXPERT, GENERATION, OUTPUT, SLACK)
+
+# Allocators keep freed blocks for reuse, so a process holds more than its live tensors.
+# CPU: glibc serves allocations under 32 MiB from its heap, which keeps freed blocks, and
+# maps larger ones, returned at once; bench/plan_accuracy.py measured peak RSS 15% above
+# the live bytes when every block tensor is small, and none above for 13B-sized tensors.
+# CUDA: PyTorch's caching allocator; assumed, not measured.
+SLACK_FRACTION = {"cpu": 0.15, "cuda": 0.10}
+
+# Streams per expert alive at once: z1 and z2. The teacher outputs and the advanced merged
+# stream are written in place, batch by batch, into those two buffers.
+STREAMS = {"load": 2, "train": 2, "write": 2, "embed": 2, "head": 2}
+
+
+def saved_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
+    """Activations one batch's forward keeps for backward (read from transformers' blocks
+    and checked with saved-tensor hooks in tests/test_plan.py), per token:
+
+    * 6 hidden-size values in the compute dtype (the inputs of q/k/v, o, and the MLP's
+      projections, the attention's q, k, v) and 4 intermediate-size ones (gate, up, the
+      activation, the down projection's input);
+    * per norm, its normalised output: in the compute dtype, or fp32 for Gemma's norms,
+      which multiply by (1 + weight) before casting. A norm whose input needs a gradient
+      also keeps that input in fp32: the second norm and each further one (Gemma2 and
+      Gemma3 norm the attention and MLP outputs too); the block's input needs none;
+    * q/k norms (Qwen3, Gemma3): their fp32 input and normalised output, per value.
+
+    Per (query, key) pair, sdpa keeps the mask in the compute dtype; eager attention
+    (soft-capped scores) keeps no mask but, per head, the fp32 probabilities, their copy
+    in the compute dtype for the product with v (none in fp32), and the capped scores.
+    """
+    tokens = rows * width
+    normed = 4 if shape.fp32_norms else es
+    per_token = (6 * es + shape.norms * normed + 4 * (shape.norms - 1)) * shape.hidden \
+        + 4 * es * shape.intermediate + (4 + normed) * shape.head_norm_values
+    if shape.eager_attention:
+        per_pair = shape.heads * (4 + (es if es < 4 else 0) + (es if shape.softcap else 0))
+    else:
+        per_pair = es
+    return tokens * per_token + rows * width * width * per_pair
+
+
+def context_bytes(shape: ModelShape, work: Workload, es: int) -> int:
+    """What ``BlockRunner.context`` keeps for every batch of every expert: one mask per
+    attention kind (bool for sdpa, the compute dtype for eager attention's additive mask),
+    each rotary table's cos and sin (Gemma3 keeps one table per kind), and per token the
+    padding mask (bool) and attention mask (int64)."""
+    pair = 1 if not shape.eager_attention else es
+    return sum(rows * width * width * pair * shape.attention_types
+               + 2 * width * shape.head_dim * es * shape.rotary_tables + 9 * rows * width
+               for bs in work.batches for rows, width in bs)
+
+
+def forward_backward_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
+    """Saved activations plus backward's working set: the gradients of two
+    intermediate-size activations, and the loss's three fp32 copies of the output."""
+    tokens = rows * width
+    return saved_bytes(shape, rows, width, es) + tokens * (
+        2 * es * shape.intermediate + 12 * shape.hidden)
+
+
+def forward_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
+    """Working set of a forward without gradients: a few activations at a time."""
+    return rows * width * (4 * shape.hidden + 3 * shape.intermediate) * es
+
+
+def batch_flops(shape: ModelShape, rows: int, width: int) -> float:
+    """Forward FLOPs of one batch: the block's matmuls plus the attention products."""
+    return rows * width * (2 * shape.matmul_numel + 4 * width * shape.heads * shape.head_dim)
+
+
+def lambda_count(shape: ModelShape, experts: int, granularity: str) -> int:
+    per_expert = {"element": shape.block_numel, "tensor": shape.block_tensors, "task": 1}
+    return experts * per_expert[granularity]
+
+
+def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cache_b: int,
+                device_type: str, out_b: int):
+    """Bytes of every memory term in every phase of one block (see the module doc)."""
+    P, big, T = shape.block_numel, shape.largest, len(wb) - 1
+    # A block read in another dtype than stored is converted from the shard's memory map,
+    # whose pages stay mapped until the block is read.
+    mapped = P * max(stored_b) if stored_b != wb else 0
+    base = P * wb[0]
+    deltas = sum(P * max(wb[0], w) for w in wb[1:])
+    lam = lambda_count(shape, T, p.granularity)
+    widest = max((b for bs in work.batches for b in bs), key=lambda b: b[0] * b[1])
+    stream = sum(work.slots(i) for i in range(T)) * shape.hidden * cache_b
+    embed = shape.hidden * shape.vocab[0]
+    forward = forward_bytes(shape, *widest, cb)
+    # Writing: the trained block is summed in fp32 tensor by tensor (8 bytes per element
+    # beside each result: CPU kernels copy an input of another dtype to promote it); the
+    # block as written (its unit) is held until its file is saved; then the block in the
+    # compute dtype advances the merged stream.
+    unit = P * out_b
+    written = max(8 * big, P * cb + forward)
+    if device_type == "cpu":  # the unit is freed before the block is cast
+        written = max(written, unit) - unit
+    return {
+        "load": {
+            # The last expert block being read, or the block merged at init for the loss
+            # before training, whose sums of products (scalar coefficients keep the task
+            # vectors' dtype) take up to three tensors at once.
+            WEIGHTS: base + deltas + max(P * wb[-1], P * cb) + mapped,
+            CACHE: STREAMS["load"] * stream,
+            TRANSIENT: max(forward, (3 if T > 1 else 1) * big * max(wb)),
+        },
+        "train": {
+            WEIGHTS: base + deltas + 2 * P * cb,
+            LAMBDA: 16 * lam,
+            CACHE: STREAMS["train"] * stream,
+            TRANSIENT: training_step_bytes(shape, widest, p.granularity, cb, lam),
+        },
+        "write": {
+            WEIGHTS: base + deltas + 4 * P,
+            LAMBDA: 4 * lam,
+            CACHE: STREAMS["write"] * stream,
+            TRANSIENT: written,
+            OUTPUT: unit,
+        },
+        "embed": {
+            WEIGHTS: embed * (2 * wb[0] + sum(w + max(wb[0], w) for w in wb[1:])),
+            CACHE: STREAMS["embed"] * stream,
+            # merge() sums the products lambda_i tau_i: two more matrices at once.
+            TRANSIENT: embed * max(wb) * min(2, T),
+        },
+        "head": head_bytes(shape, widest, p, wb, cb) | {CACHE: STREAMS["head"] * stream},
+    }
+
+
+def training_step_bytes(shape: ModelShape, widest: Tuple[int, int], granularity: str,
+                        cb: int, lam: int) -> int:
+    """A training step's largest moment (distill.py, coefficients.py) beyond the block
+    weights with the merged block and its gradient, and 16 bytes per coefficient (lambda,
+    its gradient, Adam's two moments). One of:
+
+    * the chain rule, tensor by tensor: the merged gradient in fp32 and the task vector
+      promoted to fp32 (CPU kernels copy an input of another dtype), 8 bytes per element
+      of the largest tensor, plus their product when the coefficient is a scalar (summed);
+    * the next step's merged block, built beside the last one and its gradient once the
+      coefficients' gradients are freed (4 bytes per coefficient less): the block in the
+      compute dtype plus one tensor's fp32 sum and promoted task vector;
+    * one batch's forward and backward (gradients freed too), and the gradient of one
+      weight tensor being added to the merged block's.
+
+    Fused Adam updates in place. Its first step's gradient statistics (9 bytes per
+    element of one tensor) come before its moments exist: never the largest moment.
+    """
+    P, big = shape.block_numel, shape.largest
+    return max((8 if granularity == "element" else 12) * big,
+               P * cb + 8 * big - 4 * lam,
+               forward_backward_bytes(shape, *widest, cb) + cb * big - 4 * lam)
+
+
+def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb: int):
+    """Training the final norm and LM head (head.py): the base head and every task vector,
+    the merged head and a teacher's head in the compute dtype, lambda with its gradient
+    and Adam state (the head's, when it is its own tensor), and per step the larger of
+    one batch's fp32 logits (student and teacher log-probabilities and the KL's three
+    temporaries) and 12 bytes per head element: the fp32 sums that build the merged head
+    (up to three at once), or a backward beside every gradient: the merged head's
+    gradient, its fp32 copy and its product with a task vector."""
+    vh, T = shape.hidden * shape.vocab[0], len(wb) - 1
+    trained = vh if not shape.tied else 0
+    rows, width = widest
+    return {
+        WEIGHTS: vh * (wb[0] + sum(max(wb[0], w) for w in wb[1:]) + 2 * cb),
+        LAMBDA: 16 * T * (trained + shape.hidden),
+        TRANSIENT: max(5 * 4 * rows * width * shape.vocab[0], 3 * 4 * vh),
+    }
+
+
+def step_traffic(shape: ModelShape, wb: List[int], cb: int, lam: int) -> float:
+    """Bytes read and written by one step's element-wise work (not the matmuls).
+
+    Per weight element: building theta_0 + sum_i lambda_i tau_i in fp32 and casting it
+    (about 12 bytes per expert + the reads), back-propagating every expert's batch into
+    the merged block's gradient, the chain rule grad * tau_i (about 12 + weight bytes per
+    expert), and Adam's passes over lambda, its gradient and moments (76 bytes).
+    """
+    P, T = shape.block_numel, len(wb) - 1
+    element = 4 if lam >= P else 0  # element-wise lambda is read like a weight
+    merge = P * (wb[0] + 8 + cb) + sum(P * (max(wb[0], w) + element + 12) for w in wb[1:])
+    backward = 2 * T * P * cb
+    chain = sum(P * (cb + 12 + max(wb[0], w)) for w in wb[1:])
+    return merge + backward + chain + 76 * lam
+
+
+def output_buffer(shape: ModelShape, out_b: int, shard_size: int) -> int:
+    """The writer holds tensors until a shard is full: at most one shard (or tensor)."""
+    embed = shape.hidden * shape.vocab[0]
+    total = out_b * (shape.num_layers * shape.block_numel + embed * (1 if shape.tied else 2))
+    largest = out_b * max(embed, shape.largest)
+    return min(total, max(largest, shard_size) if shard_size > 0 else total)
+
+
+def slack(device: str, terms: Dict[str, int], heap_share: float) -> int:
+    kind = device.split(":")[0]
+    fraction = SLACK_FRACTION.get(kind, 0.0) * (heap_share if kind == "cpu" else 1.0)
+    return int(fraction * sum(terms.values()))
+
+
+def place(per_phase, contexts: int, dev: str, cache_at: Optional[str], heap_share: float):
+    """device -> phase -> term -> bytes, with the cache on ``cache_at`` (None: disk).
+
+    Weights, lambda, activations of the running batch, masks and positions live on the
+    compute device; the output buffer and a cache that leaves the device on the CPU.
+    Assembling the output comes after the merge: nothing else is held then.
+    """
+    phases = {dev: {}, "cpu": {}}
+    for name, terms in per_phase.items():
+        phases[dev][name] = {k: v for k, v in terms.items() if k not in (CACHE, OUTPUT)}
+        if name != "assemble":
+            phases[dev][name][CONTEXTS] = contexts
+        phases["cpu"].setdefault(name, {})[OUTPUT] = terms.get(OUTPUT, 0)
+        if cache_at is not None and CACHE in terms:
+            phases[cache_at][name][CACHE] = terms[CACHE]
+    for device, by_phase in phases.items():
+        for terms in by_phase.values():
+            terms[SLACK] = slack(device, terms, heap_share)
+    return phases
+
+
+def peak_total(phases, device: str) -> int:
+    return max(sum(terms.values()) for terms in phases[device].values())
+

@@ -1,0 +1,82 @@
+"""The plan as a table: what ``mergekit-prodistill plan`` prints.
+
+It reads a :class:`~mergekit_prodistill.plan.Plan` and decides nothing.
+"""
+
+import torch
+
+from mergekit_prodistill.devices import DEVICE_CLASSES
+from mergekit_prodistill.formatting import GB, fmt_bytes, fmt_seconds
+from mergekit_prodistill.memory import CACHE, TERMS
+
+
+def cell(n: float) -> str:
+    return fmt_bytes(n) if n else "-"
+
+
+def render(plan) -> str:
+    s, p = plan.shape, plan.recipe.params
+    lines = [
+        f"ProDistill plan: {len(plan.recipe.experts)} experts onto {plan.recipe.base}",
+        f"  {s.num_layers} blocks of {s.block_numel / 1e6:.1f}M parameters (hidden "
+        f"{s.hidden}, intermediate {s.intermediate}, {s.heads} heads); vocabulary "
+        + "/".join(str(v) for v in sorted(set(s.vocab))),
+        f"  calibration ({plan.work.source}): "
+        + ", ".join(f"{n} prompts/{t} tokens" for n, t in zip(
+            (sum(r for r, _ in b) for b in plan.work.batches), plan.work.tokens))
+        + f"; batch_size {p.batch_size}, max_length {p.max_length}",
+        f"  dtypes: weights {plan.dtypes['weights']}, compute {plan.dtypes['compute']}, "
+        f"lambda float32 ({p.granularity}), cache {plan.dtypes['cache']} on "
+        f"{plan.cache_at}, output {plan.dtypes['output']}",
+    ]
+    if plan.generation:
+        known = plan.available.get(plan.device) is not None
+        lines.append(
+            f"  continuation: up to {p.continue_tokens} tokens per prompt; each expert "
+            + "; ".join(sorted({c.describe() for c in plan.generation}))
+            + ("" if known else f" (free memory on {plan.device} unknown: as if enough)"))
+    if len(set(s.vocab)) > 1:
+        lines.append(
+            "  note: vocabulary sizes differ between the models; embeddings and LM head "
+            "must have the same shape in every model to be merged"
+        )
+    devices = list(plan.phases)
+    peaks = {d: plan.peak(d) for d in devices}
+    width = max(len(t) for t in TERMS) + 2
+    lines += ["", "memory at each device's peak".ljust(width)
+              + "".join(f"{d:>14}" for d in devices)]
+    lines.append("  (phase)".ljust(width) + "".join(f"{peaks[d][0]:>14}" for d in devices))
+    for term in TERMS:
+        lines.append(f"  {term}".ljust(width)
+                     + "".join(f"{cell(peaks[d][1].get(term, 0)):>14}" for d in devices))
+    lines.append("  total".ljust(width)
+                 + "".join(f"{fmt_bytes(plan.total(d)):>14}" for d in devices))
+    if plan.cache_at == "disk":
+        lines.append(f"  {CACHE} on disk: {fmt_bytes(plan.cache_bytes)}")
+    lines.append("  available now".ljust(width) + "".join(
+        f"{cell(plan.available[d]) if plan.available.get(d) else 'unknown':>14}"
+        for d in devices))
+    f = plan.flops
+    lines += [
+        "",
+        f"compute: training {f['training']:.3g} FLOPs (forward + backward, "
+        f"{f['steps']} steps x {f['epochs']} epochs x {s.num_layers} blocks), forwards "
+        f"{f['forwards']:.3g} FLOPs (teacher outputs, losses, stream updates), "
+        f"continuation {f['continuation']:.3g} FLOPs, "
+        f"element-wise traffic {fmt_bytes(plan.moved_bytes)}, checkpoint I/O "
+        f"{fmt_bytes(plan.io_bytes)}"
+        + "".join(f", continuation reads {fmt_bytes(plan.continuation_reads[k])} from {k}"
+                  for k in ("host", "disk") if plan.continuation_reads.get(k)),
+        "",
+        "time estimate (achievable rates, see README)",
+    ]
+    for cls in DEVICE_CLASSES:
+        fits = ""
+        if cls.kind == torch.device(plan.device).type:
+            fits = "fits" if plan.total(plan.device) <= cls.memory_gb * GB else "too big"
+            fits = f"{fits} in {cls.memory_gb:.0f} GB; "
+        if plan.generation:
+            fits += f"continuation {fmt_seconds(plan.continuation_seconds(cls))}; "
+        lines.append(f"  {cls.name:<12} {fmt_seconds(plan.seconds(cls)):>10}   "
+                     f"{fits}{cls.basis}")
+    return "\n".join(lines)

@@ -1,0 +1,94 @@
+"""The sizes a plan starts from: one decoder block of the base (built on the meta device
+from ``config.json``, no weights) and every expert's calibration batches."""
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from mergekit.common import dtype_from_name
+
+from mergekit_prodistill.blocks import BlockRunner, model_class
+
+# A tensor under this many bytes comes from the C heap, which keeps freed blocks (see
+# memory.SLACK_FRACTION); larger ones are mapped and returned at once.
+HEAP_LIMIT = 32 * 2**20
+
+
+def dtype_bytes(name: str) -> int:
+    return torch.empty((), dtype=dtype_from_name(name)).element_size()
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """One decoder block and the tensors around it, from config.json alone."""
+
+    num_layers: int
+    hidden: int
+    heads: int
+    head_dim: int
+    intermediate: int
+    block_numel: int  # parameters of one block
+    block_tensors: int
+    largest: int  # elements of the block's largest tensor
+    matmul_numel: int  # elements of the block's matrices: 2 FLOPs each per token
+    vocab: Tuple[int, ...]  # embedding rows of the base, then of each expert
+    tied: bool
+    attention_types: int  # kinds of attention mask (full, sliding)
+    head_norm_values: int  # per token, values through q/k norms (Qwen3); 0 without them
+    heap_share: float  # share of the block's parameters in tensors under HEAP_LIMIT in fp32
+    norms: int = 2  # hidden-size norms per block (Gemma2 and Gemma3: 4)
+    fp32_norms: bool = False  # norms keep their output in fp32 (Gemma's 1 + weight)
+    eager_attention: bool = False  # attention in plain torch ops (soft-capping), not sdpa
+    softcap: bool = False  # attention scores soft-capped (tanh)
+    rotary_tables: int = 1  # rotary (cos, sin) tables per batch (Gemma3: one per kind)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Calibration batches of every expert as (prompts, padded width)."""
+
+    batches: Tuple[Tuple[Tuple[int, int], ...], ...]
+    tokens: Tuple[int, ...]  # real tokens per expert
+    source: str
+    prompt_lengths: Tuple[Tuple[int, ...], ...]  # per expert, before any continuation
+
+    def slots(self, expert: int) -> int:
+        """Token positions of one expert's stream, padding included."""
+        return sum(rows * width for rows, width in self.batches[expert])
+
+
+# Families whose norm modules compute (1 + weight) x normalised input in fp32 and cast
+# after it, so that backward keeps the fp32 normalised values (Llama-style norms cast
+# first and keep them in the compute dtype).
+FP32_NORM_FAMILIES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+
+
+def model_shape(base_config, expert_configs) -> ModelShape:
+    runner = BlockRunner(base_config, torch.device("meta"))
+    params = dict(runner.layer(0).named_parameters())
+    numels = [p.numel() for p in params.values()]
+    hidden = base_config.hidden_size
+    heads = base_config.num_attention_heads
+    return ModelShape(
+        num_layers=len(runner.attention_types),
+        hidden=hidden,
+        heads=heads,
+        head_dim=getattr(base_config, "head_dim", None) or hidden // heads,
+        intermediate=getattr(base_config, "intermediate_size", 4 * hidden),
+        block_numel=sum(numels),
+        block_tensors=len(numels),
+        largest=max(numels),
+        matmul_numel=sum(p.numel() for p in params.values() if p.dim() == 2),
+        vocab=tuple(c.vocab_size for c in (base_config, *expert_configs)),
+        tied=bool(getattr(base_config, "tie_word_embeddings", False)),
+        attention_types=len(set(runner.attention_types)),
+        head_norm_values=(heads + getattr(base_config, "num_key_value_heads", heads))
+        * (getattr(base_config, "head_dim", None) or hidden // heads)
+        if any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in params) else 0,
+        heap_share=sum(n for n in numels if 4 * n < HEAP_LIMIT) / sum(numels),
+        norms=sum(n.endswith("layernorm.weight") for n in params),
+        fp32_norms=model_class(base_config).__name__ in FP32_NORM_FAMILIES,
+        eager_attention=runner.config._attn_implementation == "eager",
+        softcap=getattr(base_config, "attn_logit_softcapping", None) is not None,
+        rotary_tables=len(set(runner.attention_types)) if runner.rotary_per_type else 1,
+    )

@@ -1,0 +1,61 @@
+"""Every expert's calibration batches as the plan counts them.
+
+A merge hands the plan the prompts it has already read and tokenised (its
+:class:`~mergekit_prodistill.calibration.CalibrationSet`): nothing is read twice. The
+``plan`` command reads the prompts itself and tokenises them with each expert's tokenizer
+when one is at hand, else estimates their length. Either way, a training run counts every
+prompt with room for ``continue_tokens`` more, and batches them as the merge will.
+"""
+
+import math
+from typing import List, Sequence
+
+from mergekit_prodistill import calibration
+from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.shapes import Workload
+
+# Without a tokenizer, count one token per this many characters: a deliberately high
+# count for English prose and code under Llama-style tokenizers (they average 3.5-4.5).
+CHARS_PER_TOKEN = 3.0
+
+
+def from_calibration(recipe, calib: calibration.CalibrationSet) -> Workload:
+    """The workload of the prompts a merge has read (before any continuation)."""
+    return batched(recipe.params, [[len(s) for s in seqs] for seqs in calib.sequences],
+                   "tokenizer")
+
+
+def from_prompts(recipe, options, seed: int) -> Workload:
+    """Every expert's prompts, read and tokenised here, or estimated from their length."""
+    p = recipe.params
+    prompt_lengths, estimated = [], False
+    for i, expert in enumerate(recipe.experts):
+        try:
+            tokenizer = calibration.load_tokenizer(expert.model, recipe.base,
+                                                   options.trust_remote_code)
+        except ProDistillError:
+            tokenizer = None
+        prompts, _ = calibration.expert_prompts(recipe, i, seed, tokenizer)
+        if tokenizer is not None:
+            lengths = [len(s) for s in calibration.tokenize(prompts, tokenizer, p.max_length,
+                                                            f"model {expert.model}")]
+        else:
+            estimated = True
+            lengths = [min(p.max_length, 1 + math.ceil(len(x) / CHARS_PER_TOKEN)) for x in prompts]
+        prompt_lengths.append(lengths)
+    source = f"estimated at {CHARS_PER_TOKEN:g} characters per token" if estimated \
+        else "tokenizer"
+    return batched(p, prompt_lengths, source)
+
+
+def batched(p, prompt_lengths: Sequence[List[int]], source: str) -> Workload:
+    """Batches of every expert's prompts of these lengths, as the merge makes them."""
+    batches, tokens = [], []
+    for lengths in prompt_lengths:
+        # Each expert's continuation may add up to continue_tokens (the worst case).
+        lengths = [n + (p.continue_tokens if p.epochs else 0) for n in lengths]
+        made = calibration.make_batches([[0] * n for n in lengths], p.batch_size)
+        batches.append(tuple(tuple(b.input_ids.shape) for b in made))
+        tokens.append(sum(lengths))
+    return Workload(tuple(batches), tuple(tokens), source,
+                    tuple(tuple(lengths) for lengths in prompt_lengths))

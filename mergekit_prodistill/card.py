@@ -13,39 +13,23 @@ model came from, not the model itself.
 
 import logging
 import os
-import re
 from typing import List, Optional
 
 import yaml
-from huggingface_hub.utils import HFValidationError, validate_repo_id
 from mergekit.card import generate_card
 
 from mergekit_prodistill.layout import CARD, PLOT
 from mergekit_prodistill.report import BlockReport, CalibrationEntry, Report
+from mergekit_prodistill.model_files import hub_id
 
 LOG = logging.getLogger("mergekit_prodistill")
 
 TAGS = ["mergekit", "merge", "prodistill"]
-_CACHE_SNAPSHOT = re.compile(r"models--(.+?)/snapshots/")
-
-
-def hub_model_id(path: str) -> Optional[str]:
-    """The Hub id of a model path, when it is known without asking the Hub."""
-    cached = _CACHE_SNAPSHOT.search(path.replace(os.sep, "/"))
-    if cached:
-        return cached[1].replace("--", "/")  # Hub ids never contain "--"
-    if os.path.exists(path) or path.startswith(("/", "~", ".")) or path.count("/") > 1:
-        return None
-    try:
-        validate_repo_id(path)
-    except HFValidationError:
-        return None
-    return path
 
 
 def card_metadata(merge_config, report: Report) -> dict:
     models = [merge_config.base_model, *(m.model for m in merge_config.models)]
-    ids = list(dict.fromkeys(i for m in models if m and (i := hub_model_id(m.model.path))))
+    ids = list(dict.fromkeys(i for m in models if m and (i := hub_id(m.model.path))))
     meta = {"base_model": ids, "base_model_relation": "merge"} if ids else {}
     datasets = list(dict.fromkeys(c.hub_dataset for c in report.calibration if c.hub_dataset))
     if datasets:
@@ -165,7 +149,7 @@ def _prodistill_section(report: Report, plot: Optional[str]) -> List[str]:
 
 
 def _model_md(path: str) -> str:
-    hub = hub_model_id(path)
+    hub = hub_id(path)
     return f"[{hub}](https://huggingface.co/{hub})" if hub else _cell(path)
 
 
@@ -224,7 +208,7 @@ def _paths_for_card(merge_config):
 
     def fix(ref):
         path = ref.model.path
-        shown = hub_model_id(path) or (os.path.abspath(path) if os.path.exists(path) else path)
+        shown = hub_id(path) or (os.path.abspath(path) if os.path.exists(path) else path)
         return ref.model_copy(update={"model": ref.model.model_copy(update={"path": shown})})
 
     models = [m.model_copy(update={"model": fix(m.model)}) for m in merge_config.models]

@@ -26,6 +26,7 @@ import torch
 from mergekit_prodistill import dtypes
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.formatting import fmt_bytes
+from mergekit_prodistill.model_files import model_config
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -262,12 +263,10 @@ def continue_prompts(
 
     ``free`` maps ``str(device)`` and "cpu" to the bytes free there now.
     """
-    import transformers
-
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    config = transformers.AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    config = model_config(model_path, trust_remote_code)
     shape = expert_shape(config, loaded_dtype_bytes(config, dtype), trust_remote_code)
     placement = place_expert(shape, [len(s) for s in sequences], max_new_tokens, device, free)
     placement.check(device, model_path)

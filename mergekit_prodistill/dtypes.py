@@ -9,31 +9,24 @@
   float16 therefore becomes bfloat16 on devices that compute in it, else float32.
 """
 
-import json
 import os
 from typing import Optional
 
 import torch
 
-SAFETENSORS_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.model_files import read_checkpoint
 
 
 def checkpoint_dtype(model) -> Optional[str]:
-    """The dtype of a local safetensors checkpoint, read from one shard's header."""
+    """The dtype a local safetensors checkpoint stores, from its headers; else None."""
     path = model.model.path
-    index = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isdir(path):
+        return None  # a Hub id: its config says, without a download
     try:
-        if os.path.isfile(index):
-            with open(index, encoding="utf-8") as f:
-                shard = os.path.join(path, next(iter(json.load(f)["weight_map"].values())))
-        else:
-            shard = os.path.join(path, "model.safetensors")
-        with open(shard, "rb") as f:
-            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    except (OSError, ValueError, StopIteration, KeyError):
+        return read_checkpoint(model, path, trust_pickles=False).dtype
+    except ProDistillError:
         return None
-    stored = [v["dtype"] for k, v in header.items() if k != "__metadata__"]
-    return next((SAFETENSORS_NAMES[d] for d in stored if d in SAFETENSORS_NAMES), None)
 
 
 def config_dtype(config) -> str:

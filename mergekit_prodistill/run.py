@@ -95,7 +95,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
         progress = Progress(staging, fingerprint(
             repr(merge_config),  # to_yaml() refuses recipes that share YAML anchors
             {"seed": ctx.seed, "device": ctx.device.type, "dtype": recipe.dtype},
-            [f for m in [base, *experts] for f in m.shard_files()],
+            [f for files in checked.models.values() for f in files.shards],
             calib.batches,
         ))
     resumed = progress.restore_or_reset() if progress else None

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from mergekit_prodistill.errors import ProDistillError, one_line
+from mergekit_prodistill.model_files import hub_id
 
 PROMPT_FIELDS = ("text", "prompt", "instruction", "question", "problem")
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}
@@ -45,8 +46,7 @@ def read_expert_prompts(params, where: str) -> Prompts:
         texts = read_dataset(params.dataset, params.subset, params.split, params.field)
         details = [x for x in (params.subset, params.split, params.field) if x]
         source = params.dataset + (f" ({', '.join(details)})" if details else "")
-        hub_id = None if os.path.exists(params.dataset) else params.dataset
-        return Prompts(texts, source, hub_id)
+        return Prompts(texts, source, hub_id(params.dataset, kind="dataset"))
     path = params.calibration
     if not os.path.exists(path):
         raise ProDistillError(f"{where}: calibration path {path} does not exist")

@@ -1,6 +1,5 @@
 """Lazy tensor access through mergekit's loader."""
 
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -23,10 +22,6 @@ class ModelTensors:
     def has(self, weight: WeightInfo) -> bool:
         names = LoaderCache().get(self.model).index.tensor_paths
         return any(n in names for n in [weight.name, *(weight.aliases or ())])
-
-    def shard_files(self) -> List[str]:
-        index = LoaderCache().get(self.model).index
-        return sorted({os.path.join(index.base_path, f) for f in index.tensor_paths.values()})
 
     def load(self, weight: WeightInfo) -> Optional[torch.Tensor]:
         return LoadTensor(

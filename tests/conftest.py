@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 
 from mergekit_prodistill import integration  # noqa: E402
 from mergekit_prodistill.tiny import build_tiny_family  # noqa: E402
+from mergekit_prodistill.weights import ModelTensors  # noqa: E402
 
 integration.install()  # what the start-up hook does once mergekit is imported
 
@@ -27,3 +28,13 @@ def families(tmp_path_factory):
         return build_tiny_family(root / name, arch=arch, n_experts=n_experts, **kwargs)
 
     return get
+
+
+@pytest.fixture
+def no_weight_reads(monkeypatch):
+    """Fail the test if the merge reads a tensor: every check must come first."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight was read before the input was checked")
+
+    monkeypatch.setattr(ModelTensors, "load", refuse)

@@ -5,10 +5,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+
+from mergekit_prodistill.errors import ProDistillError
 
 BIN = Path(sys.executable).parent
 
@@ -19,6 +22,21 @@ def merge(recipe_text: str, out: Path, **options) -> Path:
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe_text))
     run_merge(config, str(out), options=MergeOptions(**options), config_source=recipe_text)
     return out
+
+
+def recipe(fam, **params) -> dict:
+    """The family's prodistill recipe as a dict, to change before running it."""
+    return yaml.safe_load(fam.recipe("prodistill", **params))
+
+
+def refused(doc: dict, out: Path, match: str, **options) -> str:
+    """Run the recipe, expect a one-line ProDistillError matching ``match``, nothing written."""
+    with pytest.raises(ProDistillError, match=match) as info:
+        merge(yaml.safe_dump(doc), out, **options)
+    message = str(info.value)
+    assert "\n" not in message, message
+    assert not out.exists()
+    return message
 
 
 def run_cli(*args, cwd=None, check=True) -> subprocess.CompletedProcess:

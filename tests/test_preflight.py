@@ -10,68 +10,11 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from helpers import BIN, merge, run_cli
+from helpers import BIN, merge, recipe, refused, run_cli
 from mergekit_prodistill import calibration, output_folder, preflight, sources
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.report import Report
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.weights import ModelTensors
-
-
-@pytest.fixture
-def no_weight_reads(monkeypatch):
-    """Fail the test if the merge reads a tensor: every check must come first."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a weight was read before the input was checked")
-
-    monkeypatch.setattr(ModelTensors, "load", refuse)
-
-
-def refused(doc: dict, out, match: str, **options) -> str:
-    """Run the recipe, expect a one-line ProDistillError matching ``match``, nothing written."""
-    with pytest.raises(ProDistillError, match=match) as info:
-        merge(yaml.safe_dump(doc), out, **options)
-    message = str(info.value)
-    assert "\n" not in message, message
-    assert not out.exists()
-    return message
-
-
-def recipe(fam, **params) -> dict:
-    return yaml.safe_load(fam.recipe("prodistill", **params))
-
-
-# --------------------------------------------------------------------------- the recipe
-
-
-@pytest.mark.parametrize(
-    "change,match",
-    [
-        (lambda d: d["parameters"].update(epoch=3),
-         r"recipe parameters: unknown parameter 'epoch' \(did you mean 'epochs'\?\)"),
-        (lambda d: d["models"][0]["parameters"].update(templat="alpaca"),
-         r"unknown parameter 'templat' \(did you mean 'template'\?\)"),
-        (lambda d: d["parameters"].update(lr=0), r"parameter 'lr' = 0: .*greater than 0"),
-        (lambda d: d["parameters"].update(lr=-0.1), r"parameter 'lr' = -0.1: .*greater than 0"),
-        (lambda d: d["parameters"].update(epochs=-1), r"parameter 'epochs' = -1: .*must be auto or a whole number"),
-        (lambda d: d["parameters"].update(shots=0), r"parameter 'shots' = 0: .*greater than or equal to 1"),
-        (lambda d: d["parameters"].update(init=float("nan")), r"parameter 'init' = nan: .*finite"),
-        (lambda d: d["parameters"].update(init=float("inf")), r"parameter 'init' = inf: .*finite"),
-        (lambda d: d["parameters"].update(lr=[0.1, 0.01]), r"parameter 'lr' must be a single value"),
-        (lambda d: d["models"][1].pop("parameters"), r"name the calibration prompts with exactly one of 'calibration:'"),
-        (lambda d: d.pop("base_model"), r"prodistill needs 'base_model:'"),
-        (lambda d: d.update(dtype="bf16"), r"dtype 'bf16' is not one of bfloat16, float16, float32"),
-        (lambda d: d.update(out_dtype="fp8"), r"out_dtype 'fp8' is not one of"),
-    ],
-    ids=["unknown-key", "unknown-expert-key", "lr-zero", "lr-negative", "epochs-negative",
-         "shots-zero", "init-nan", "init-inf", "gradient", "no-calibration", "no-base",
-         "dtype", "out-dtype"],
-)
-def test_recipe_errors(families, tmp_path, no_weight_reads, change, match):
-    doc = recipe(families("llama", 2), epochs=1)
-    change(doc)
-    refused(doc, tmp_path / "out", match)
 
 
 # --------------------------------------------------------------------------- calibration

@@ -2,17 +2,14 @@
 
 import glob
 import json
-import os
 import shutil
 
 import datasets
 import pytest
 
-from mergekit_prodistill.recipe import ExpertParameters, parse_recipe
+from mergekit_prodistill.recipe import ExpertParameters
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.sources import read_expert_prompts
-
-from helpers import with_expert_parameters
 
 QUESTIONS = ["What is 2 + 3?", "Name a prime above 10.", "How many legs has a cat?"]
 
@@ -128,22 +125,3 @@ def test_unreachable_dataset_is_one_clear_error(offline_datasets):
     assert "\n" not in message
     assert message.startswith("dataset someuser/not_downloaded is not in the local cache and "
                               "the Hugging Face Hub cannot be reached")
-
-
-@pytest.mark.parametrize("params,error", [
-    ({"template": "alpaca"}, "exactly one of 'calibration:'"),
-    ({"calibration": "a.jsonl", "dataset": "x/y"}, "exactly one of 'calibration:'"),
-    ({"calibration": "a.jsonl", "subset": "main"}, "'subset' applies to 'dataset:' sources"),
-    ({"dataset": "x/y", "colum": "q"}, "unknown parameter 'colum'"),
-    ({"dataset": "x/y", "template": "vicuña"}, "must contain {prompt}"),
-])
-def test_recipe_source_errors_name_the_expert(families, params, error):
-    from mergekit.config import MergeConfiguration
-    import yaml
-
-    fam = families("llama", 2)
-    recipe = with_expert_parameters(fam.recipe("prodistill"), params)
-    config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
-    with pytest.raises(ProDistillError, match=f"^model {fam.experts[0]}: .*") as err:
-        parse_recipe(config)
-    assert error in str(err.value)

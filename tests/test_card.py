@@ -115,24 +115,3 @@ def test_without_matplotlib_the_card_has_no_plot(merged, tmp_path, monkeypatch, 
     text = (tmp_path / "README.md").read_text()
     assert "![" not in text and "| block | loss before | loss after | change |" in text
     assert "matplotlib is not installed" in caplog.text
-
-
-@pytest.mark.parametrize("path,expected", [
-    ("meta-llama/Llama-2-13b-hf", "meta-llama/Llama-2-13b-hf"),
-    ("gpt2", "gpt2"),
-    ("/cache/hub/models--meta-llama--Llama-2-13b-hf/snapshots/abc123",
-     "meta-llama/Llama-2-13b-hf"),
-    ("/cache/hub/models--gpt2/snapshots/abc123/", "gpt2"),
-    ("/models/llama-2-13b", None),
-    ("./models/x", None),
-    ("a/b/c", None),
-    ("not a repo id", None),
-])
-def test_hub_ids_are_only_what_is_known(path, expected):
-    assert card.hub_model_id(path) == expected
-
-
-def test_an_existing_local_folder_has_no_hub_id(tmp_path, monkeypatch):
-    (tmp_path / "org" / "model").mkdir(parents=True)
-    monkeypatch.chdir(tmp_path)
-    assert card.hub_model_id("org/model") is None

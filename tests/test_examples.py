@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from mergekit.config import MergeConfiguration
 
-from mergekit_prodistill.card import hub_model_id
+from mergekit_prodistill.model_files import hub_id
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.templates import PRESETS, resolve_template
 
@@ -34,7 +34,7 @@ def test_flagship_recipe_validates_offline():
     assert all(p.dataset and p.field and p.calibration is None for p in experts.values())
     assert recipe.params.shots == 64 and recipe.params.max_length == 512
     # Every model is a Hub id, so the card's base_model lists all four.
-    assert all(hub_model_id(m) == m for m in [str(recipe.base), *experts])
+    assert all(hub_id(m) == m for m in [str(recipe.base), *experts])
 
 
 def test_readme_shows_the_flagship_recipe():

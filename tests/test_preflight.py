@@ -84,7 +84,7 @@ def test_prompt_without_tokens_is_one_line_from_plan_and_merge(families, tmp_pat
     fam = families("qwen2", 2)
     expert = _with_unreadable_tokenizer(_copy_model(fam.experts[1], tmp_path / "expert"))
     doc = _with_expert(recipe(fam, shots=4), 1, expert)
-    first = calibration.read_prompts(str(fam.calibration[1]))
+    first = sources.read_prompts(str(fam.calibration[1]))
     message = refused(doc, tmp_path / "out", r"model .*expert: its tokenizer \(Qwen2Tokenizer\) "
                                              r"turns the calibration prompt '.*' into no tokens")
     assert any(p[:40] in message for p in first)

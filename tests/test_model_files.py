@@ -82,9 +82,9 @@ def test_a_model_folder_read_from_headers(families):
     fam = families("llama", 2)
     files = model_files.read_model(ModelReference.parse(str(fam.base)), MergeOptions())
     index = json.loads((fam.base / "model.safetensors.index.json").read_text())
-    shards = sorted(str(fam.base / s) for s in set(index["weight_map"].values()))
-    assert files.shards == shards and not files.pickled
-    assert files.total_bytes == sum((fam.base / s).stat().st_size for s in set(index["weight_map"].values()))
+    names = set(index["weight_map"].values())
+    assert files.shards == sorted(str(fam.base / s) for s in names) and not files.pickled
+    assert files.total_bytes == sum((fam.base / s).stat().st_size for s in names)
     assert set(files.tensors) == set(index["weight_map"])
     assert files.dtype == "float32"
     assert files.config.architectures == ["LlamaForCausalLM"]
@@ -96,8 +96,8 @@ def test_a_model_folder_read_from_headers(families):
 def test_stored_dtype_comes_from_the_headers(tmp_path):
     from safetensors.torch import save_file
 
-    save_file({"a": torch.zeros(2, dtype=torch.int64), "b": torch.zeros(3, 2, dtype=torch.bfloat16)},
-              tmp_path / "model.safetensors")
+    tensors = {"a": torch.zeros(2, dtype=torch.int64), "b": torch.zeros(3, 2, dtype=torch.bfloat16)}
+    save_file(tensors, tmp_path / "model.safetensors")
     files = model_files.read_checkpoint("m", str(tmp_path), trust_pickles=False)
     assert files.dtype == "bfloat16" and files.shards == [str(tmp_path / "model.safetensors")]
     assert files.tensors["b"] == model_files.TensorInfo((3, 2), "bfloat16", 2)

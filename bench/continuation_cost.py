@@ -50,7 +50,7 @@ def main():
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill import calibration, continuation, run
+    from mergekit_prodistill import calibration, continuation, expert_placement, preflight, run
     from mergekit_prodistill.progress import Progress
     from mergekit_prodistill.recipe import parse_recipe
 
@@ -61,14 +61,15 @@ def main():
     recipe_path = common.write_recipe(family, root / "recipe.yml", dtype="float32", epochs=1,
                                       shots=args.shots, batch_size=args.batch_size,
                                       continue_tokens=args.tokens)
-    recipe = parse_recipe(MergeConfiguration.model_validate(
-        yaml.safe_load(recipe_path.read_text())))
+    config = MergeConfiguration.model_validate(yaml.safe_load(recipe_path.read_text()))
+    recipe = parse_recipe(config)
     options = MergeOptions(quiet=True)
+    checked = preflight.check_before_merge(recipe, config, options, str(root / "out"))
     calib = calibration.load_for_experts(recipe, options, seed=0)
-    device = torch.device("cpu")
+    ctx = run.Context.of(options)
 
     placements = []
-    place = continuation.place_expert
+    place = expert_placement.place_expert
 
     def recorded(*a, **kw):
         placements.append(place(*a, **kw))
@@ -81,7 +82,7 @@ def main():
         checkpoint = Progress(str(folder), name)
         checkpoint.restore_or_reset()  # a fresh progress folder
         started = time.perf_counter()
-        continued = run._continued(recipe, options, calib, device, checkpoint)
+        continued = run._continued(recipe, checked, calib, ctx, checkpoint)
         return time.perf_counter() - started, continued.sequences
 
     def plain_generate(rows):
@@ -118,7 +119,7 @@ def main():
                   do_sample=False, pad_token_id=0)
     del warm
 
-    continuation.place_expert = recorded
+    expert_placement.place_expert = recorded
     print(f"{args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
           f"float32; 2 experts x {args.shots} prompts, continue_tokens {args.tokens}; "
           f"{torch.get_num_threads()} threads")
@@ -137,14 +138,14 @@ def main():
           f"identical tokens: {merged == plain}")
 
     if args.old:
-        shape = continuation.expert_shape(transformers.AutoConfig.from_pretrained(
+        shape = expert_placement.expert_shape(transformers.AutoConfig.from_pretrained(
             str(recipe.experts[0].model.model.path)), 4)
         budget = 2 * shape.weight_bytes // args.layers  # the former two-block budget
         n, b = args.shots, args.batch_size
-        old = continuation.Placement(
+        old = expert_placement.Placement(
             b, math.ceil(n / b), budget, 0, shape.weight_bytes - budget, 0, None,
             {"cpu": budget})
-        continuation.place_expert = lambda *a, **kw: old
+        expert_placement.place_expert = lambda *a, **kw: old
         old_s, old_out = merge_pass("old")
         plain_old_s, plain_old = plain_generate(b)
         print(f"former placement: {old.describe()}")
@@ -154,7 +155,7 @@ def main():
               f"identical tokens: {old_out == plain_old}")
         print(f"the pass now takes {merged_s:.2f} s instead of {old_s:.2f} s "
               f"({old_s / merged_s:.1f}x faster)")
-    continuation.place_expert = place
+    expert_placement.place_expert = place
 
 
 if __name__ == "__main__":

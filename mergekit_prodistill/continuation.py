@@ -5,209 +5,23 @@ expert's skill shows where it writes its answer. Appending the expert's own gree
 continuation (no labels needed) puts those positions into the calibration set, so the
 distillation matches each expert's activations where its answer is produced.
 
-Memory: one expert at a time, placed by :func:`place_expert` from the memory free at that
-moment. When the whole expert fits the compute device beside one sequence's KV cache and
-activations, it is loaded there, whole (no offload hooks), and a batch holds as many
-prompts as fit beside it; the expert is freed before the next one. Otherwise
-accelerate keeps what fits on the device, then in CPU memory, and reads the rest from
-disk for every forward pass; prompts per batch are then chosen to read the least. The
-plan (``generation_plan.py``) calls the same functions, so its figures are the pass's own.
+Memory: one expert at a time, placed by :func:`expert_placement.place_expert` from the
+memory free at that moment (whole on the device when it fits, else partly offloaded by
+accelerate), in the dtype the merge reads its weights in; it is freed before the next one.
 """
 
 import gc
 import logging
-import math
 import tempfile
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mergekit_prodistill import dtypes
-from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.formatting import fmt_bytes
+from mergekit_prodistill import expert_placement
+from mergekit_prodistill.expert_placement import Placement
 from mergekit_prodistill.model_files import model_config
 
 LOG = logging.getLogger("mergekit_prodistill")
-
-# Share of the free memory this pass may plan to use: the rest covers the allocator's
-# slack and what the estimate below leaves out (the growing cache's copies, small buffers).
-MEMORY_SHARE = 0.8
-
-
-@dataclass(frozen=True)
-class ExpertShape:
-    """What generation needs of an expert, from its config alone."""
-
-    weight_bytes: int  # every parameter, in the dtype it is loaded in
-    largest_bytes: int  # the largest module accelerate moves as one piece
-    layers: int
-    kv_bytes_per_token: int  # keys and values of every layer
-    work_bytes_per_token: int  # a forward's activations (one block at a time)
-    score_bytes_per_pair: int  # attention scores per (query, key) pair
-    flops_per_token: int  # the blocks' matmuls
-    head_flops: int  # the LM head, for one position (only the last one is computed)
-    attention_width: int  # heads x head dimension
-
-    def sequence_bytes(self, prompt: int, new_tokens: int) -> int:
-        """KV cache and working set of one sequence during its generation."""
-        return (self.kv_bytes_per_token * (prompt + new_tokens)
-                + self.work_bytes_per_token * prompt
-                + self.score_bytes_per_pair * prompt * (prompt + new_tokens))
-
-
-_measured: Dict[tuple, ExpertShape] = {}
-
-
-def expert_shape(config, dtype_bytes: int, trust_remote_code: bool = False) -> ExpertShape:
-    """The :class:`ExpertShape` of a model with this config, its weights ``dtype_bytes`` each."""
-    key = (config.to_json_string(), dtype_bytes, trust_remote_code)
-    if key not in _measured:  # experts of one family share a config: measure it once
-        _measured[key] = _measure(config, dtype_bytes, trust_remote_code)
-    return _measured[key]
-
-
-def _measure(config, es: int, trust_remote_code: bool) -> ExpertShape:
-    """Count parameters on a model built on the meta device (no memory, no weights)."""
-    import transformers
-
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            config, trust_remote_code=trust_remote_code)
-    text = config.get_text_config()
-    layers = text.num_hidden_layers
-    heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    embed = model.get_input_embeddings().weight
-    head = model.get_output_embeddings().weight
-    total = sum(p.numel() for p in model.parameters())  # tied weights count once
-    no_split = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in no_split]
-    block = max((sum(p.numel() for p in m.parameters()) for m in blocks),
-                default=total // max(layers, 1))
-    outside = embed.numel() + (0 if head is embed else head.numel())
-    intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-    return ExpertShape(
-        weight_bytes=total * es,
-        largest_bytes=max(block, embed.numel(), head.numel()) * es,
-        layers=layers,
-        kv_bytes_per_token=2 * layers * kv_heads * head_dim * es,
-        work_bytes_per_token=(4 * text.hidden_size + 3 * intermediate) * es,
-        score_bytes_per_pair=heads * es,
-        flops_per_token=2 * (total - outside),
-        head_flops=2 * head.numel(),
-        attention_width=heads * head_dim,
-    )
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where an expert's weights are while it generates, and prompts per batch."""
-
-    rows: int  # prompts per batch
-    batches: int
-    device_bytes: int  # weights on the compute device (the streamed module included)
-    host_bytes: int  # weights offloaded to CPU memory (GPU runs only)
-    disk_bytes: int  # weights read from the checkpoint files for every forward pass
-    generation_bytes: int  # KV cache and activations of one batch
-    room: Optional[int]  # bytes of the device this pass may use; None: unknown
-    max_memory: Optional[Dict] = None  # accelerate's budget; None: the whole expert resident
-
-    @property
-    def offloaded(self) -> bool:
-        return self.max_memory is not None
-
-    @property
-    def fits(self) -> bool:
-        return self.room is None or self.device_bytes + self.generation_bytes <= self.room
-
-    def check(self, device: torch.device, model) -> None:
-        """Refuse a pass that cannot fit even with one prompt per batch, fully offloaded."""
-        if not self.fits:
-            raise ProDistillError(
-                f"model {model}: generating its continuations needs "
-                f"{fmt_bytes(self.device_bytes + self.generation_bytes)} on {device} even with "
-                f"one prompt per batch and its weights offloaded, but {fmt_bytes(self.room)} "
-                "is usable; lower 'continue_tokens' or 'max_length'"
-            )
-
-    def describe(self) -> str:
-        where = ["whole on the device"] if not self.offloaded else [
-            f"{self.device_bytes / 1e9:.2f} GB on the device"]
-        if self.host_bytes:
-            where.append(f"{self.host_bytes / 1e9:.2f} GB brought in from CPU memory")
-        if self.disk_bytes:
-            where.append(f"{self.disk_bytes / 1e9:.2f} GB read from disk")
-        every = " at every token" if self.offloaded else ""
-        return (", ".join(where) + f"{every}; {self.rows} prompts per batch, "
-                f"{self.batches} batch{'es' if self.batches > 1 else ''}")
-
-
-def _room(free: Optional[int]) -> Optional[int]:
-    return None if free is None else int(MEMORY_SHARE * free)
-
-
-def place_expert(shape: ExpertShape, prompt_lengths: Sequence[int], new_tokens: int,
-                 device: torch.device, free: Dict[str, Optional[int]]) -> Placement:
-    """Where the expert goes and how many prompts a batch holds, from the free memory.
-
-    ``free`` maps ``str(device)`` and "cpu" to the bytes free there (None: unknown, taken
-    as enough). Batches are costed at the longest prompt. The whole expert stays on the
-    device whenever it fits beside one sequence; the batch then takes the rest of the room.
-    Otherwise, accelerate keeps a budget of weights on the device (minus room to bring in
-    its largest module) and the remainder is read at every forward pass; the batch size
-    that reads the fewest bytes overall wins (larger on ties).
-    """
-    n = len(prompt_lengths)
-    per_row = shape.sequence_bytes(max(prompt_lengths), new_tokens)
-    room = _room(free.get(str(device)))
-    if room is None or shape.weight_bytes + per_row <= room:
-        rows = n if room is None else min(n, (room - shape.weight_bytes) // per_row)
-        return Placement(rows, math.ceil(n / rows), shape.weight_bytes, 0, 0,
-                         rows * per_row, room)
-
-    best = None  # (bytes read, -rows)
-    for rows in range(1, n + 1):
-        budget = room - rows * per_row
-        if budget < shape.largest_bytes:
-            break
-        read = math.ceil(n / rows) * (shape.weight_bytes - (budget - shape.largest_bytes))
-        if best is None or (read, -rows) < best:
-            best = (read, -rows)
-    rows = -best[1] if best else 1
-    budget = max(room - rows * per_row, shape.largest_bytes)
-    offloaded = max(shape.weight_bytes - (budget - shape.largest_bytes), 0)
-    host = 0
-    if device.type != "cpu":
-        # accelerate keeps room on the CPU too, for a module brought in from disk.
-        host_room = _room(free.get("cpu"))
-        host = offloaded if host_room is None else \
-            min(offloaded, max(host_room - shape.largest_bytes, 0))
-    target = (device.index or 0) if device.type == "cuda" else str(device)
-    max_memory = {target: budget}
-    if device.type != "cpu":
-        max_memory["cpu"] = host + shape.largest_bytes
-    return Placement(rows, math.ceil(n / rows), budget, host, offloaded - host,
-                     rows * per_row, room, max_memory)
-
-
-def generation_flops(shape: ExpertShape, placement: Placement, prompt_lengths: Sequence[int],
-                     new_tokens: int) -> float:
-    """FLOPs of prefilling every batch and generating ``new_tokens`` for each prompt."""
-    flops = 0.0
-    ordered = sorted(prompt_lengths, reverse=True)
-    for start in range(0, len(ordered), placement.rows):
-        rows, width = len(ordered[start:start + placement.rows]), ordered[start]
-        causal = 2 * width * width * shape.attention_width * shape.layers  # half of 4 w^2 d
-        flops += rows * (width * shape.flops_per_token + causal + shape.head_flops)
-        for t in range(1, new_tokens):
-            attend = 4 * (width + t) * shape.attention_width * shape.layers
-            flops += rows * (shape.flops_per_token + attend + shape.head_flops)
-    return flops
-
-
-# --------------------------------------------------------------------------- generation
 
 
 def left_pad(sequences: Sequence[List[int]], pad_id: int):
@@ -242,11 +56,6 @@ def load_expert(path: str, dtype, device: torch.device, placement: Placement,
         path, dtype=dtype, trust_remote_code=trust_remote_code, **where).eval()
 
 
-def loaded_dtype_bytes(config, dtype: Optional[str]) -> int:
-    """Bytes per weight as loaded: the recipe's dtype, else the config's (fp32 if none)."""
-    return getattr(torch, dtype or dtypes.config_dtype(config)).itemsize
-
-
 @torch.no_grad()
 def continue_prompts(
     model_path: str,
@@ -254,29 +63,33 @@ def continue_prompts(
     max_new_tokens: int,
     tokenizer,
     *,
-    dtype: Optional[str],
+    dtype: str,
     device: torch.device,
     free: Dict[str, Optional[int]],
     trust_remote_code: bool = False,
 ) -> List[List[int]]:
     """Each token sequence followed by the expert's greedy continuation of it.
 
-    ``free`` maps ``str(device)`` and "cpu" to the bytes free there now.
+    ``dtype`` is the one the merge reads the expert's weights in
+    (:func:`dtypes.read_dtype`), which the plan sizes it by; ``free`` maps ``str(device)``
+    and "cpu" to the bytes free there now.
     """
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     config = model_config(model_path, trust_remote_code)
-    shape = expert_shape(config, loaded_dtype_bytes(config, dtype), trust_remote_code)
-    placement = place_expert(shape, [len(s) for s in sequences], max_new_tokens, device, free)
+    torch_dtype = getattr(torch, dtype)
+    shape = expert_placement.expert_shape(config, torch_dtype.itemsize, trust_remote_code)
+    placement = expert_placement.place_expert(shape, [len(s) for s in sequences],
+                                              max_new_tokens, device, free)
     placement.check(device, model_path)
     LOG.info("continuing %d prompts of %s: %s", len(sequences), model_path, placement.describe())
     # Prompts of similar length share a batch, so little of it is padding.
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
     continued: Dict[int, List[int]] = {}
     with tempfile.TemporaryDirectory(prefix="prodistill-offload-") as offload_dir:
-        model = load_expert(model_path, getattr(torch, dtype) if dtype else "auto", device,
-                            placement, offload_dir, trust_remote_code)
+        model = load_expert(model_path, torch_dtype, device, placement, offload_dir,
+                            trust_remote_code)
         stop = model.generation_config.eos_token_id
         stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
         if tokenizer.eos_token_id is not None:

@@ -39,9 +39,14 @@ def stored_dtype(model, config) -> str:
     return checkpoint_dtype(model) or config_dtype(config)
 
 
+def read_dtype(recipe, model, config) -> str:
+    """The dtype a model's weights are read in: the recipe's ``dtype``, else the stored one."""
+    return recipe.dtype or stored_dtype(model, config)
+
+
 def weights_dtype(recipe, base_config) -> str:
-    """The dtype block weights are read in."""
-    return recipe.dtype or stored_dtype(recipe.base, base_config)
+    """The dtype block weights are read in: the base model's."""
+    return read_dtype(recipe, recipe.base, base_config)
 
 
 def bfloat16_supported(device: torch.device) -> bool:

@@ -1,7 +1,7 @@
 """The continuation pass as the plan counts it.
 
 With ``continue_tokens``, when training, each expert is placed for generation by
-``continuation.place_expert`` from the memory free now (whole on the device when it fits,
+``expert_placement.place_expert`` from the memory free now (whole on the device when it fits,
 else partly offloaded), beside the KV cache and activations of one batch of its prompts.
 Its time is the generation's FLOPs, the expert's weights read at every generated token,
 and the offloaded part brought in from CPU memory or disk.
@@ -12,16 +12,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from mergekit_prodistill import continuation
+from mergekit_prodistill import expert_placement
 from mergekit_prodistill.memory import EXPERT, GENERATION, SLACK, slack
 from mergekit_prodistill.shapes import Workload
 
 
 @dataclass(frozen=True)
 class Generation:
-    """One expert's continuation pass, as ``continuation.place_expert`` places it."""
+    """One expert's continuation pass, as ``expert_placement.place_expert`` places it."""
 
-    placement: continuation.Placement
+    placement: expert_placement.Placement
     flops: float
     reads: Dict[str, float]  # bytes of weights read for all forward passes, by where from
 
@@ -38,11 +38,11 @@ def generations(recipe, expert_configs, weight_bytes: List[int], work: Workload,
         return []
     passes = []
     for config, es, lengths in zip(expert_configs, weight_bytes, work.prompt_lengths):
-        shape = continuation.expert_shape(config, es, trust_remote_code)
-        placed = continuation.place_expert(shape, lengths, p.continue_tokens, device, available)
+        shape = expert_placement.expert_shape(config, es, trust_remote_code)
+        placed = expert_placement.place_expert(shape, lengths, p.continue_tokens, device, available)
         forwards = placed.batches * p.continue_tokens  # the prefill and one per new token
         passes.append(Generation(
-            placed, continuation.generation_flops(shape, placed, lengths, p.continue_tokens),
+            placed, expert_placement.generation_flops(shape, placed, lengths, p.continue_tokens),
             {"device": forwards * (shape.weight_bytes - placed.host_bytes - placed.disk_bytes),
              "host": forwards * placed.host_bytes, "disk": forwards * placed.disk_bytes}))
     return passes

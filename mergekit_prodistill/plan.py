@@ -25,12 +25,13 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from mergekit_prodistill import continuation, devices, dtypes, generation_plan, layout, workload
+from mergekit_prodistill import devices, dtypes, expert_placement, generation_plan, layout, workload
 from mergekit_prodistill.blocks import check_supported
 from mergekit_prodistill.devices import DeviceClass
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.formatting import GB, fmt_bytes
 from mergekit_prodistill.generation_plan import Generation
+from mergekit_prodistill.model_files import model_config
 from mergekit_prodistill.memory import (
     CACHE, CONTEXTS, EXPERT, GENERATION, LAMBDA, OUTPUT, SLACK, TRANSIENT, WEIGHTS,
     batch_flops, context_bytes, lambda_count, output_buffer, peak_total, phase_bytes, place,
@@ -75,7 +76,7 @@ class Plan:
     io_bytes: float  # checkpoints read and output written
     cache_bytes: int  # the activation cache at its largest, wherever it is
     available: Dict[str, Optional[int]] = field(default_factory=dict)
-    generation: List[continuation.Placement] = field(default_factory=list)  # per expert
+    generation: List[expert_placement.Placement] = field(default_factory=list)  # per expert
     continuation_reads: Dict[str, float] = field(default_factory=dict)  # bytes, by source
 
     @property
@@ -118,13 +119,6 @@ class Plan:
         return render(self)
 
 
-def load_config(model, trust_remote_code: bool):
-    try:
-        return model.config(trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ProDistillError(f"model {model}: cannot read its config.json ({exc})") from None
-
-
 def stream_placement(requested: str, device: torch.device, totals: Dict[str, int],
                      free: Dict[str, Optional[int]]) -> str:
     """Where the activation streams go: "device", "cpu" or "disk".
@@ -163,14 +157,14 @@ def make_plan(recipe, options, calib=None,
     device = torch.device(options.device or "cpu")
     seed = options.random_seed if options.random_seed is not None else 0
     trust = options.trust_remote_code
-    base_config = load_config(recipe.base, trust)
+    base_config = model_config(recipe.base, trust)
     check_supported(base_config.architectures, base_config.to_dict(), f"model {recipe.base}")
-    expert_configs = [load_config(e.model, trust) for e in recipe.experts]
+    expert_configs = [model_config(e.model, trust) for e in recipe.experts]
     shape = model_shape(base_config, expert_configs)
-    stored = [dtypes.stored_dtype(m, c)
-              for m, c in zip([recipe.base] + [e.model for e in recipe.experts],
-                              [base_config] + expert_configs)]
-    loaded = [recipe.dtype or s for s in stored]
+    models = list(zip([recipe.base] + [e.model for e in recipe.experts],
+                      [base_config] + expert_configs))
+    stored = [dtypes.stored_dtype(m, c) for m, c in models]
+    loaded = [dtypes.read_dtype(recipe, m, c) for m, c in models]
     wb = [dtype_bytes(d) for d in loaded]
     # The run's own dtypes: blocks read as weights_dtype, streams in activation_dtype.
     compute = dtypes.weights_dtype(recipe, base_config)

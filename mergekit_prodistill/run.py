@@ -29,8 +29,8 @@ from mergekit.common import dtype_from_name
 from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 
-from mergekit_prodistill import (calibration, continuation, devices, distill, head, output,
-                                 plan, preflight)
+from mergekit_prodistill import (calibration, continuation, devices, distill, dtypes, head,
+                                 output, plan, preflight)
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.errors import Interrupted
@@ -106,8 +106,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
         # 6. Each expert's continuation of its prompts, generated once and saved.
         if progress is not None and p.continue_tokens:
             continued = time.time()
-            folders = [checked.models[e.model].folder for e in recipe.experts]
-            calib = _continued(recipe, folders, calib, ctx, progress)
+            calib = _continued(recipe, checked, calib, ctx, progress)
             facts["continuation_seconds"] = time.time() - continued
         # 7. The embeddings, every decoder block, the final norm and LM head.
         with distill.denormals_flushed(bool(p.epochs)):
@@ -140,8 +139,9 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
     shutil.rmtree(staging)
 
 
-def _continued(recipe, folders: List[str], calib, ctx: Context, progress: Progress):
-    """Every expert's prompts, each followed by its greedy continuation.
+def _continued(recipe, checked, calib, ctx: Context, progress: Progress):
+    """Every expert's prompts, each followed by its greedy continuation, generated in the
+    dtype the merge reads the expert in.
 
     Generated once, one expert at a time, and saved in the progress folder: a run that
     continues this merge reads them back instead of generating them again.
@@ -149,10 +149,13 @@ def _continued(recipe, folders: List[str], calib, ctx: Context, progress: Progre
     sequences = progress.load_continuations()
     if sequences is None:
         sequences = []
-        for folder, tokenizer, prompts in zip(folders, calib.tokenizers, calib.sequences):
+        for expert, tokenizer, prompts in zip(recipe.experts, calib.tokenizers,
+                                              calib.sequences):
+            files = checked.models[expert.model]
+            dtype = dtypes.read_dtype(recipe, expert.model, files.config)
             sequences.append(continuation.continue_prompts(
-                folder, prompts, recipe.params.continue_tokens, tokenizer,
-                dtype=recipe.dtype, device=ctx.device, free=devices.free_memory(ctx.device),
+                files.folder, prompts, recipe.params.continue_tokens, tokenizer,
+                dtype=dtype, device=ctx.device, free=devices.free_memory(ctx.device),
                 trust_remote_code=ctx.trust_remote_code))
         progress.save_continuations(sequences)
     return calib.with_sequences(sequences, recipe.params.batch_size)

@@ -8,7 +8,7 @@ import torch
 import transformers
 
 from helpers import merge
-from mergekit_prodistill import continuation
+from mergekit_prodistill import continuation, expert_placement
 from mergekit_prodistill.calibration import tokenize
 from mergekit_prodistill.sources import read_prompts
 from mergekit_prodistill.errors import ProDistillError
@@ -60,12 +60,12 @@ def test_continuations_are_the_experts_greedy_tokens_even_offloaded_to_disk(fami
     assert len({len(s) for s in sequences}) > 1, "prompts of different lengths get left-padded"
 
     # Room for the largest module and two sequences only: the rest is read from disk.
-    shape = continuation.expert_shape(transformers.AutoConfig.from_pretrained(expert), 4)
+    shape = expert_placement.expert_shape(transformers.AutoConfig.from_pretrained(expert), 4)
     tight = shape.largest_bytes + 2 * shape.sequence_bytes(max(map(len, sequences)), 6)
     loaded = spy_on_loads(monkeypatch)
     out = continuation.continue_prompts(
         expert, sequences, 6, tokenizer, dtype="float32", device=torch.device("cpu"),
-        free={"cpu": int(tight / continuation.MEMORY_SHARE) + 1})
+        free={"cpu": int(tight / expert_placement.MEMORY_SHARE) + 1})
     assert "disk" in loaded[0].hf_device_map.values()
 
     model = transformers.AutoModelForCausalLM.from_pretrained(expert)
@@ -90,7 +90,7 @@ def test_an_expert_that_fits_is_loaded_whole_without_offload_hooks(families, mon
     assert out == [greedy_alone(alone, tokenizer, seq, 6) for seq in sequences]
 
 
-SHAPE = continuation.ExpertShape(
+SHAPE = expert_placement.ExpertShape(
     weight_bytes=10_000, largest_bytes=1_000, layers=4, kv_bytes_per_token=1,
     work_bytes_per_token=0, score_bytes_per_pair=0, flops_per_token=1, head_flops=1,
     attention_width=1)
@@ -98,17 +98,17 @@ SHAPE = continuation.ExpertShape(
 
 def room_for(nbytes):
     """Free bytes that leave ``nbytes`` usable by the pass."""
-    return math.ceil(nbytes / continuation.MEMORY_SHARE)
+    return math.ceil(nbytes / expert_placement.MEMORY_SHARE)
 
 
 def test_placement_keeps_the_expert_whole_and_fills_the_rest_with_prompts():
     cpu, cuda = torch.device("cpu"), torch.device("cuda:0")
     lengths = [90] * 64  # 100 bytes of KV cache per sequence with 10 new tokens
-    unknown = continuation.place_expert(SHAPE, lengths, 10, cuda, {"cuda:0": None, "cpu": None})
+    unknown = expert_placement.place_expert(SHAPE, lengths, 10, cuda, {"cuda:0": None, "cpu": None})
     assert (unknown.rows, unknown.batches, unknown.offloaded) == (64, 1, False)
-    roomy = continuation.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(20_000)})
+    roomy = expert_placement.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(20_000)})
     assert (roomy.rows, roomy.batches, roomy.offloaded) == (64, 1, False)
-    some = continuation.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(12_000)})
+    some = expert_placement.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(12_000)})
     assert (some.rows, some.batches, some.offloaded, some.max_memory) == (20, 4, False, None)
     assert some.device_bytes + some.generation_bytes <= 12_000
 
@@ -118,15 +118,15 @@ def test_placement_offloads_what_does_not_fit_and_reads_the_least():
     lengths = [90] * 8
     # 6000 usable: all 8 prompts (800) leave 5200 of weights budget, 4200 of weights
     # resident beside the largest module's room; 5800 are read per forward, once.
-    disk = continuation.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(6_000)})
+    disk = expert_placement.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(6_000)})
     assert disk.offloaded and disk.rows == 8 and disk.batches == 1
     assert disk.max_memory == {"cpu": 5_200} and disk.disk_bytes == 5_800
     assert disk.fits and disk.device_bytes + disk.generation_bytes <= 6_000
-    gpu = continuation.place_expert(SHAPE, lengths, 10, cuda,
+    gpu = expert_placement.place_expert(SHAPE, lengths, 10, cuda,
                                     {"cuda:0": room_for(6_000), "cpu": room_for(3_000)})
     assert gpu.max_memory == {0: 5_200, "cpu": 3_000}
     assert (gpu.host_bytes, gpu.disk_bytes) == (2_000, 3_800)
-    hopeless = continuation.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(1_050)})
+    hopeless = expert_placement.place_expert(SHAPE, lengths, 10, cpu, {"cpu": room_for(1_050)})
     assert hopeless.rows == 1 and not hopeless.fits
 
 
@@ -180,3 +180,31 @@ def test_head_training_and_continuations_with_differing_vocabularies(families, t
     assert merged["lm_head.weight"].shape == (769, 64)
     assert not torch.equal(merged["lm_head.weight"][:768], base["lm_head.weight"])
     assert torch.isfinite(merged["lm_head.weight"]).all()
+
+
+def test_an_expert_generates_in_the_dtype_the_merge_and_plan_read_it_in(families, tmp_path,
+                                                                        monkeypatch):
+    # A bfloat16 checkpoint whose config still says float32 (common after conversion): the
+    # merge reads its weights as stored, the plan sizes them so, and generation must too.
+    import shutil
+
+    import yaml
+    from safetensors.torch import load_file, save_file
+
+    fam = families("llama", 2)
+    expert = tmp_path / "expert_bf16"
+    shutil.copytree(fam.experts[0], expert)
+    for shard in expert.glob("*.safetensors"):
+        save_file({n: t.to(torch.bfloat16) for n, t in load_file(shard).items()}, shard,
+                  metadata={"format": "pt"})
+    assert json.loads((expert / "config.json").read_text())["dtype"] == "float32"
+    doc = yaml.safe_load(fam.recipe("prodistill", epochs=1, shots=2, continue_tokens=2))
+    del doc["dtype"]  # weights read as stored
+    (entry,) = [m for m in doc["models"] if m["model"] == str(fam.experts[0])]
+    entry["model"] = str(expert)
+    dtypes = {}
+    load = continuation.load_expert
+    monkeypatch.setattr(continuation, "load_expert", lambda path, dtype, *a, **kw:
+                        dtypes.setdefault(path, dtype) and load(path, dtype, *a, **kw))
+    merge(yaml.safe_dump(doc, sort_keys=False), tmp_path / "out")
+    assert dtypes == {str(expert): torch.bfloat16, str(fam.experts[1]): torch.float32}

@@ -65,7 +65,7 @@ def main():
     recipe = parse_recipe(config)
     options = MergeOptions(quiet=True)
     checked = preflight.check_before_merge(recipe, config, options, str(root / "out"))
-    calib = calibration.load_for_experts(recipe, options, seed=0)
+    calib = calibration.load_for_experts(recipe, False, seed=0)
     ctx = run.Context.of(options)
 
     placements = []

@@ -68,10 +68,11 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
     p = recipe.params
     checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
     # 2. The merged vocabulary.
-    vocabulary = build_vocabulary(recipe, merge_config, options, checked.vocabulary_rows)
+    vocabulary = build_vocabulary(recipe, merge_config, ctx.trust_remote_code,
+                                  checked.vocabulary_rows)
     # 3. The calibration prompts, read and tokenised once; every prompt token must have a
     #    row in the merged vocabulary.
-    calib = calibration.load_for_experts(recipe, options, ctx.seed)
+    calib = calibration.load_for_experts(recipe, ctx.trust_remote_code, ctx.seed)
     vocabulary.calibration_ids(calib)
     # 4. The plan, checked against the memory free now, before any weight is read.
     decided = plan.check_fits(recipe, options, out_path, calib)

@@ -140,7 +140,8 @@ class Vocabulary:
         return f"{head}. The merged model has {size} tokens{tail}."
 
 
-def build_vocabulary(recipe, merge_config, options, rows: Dict[ModelReference, int]) -> Vocabulary:
+def build_vocabulary(recipe, merge_config, trust_remote_code: bool,
+                     rows: Dict[ModelReference, int]) -> Vocabulary:
     """Build the merged vocabulary from the recipe's tokenizer settings and row counts."""
     experts = [e.model for e in recipe.experts]
     source = merge_config.tokenizer.source if merge_config.tokenizer else merge_config.tokenizer_source
@@ -155,7 +156,7 @@ def build_vocabulary(recipe, merge_config, options, rows: Dict[ModelReference, i
         # Recipe order, not mergekit's set order: the union's ids must not vary by run.
         referenced_models=(recipe.base, *experts),
         tokenizer_source=source,
-        trust_remote_code=options.trust_remote_code,
+        trust_remote_code=trust_remote_code,
         add_tokens=tuple(tokens),
     )
     try:

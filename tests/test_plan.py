@@ -316,7 +316,7 @@ def test_a_merge_plans_from_its_own_calibration_set(families, monkeypatch):
     recipe = MergeConfiguration.model_validate(yaml.safe_load(fam.recipe("prodistill", shots=8)))
     recipe, options = parse_recipe(recipe), MergeOptions()
     read = plan.make_plan(recipe, options, available={"cpu": None})
-    calib = calibration.load_for_experts(recipe, options, 0)
+    calib = calibration.load_for_experts(recipe, options.trust_remote_code, 0)
     monkeypatch.setattr(calibration, "load_tokenizer", None)  # nothing is read again
     monkeypatch.setattr(calibration, "expert_prompts", None)
     given = plan.make_plan(recipe, options, calib, available={"cpu": None})

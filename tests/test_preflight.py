@@ -101,7 +101,7 @@ def test_prompt_without_tokens_is_one_line_from_plan_and_merge(families, tmp_pat
 def _load_calibration(fam, caplog, **params):
     config = MergeConfiguration.model_validate(recipe(fam, **params))
     with caplog.at_level(logging.WARNING, logger="mergekit_prodistill"):
-        return calibration.load_for_experts(parse_recipe(config), MergeOptions(), seed=0)
+        return calibration.load_for_experts(parse_recipe(config), False, seed=0)
 
 
 def test_fewer_prompts_than_shots_warns_and_uses_them_all(families, caplog):
@@ -121,7 +121,7 @@ def test_prompts_longer_than_max_length_are_cut_with_a_warning(families, caplog)
     config["models"][0]["parameters"]["template"] = "alpaca"
     config = MergeConfiguration.model_validate(config)
     with caplog.at_level(logging.WARNING, logger="mergekit_prodistill"):
-        calib = calibration.load_for_experts(parse_recipe(config), MergeOptions(), seed=0)
+        calib = calibration.load_for_experts(parse_recipe(config), False, seed=0)
     assert "all 8 prompts are longer than max_length=16 tokens after templating" in caplog.text
     assert "'### Response:'" in caplog.text
     assert max(b.input_ids.shape[1] for b in calib.batches[0]) == 16

@@ -6,7 +6,6 @@ import pytest
 import transformers
 import yaml
 from mergekit.config import MergeConfiguration
-from mergekit.options import MergeOptions
 
 from helpers import merge, with_expert_parameters
 from mergekit_prodistill.calibration import load_for_experts, tokenize
@@ -67,7 +66,7 @@ def recipe_for(fam, **expert_params):
 def test_chat_prompts_reach_both_streams_as_the_same_ids(chat_family, tmp_path):
     recipe = recipe_for(chat_family, template="chat")
     parsed = parse_recipe(MergeConfiguration.model_validate(yaml.safe_load(recipe)))
-    calib = load_for_experts(parsed, MergeOptions(), seed=0)
+    calib = load_for_experts(parsed, False, seed=0)
     tokenizer = transformers.AutoTokenizer.from_pretrained(chat_family.experts[0])
     for batch in calib.batches[0]:
         for ids, mask in zip(batch.input_ids.tolist(), batch.attention_mask.tolist()):

@@ -7,7 +7,6 @@ import torch
 import transformers
 import yaml
 from mergekit.config import MergeConfiguration
-from mergekit.options import MergeOptions
 
 from helpers import merge
 from mergekit_prodistill import calibration
@@ -120,8 +119,8 @@ def test_calibration_ids_follow_the_merged_vocabulary(families, tmp_path):
     config = MergeConfiguration.model_validate(doc)
     recipe = parse_recipe(config)
     rows = {recipe.base: 768, **{e.model: 769 for e in recipe.experts}}
-    vocabulary = build_vocabulary(recipe, config, MergeOptions(), rows)
-    calib = calibration.load_for_experts(recipe, MergeOptions(), seed=0)
+    vocabulary = build_vocabulary(recipe, config, False, rows)
+    calib = calibration.load_for_experts(recipe, False, seed=0)
     merged_ids = vocabulary.calibration_ids(calib)
 
     out_tok = vocabulary.tokenizer

@@ -14,8 +14,8 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from helpers import merge, run_cli
-from mergekit_prodistill import (calibration, cli, continuation, devices, memory, plan,
-                                 preflight, shapes, tiny)
+from mergekit_prodistill import (calibration, cli, continuation, devices, expert_placement,
+                                 memory, plan, preflight, shapes, tiny)
 from mergekit_prodistill.blocks import BlockRunner
 from mergekit_prodistill.calibration import Batch
 from mergekit_prodistill.recipe import parse_recipe
@@ -153,7 +153,7 @@ def test_continuation_on_a_small_gpu_offloads_and_costs_its_reads(wizard_13b):
 def test_a_continuation_that_cannot_fit_is_refused_before_any_weight_is_read(
         families, tmp_path, monkeypatch):
     # The block loop fits; the pass may use next to none of the memory free.
-    monkeypatch.setattr(continuation, "MEMORY_SHARE", 1e-9)
+    monkeypatch.setattr(expert_placement, "MEMORY_SHARE", 1e-9)
     monkeypatch.setattr(continuation, "continue_prompts", None)  # never reached
     fam = families("llama", 2)
     with pytest.raises(ProDistillError, match=r"generating its continuations needs .* "

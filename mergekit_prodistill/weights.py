@@ -1,4 +1,4 @@
-"""Lazy tensor access through mergekit's loader."""
+"""Lazy tensor access through mergekit's loader, and one tensor merged by task arithmetic."""
 
 from typing import Dict, List, Optional, Sequence
 

@@ -12,17 +12,23 @@ from typing import List, Optional, Tuple
 import torch
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.sources import Prompts, read_expert_prompts
+from mergekit_prodistill.sources import read_expert_prompts
 from mergekit_prodistill.templates import PLACEHOLDER, format_prompts, resolve_template
 
 LOG = logging.getLogger("mergekit_prodistill")
 
 
-def sample_prompts(prompts: List[str], shots: int, seed: int) -> List[str]:
-    """Draw ``shots`` prompts without replacement, reproducibly for a given seed."""
+def sample_prompts(prompts: List[str], shots: int, seed: int,
+                   holdout: int = 0) -> Tuple[List[str], List[str]]:
+    """Draw ``shots`` prompts without replacement, reproducibly for a given seed, and up to
+    ``holdout`` more among the rest (none when the source has no more)."""
     if len(prompts) <= shots:
-        return list(prompts)
-    return random.Random(seed).sample(prompts, shots)
+        return list(prompts), []
+    chosen = random.Random(seed).sample(range(len(prompts)), shots)
+    taken = set(chosen)
+    rest = [i for i in range(len(prompts)) if i not in taken]
+    held = random.Random(seed + 1_000_003).sample(rest, min(holdout, len(rest)))
+    return [prompts[i] for i in chosen], [prompts[i] for i in held]
 
 
 @dataclass
@@ -125,23 +131,30 @@ class CalibrationSet:
     batches: List[List[Batch]]
     sequences: List[List[List[int]]]  # the token ids that ``batches`` hold
     tokenizers: list = field(default_factory=list)  # each expert's, that made the ids
+    # Held-out prompts, never trained on: the merge's fidelity report reads them.
+    holdout: List[List[List[int]]] = field(default_factory=list)
+    holdout_batches: List[List[Batch]] = field(default_factory=list)
 
     @property
     def prompts(self) -> List[int]:
         """Prompts used per expert."""
         return [len(s) for s in self.sequences]
 
-    def with_sequences(self, sequences: List[List[List[int]]], batch_size: int):
-        """The same prompts as ``sequences`` (for example continued), batched anew."""
-        return replace(self, sequences=sequences,
-                       batches=[make_batches(s, batch_size) for s in sequences])
+    def with_sequences(self, sequences: List[List[List[int]]], holdout: List[List[List[int]]],
+                       batch_size: int):
+        """The same prompts as ``sequences`` and ``holdout`` (for example continued),
+        batched anew."""
+        return replace(self, sequences=sequences, holdout=holdout,
+                       batches=[make_batches(s, batch_size) for s in sequences],
+                       holdout_batches=[make_batches(s, batch_size) for s in holdout])
 
     def tokens(self, expert: int) -> int:
         return sum(b.num_tokens for b in self.batches[expert])
 
-    def shapes(self) -> List[List[tuple]]:
-        """(batch size, length) of every batch, per expert."""
-        return [[tuple(b.input_ids.shape) for b in batches] for batches in self.batches]
+    def shapes(self, holdout: bool = False) -> List[List[tuple]]:
+        """(batch size, length) of every batch (or held-out batch), per expert."""
+        return [[tuple(b.input_ids.shape) for b in batches]
+                for batches in (self.holdout_batches if holdout else self.batches)]
 
 
 def load_tokenizer(model, fallback, trust_remote_code: bool):
@@ -158,13 +171,17 @@ def load_tokenizer(model, fallback, trust_remote_code: bool):
     raise ProDistillError(f"model {model}: no tokenizer found in it or in the base model")
 
 
-def expert_prompts(recipe, index: int, seed: int, tokenizer) -> Tuple[List[str], Prompts]:
-    """Expert ``index``'s sampled prompts wrapped in its template, and their source."""
+def expert_prompts(recipe, index: int, seed: int, tokenizer):
+    """Expert ``index``'s sampled prompts and held-out prompts, wrapped in its template,
+    and their source."""
     expert = recipe.experts[index]
     where = f"model {expert.model}"
     source = read_expert_prompts(expert.params, where)
-    sampled = sample_prompts(source.texts, recipe.params.shots, seed + index)
-    return format_prompts(expert.params.template, sampled, tokenizer, where), source
+    sampled, held = sample_prompts(source.texts, recipe.params.shots, seed + index,
+                                   recipe.params.holdout_count())
+    template = expert.params.template
+    return (format_prompts(template, sampled, tokenizer, where),
+            format_prompts(template, held, tokenizer, where) if held else [], source)
 
 
 def load_for_experts(recipe, trust_remote_code: bool, seed: int) -> CalibrationSet:
@@ -179,7 +196,7 @@ def load_for_experts(recipe, trust_remote_code: bool, seed: int) -> CalibrationS
         tokenizer = load_tokenizer(expert.model, recipe.base, trust_remote_code)
         # One tokenizer and one list of token ids per expert: the merged stream and the
         # expert's stream both start from exactly these ids.
-        prompts, source = expert_prompts(recipe, i, seed, tokenizer)
+        prompts, held, source = expert_prompts(recipe, i, seed, tokenizer)
         if len(source.texts) < p.shots:
             LOG.warning(
                 "calibration source %s holds %d prompts, fewer than shots=%d: using all of them",
@@ -194,4 +211,7 @@ def load_for_experts(recipe, trust_remote_code: bool, seed: int) -> CalibrationS
         calib.batches.append(make_batches(sequences, p.batch_size))
         calib.sequences.append(sequences)
         calib.tokenizers.append(tokenizer)
+        holdout = tokenize(held, tokenizer, p.max_length, f"model {expert.model}")
+        calib.holdout.append(holdout)
+        calib.holdout_batches.append(make_batches(holdout, p.batch_size))
     return calib

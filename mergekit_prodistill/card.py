@@ -19,7 +19,7 @@ import yaml
 from mergekit.card import generate_card
 
 from mergekit_prodistill.layout import CARD, PLOT
-from mergekit_prodistill.report import BlockReport, CalibrationEntry, Report
+from mergekit_prodistill.report import BlockReport, CalibrationEntry, Fidelity, Report
 from mergekit_prodistill.model_files import hub_id
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -122,6 +122,7 @@ def _prodistill_section(report: Report, plot: Optional[str]) -> List[str]:
         f"([Xu et al., 2025](https://arxiv.org/abs/2502.12706)). {ending}",
         *(["", report.vocabulary] if report.vocabulary else []),
         "",
+        *(_fidelity_section(report.fidelity) if report.fidelity else []),
         "#### Calibration prompts",
         "",
         "| expert | prompts from | template | prompts | tokens |",
@@ -216,6 +217,30 @@ def _paths_for_card(merge_config):
         "models": models,
         "base_model": fix(merge_config.base_model),
     })
+
+
+def _fidelity_section(fidelity: List[Fidelity]) -> List[str]:
+    measured = [f for f in fidelity if f.tokens]
+    if not measured:
+        return []
+    mean = lambda merge: sum(getattr(f, merge)["agreement"] for f in measured) / len(measured)  # noqa: E731
+    return [
+        "#### What the merge kept",
+        "",
+        f"Kept of each expert's next-token choices on held-out prompts: **ProDistill "
+        f"{100 * mean('prodistill'):.0f}%**, task arithmetic {100 * mean('task_arithmetic'):.0f}% "
+        "(mean over experts). Each expert's held-out prompts were never trained on; every "
+        "real token's greedy next-token choice of the merged model is compared with the "
+        "expert's own, and KL is the mean KL divergence from the expert's distribution.",
+        "",
+        "| expert | held-out prompts | tokens | ProDistill kept | task arithmetic kept "
+        "| KL ProDistill | KL task arithmetic |",
+        "|---|---|---|---|---|---|---|",
+        *[f"| {_model_md(f.model)} | {f.prompts} | {f.tokens} | "
+          f"{100 * f.prodistill['agreement']:.1f}% | {100 * f.task_arithmetic['agreement']:.1f}% | "
+          f"{f.prodistill['kl']:.3g} | {f.task_arithmetic['kl']:.3g} |" for f in measured],
+        "",
+    ]
 
 
 def _loss_section(blocks: List[BlockReport], plot) -> List[str]:

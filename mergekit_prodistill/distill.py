@@ -6,6 +6,7 @@ theta_0 + sum_i lambda_i * tau_i with element-wise coefficients lambda trained s
 the merged block, fed the merged stream, matches expert i's block fed expert i's stream
 (masked mean squared error, averaged over experts). Then the merged stream advances
 through the trained merged block and each expert's stream through the expert's block.
+Each expert's held-out prompts advance alongside, forward only (:mod:`fidelity`).
 Only one block of the base and of each expert is ever in memory.
 """
 
@@ -20,6 +21,7 @@ import torch
 from mergekit_prodistill.blocks import BatchContext, BlockRunner
 from mergekit_prodistill.coefficients import (Weights, at_init, coefficient_stats, fit,
                                               masked_mse, merged_weights)
+from mergekit_prodistill.fidelity import Heldout
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -39,6 +41,12 @@ class Streams:
     merged: Stream
     expert: Stream
     contexts: List[List[BatchContext]]  # masks and positions of every batch
+    heldout: Optional[Heldout] = None  # the held-out prompts' streams
+
+    def saved(self) -> List[Stream]:
+        """Every stream, in the order the progress files keep them."""
+        h = self.heldout
+        return [self.merged, self.expert] + ([h.merged, h.task_arithmetic, h.expert] if h else [])
 
     def roles(self, inputs: str):
         """(student inputs, teacher inputs, where the teacher outputs go)."""
@@ -91,19 +99,28 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
     contexts = streams.contexts
     n = len(contexts)
 
+    held = streams.heldout
+
     # 1. The teacher outputs never change during training: compute them once.
     deltas = []
     for i, expert_w in enumerate(expert_blocks):
-        forward_batches(runner, index, layer, [cast(expert_w, dtype)], [teacher[i]],
-                        [contexts[i]], [targets[i]])
+        own = cast(expert_w, dtype)
+        forward_batches(runner, index, layer, [own], [teacher[i]], [contexts[i]], [targets[i]])
+        if held:
+            forward_batches(runner, index, layer, [own], [held.expert[i]], [held.contexts[i]],
+                            [held.expert[i]])
         deltas.append({name: expert_w[name] - base_w[name] for name in base_w})
-        del expert_w  # it holds its memory-mapped shard's pages
+        del expert_w, own  # the block holds its memory-mapped shard's pages
 
     # 2. The loss to beat: task arithmetic, every coefficient at init.
     init = [{name: torch.tensor(p.init) for name in base_w}] * n
-    loss_before = forward_batches(runner, index, layer,
-                                  [merged_weights(base_w, deltas, init, dtype)] * n,
-                                  student, contexts, targets=targets)
+    init_w = merged_weights(base_w, deltas, init, dtype)
+    loss_before = forward_batches(runner, index, layer, [init_w] * n, student, contexts,
+                                  targets=targets)
+    if held:
+        forward_batches(runner, index, layer, [init_w] * n, held.task_arithmetic,
+                        held.contexts, held.task_arithmetic)
+    del init_w
 
     # 3. Train the coefficients.
     epoch_losses = []
@@ -137,6 +154,9 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
     # 5. Advance the merged stream through exactly the weights just written.
     if p.inputs != "expert":
         forward_batches(runner, index, layer, [block_w] * n, student, contexts, student)
+    if held:
+        forward_batches(runner, index, layer, [block_w] * n, held.merged, held.contexts,
+                        held.merged)
     streams.advance(p.inputs)
     report = {"block": index, "loss_before": loss_before, "loss_after": loss_after,
               "epoch_losses": epoch_losses, **coefficient_stats(coeffs),

@@ -79,19 +79,11 @@ class HeadForward:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-def train_head(norm_weight, head_weight, head_trainable: bool, base, experts, align,
-               streams, contexts, config, p, generator: torch.Generator,
-               device: torch.device) -> Tuple[Dict[str, torch.Tensor], Dict]:
-    """Trained final norm (and untied LM head) for the merged model, and a report.
-
-    ``streams`` holds the last block's outputs: the merged model's and every expert's own.
+def load_norm_and_head(norm_weight, head_weight, base, experts, align):
+    """The final norm (``"weight"``) and LM head (``"head"``) of the base, and every
+    expert's task vectors of them, with vocabulary rows in the output's order (``align``,
+    as the embeddings are merged), so that every distribution ranges over the same tokens.
     """
-    log_probs = HeadForward(config)
-    trained = {norm_weight.name: "weight"}
-    if head_trainable:
-        trained[head_weight.name] = "head"
-    # Vocabulary-indexed tensors in the output's row order (``align``, as the embeddings
-    # are merged), so teacher and student distributions range over the same tokens.
     # load_all closes each shard once read, so the experts' memory-mapped pages go with
     # their tensors once the task vectors are taken.
     weights = (norm_weight, head_weight)
@@ -102,9 +94,20 @@ def train_head(norm_weight, head_weight, head_trainable: bool, base, experts, al
                                      [t[weight.name] for t in expert_t])
         for w, t in zip(expert_w, aligned):
             w[own] = t
-    deltas = [{n: w[n] - base_w[n] for n in base_w} for w in expert_w]
-    del base_t, expert_t, expert_w, aligned, t
+    return base_w, [{n: w[n] - base_w[n] for n in base_w} for w in expert_w]
+
+
+def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
+               generator: torch.Generator, device: torch.device) -> Tuple[Dict, Dict]:
+    """The final norm and LM head as written (``"weight"``, ``"head"``; the weights'
+    dtype), with trained coefficients, and a report.
+
+    ``streams`` holds the last block's outputs: the merged model's and every expert's own.
+    With a tied head (``head_trainable`` False) the head keeps task arithmetic with init.
+    """
+    log_probs = HeadForward(config)
     dtype = streams.merged[0][0].dtype
+    contexts = streams.contexts
 
     def teacher(i, b):
         with torch.no_grad():
@@ -126,9 +129,8 @@ def train_head(norm_weight, head_weight, head_trainable: bool, base, experts, al
                                       for b, n in enumerate(tokens)) / sum(tokens))
         return sum(per_expert) / len(per_expert)
 
-    # Tied: the head is the input embedding, merged by task arithmetic with init.
     frozen = () if head_trainable else ("head",)
-    start = init_coefficients(base_w, len(experts), p, frozen)
+    start = init_coefficients(base_w, len(deltas), p, frozen)
     report = {"loss_before": mean_loss(start), "epoch_losses": []}
 
     def on_epoch(epoch, loss):
@@ -140,7 +142,8 @@ def train_head(norm_weight, head_weight, head_trainable: bool, base, experts, al
                               frozen, on_epoch)
     report["loss_after"] = mean_loss(coeffs)
     report["small_gradient_share"] = small_share
-    report.update(coefficient_stats([{n: c[n] for n in trained.values()} for c in coeffs]))
+    trained = ["weight", "head"] if head_trainable else ["weight"]
+    report.update(coefficient_stats([{n: c[n] for n in trained} for c in coeffs]))
     LOG.info("final norm and LM head: KL %.4g -> %.4g", report["loss_before"], report["loss_after"])
     final = merged_weights(base_w, deltas, coeffs, torch.float32)
-    return {name: final[own].to(base_w[own].dtype) for name, own in trained.items()}, report
+    return {n: final[n].to(base_w[n].dtype) for n in base_w}, report

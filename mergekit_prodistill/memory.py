@@ -41,9 +41,11 @@ TERMS = (WEIGHTS, LAMBDA, CACHE, CONTEXTS, TRANSIENT, EXPERT, GENERATION, OUTPUT
 # CUDA: PyTorch's caching allocator; assumed, not measured.
 SLACK_FRACTION = {"cpu": 0.15, "cuda": 0.10}
 
-# Streams per expert alive at once: z1 and z2. The teacher outputs and the advanced merged
-# stream are written in place, batch by batch, into those two buffers.
-STREAMS = {"load": 2, "train": 2, "write": 2, "embed": 2, "head": 2}
+# Streams per expert alive at once: the merged and the expert stream. The teacher outputs
+# and the advanced merged stream are written in place, batch by batch, into those two.
+STREAMS = 2
+# Held-out prompts (the fidelity report) keep three: merged, task arithmetic and expert.
+HOLDOUT_STREAMS = 3
 
 
 def saved_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
@@ -119,7 +121,8 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
     deltas = sum(P * max(wb[0], w) for w in wb[1:])
     lam = lambda_count(shape, T, p.granularity)
     widest = max((b for bs in work.batches for b in bs), key=lambda b: b[0] * b[1])
-    stream = sum(work.slots(i) for i in range(T)) * shape.hidden * cache_b
+    cache = (STREAMS * sum(work.slots(i) for i in range(T))
+             + HOLDOUT_STREAMS * work.holdout_slots()) * shape.hidden * cache_b
     embed = shape.hidden * shape.vocab[0]
     forward = forward_bytes(shape, *widest, cb)
     # Writing: the trained block is summed in fp32 tensor by tensor (8 bytes per element
@@ -136,29 +139,29 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
             # before training, whose sums of products (scalar coefficients keep the task
             # vectors' dtype) take up to three tensors at once.
             WEIGHTS: base + deltas + max(P * wb[-1], P * cb) + mapped,
-            CACHE: STREAMS["load"] * stream,
+            CACHE: cache,
             TRANSIENT: max(forward, (3 if T > 1 else 1) * big * max(wb)),
         },
         "train": {
             WEIGHTS: base + deltas + 2 * P * cb,
             LAMBDA: 16 * lam,
-            CACHE: STREAMS["train"] * stream,
+            CACHE: cache,
             TRANSIENT: training_step_bytes(shape, widest, p.granularity, cb, lam),
         },
         "write": {
             WEIGHTS: base + deltas + 4 * P,
             LAMBDA: 4 * lam,
-            CACHE: STREAMS["write"] * stream,
+            CACHE: cache,
             TRANSIENT: written,
             OUTPUT: unit,
         },
         "embed": {
             WEIGHTS: embed * (2 * wb[0] + sum(w + max(wb[0], w) for w in wb[1:])),
-            CACHE: STREAMS["embed"] * stream,
+            CACHE: cache,
             # merge() sums the products lambda_i tau_i: two more matrices at once.
             TRANSIENT: embed * max(wb) * min(2, T),
         },
-        "head": head_bytes(shape, widest, p, wb, cb) | {CACHE: STREAMS["head"] * stream},
+        "head": head_bytes(shape, widest, p, wb, cb) | {CACHE: cache},
     }
 
 

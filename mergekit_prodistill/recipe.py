@@ -43,6 +43,15 @@ class ProDistillParameters(BaseModel):
         "(200 epochs at 16 shots of batch_size 16); 0: task arithmetic, nothing trained",
     )
     shots: int = Field(64, ge=1, description="calibration prompts used per expert")
+    holdout: float = Field(
+        0.125,
+        ge=0,
+        lt=1,
+        description="prompts held out per expert, as a share of shots, drawn from its "
+        "source beyond the training prompts and never trained on: the merge reports how "
+        "many of each expert's next-token choices on them ProDistill and task arithmetic "
+        "keep (0: no report)",
+    )
     batch_size: int = Field(16, ge=1, description="prompts per expert in one step")
     max_length: int = Field(512, ge=1, description="tokens kept per prompt")
     granularity: Literal["element", "tensor", "task"] = Field(
@@ -84,6 +93,10 @@ class ProDistillParameters(BaseModel):
     activation_dir: Optional[str] = Field(
         None, description="folder for disk-backed activation streams"
     )
+
+    def holdout_count(self) -> int:
+        """Prompts held out per expert (when its source has that many beyond ``shots``)."""
+        return math.ceil(self.holdout * self.shots)
 
     def epochs_for(self, steps_per_epoch: int) -> int:
         """The epochs a block is trained for, given its optimiser steps per epoch.

@@ -81,6 +81,18 @@ class HeadReport(Training):
         return asdict(self)
 
 
+@dataclass
+class Fidelity:
+    """One expert's held-out prompts: the share of its next-token choices each merge keeps
+    (``agreement``) and the mean KL from the expert's distribution (``kl``)."""
+
+    model: str
+    prompts: int
+    tokens: int
+    prodistill: Dict[str, float]
+    task_arithmetic: Dict[str, float]
+
+
 @dataclass(kw_only=True)
 class Report:
     """Everything prodistill_report.json holds, in the order it holds it."""
@@ -97,6 +109,7 @@ class Report:
     vocabulary: Optional[str]  # how the output vocabulary was built; None: the base's
     blocks: List[BlockReport]  # empty without training
     head: Optional[HeadReport] = None
+    fidelity: Optional[List[Fidelity]] = None  # with held-out prompts and training
     seconds: float
     peak_rss_bytes: int
     peak_device_bytes: Optional[int] = None
@@ -107,7 +120,8 @@ class Report:
     @classmethod
     def of_run(cls, recipe, recipe_text: str, calib, vocabulary: Optional[str],
                blocks: List[dict], head: Optional[dict], *, seed: int, device,
-               started: float, **facts) -> "Report":
+               started: float, fidelity: Optional[List[dict]] = None,
+               **facts) -> "Report":
         """The report of a run ending now: its inputs, results, time and peak memory.
 
         ``facts`` are ``activation_dtype``, ``epochs`` and ``continuation_seconds``.
@@ -126,6 +140,7 @@ class Report:
             vocabulary=vocabulary,
             blocks=[_from_dict(BlockReport, b) for b in blocks],
             head=_from_dict(HeadReport, head) if head else None,
+            fidelity=[_from_dict(Fidelity, f) for f in fidelity] if fidelity else None,
             seconds=time.time() - started,
             **peak_memory(device),
             versions=versions(),
@@ -138,6 +153,7 @@ class Report:
             calibration=[asdict(c) for c in self.calibration],
             blocks=[b.to_dict() for b in self.blocks],
             head=self.head.to_dict() if self.head else None,
+            fidelity=[asdict(f) for f in self.fidelity] if self.fidelity else None,
         )
         return _without_absent(Report, data)
 
@@ -151,6 +167,8 @@ class Report:
         except TypeError as exc:  # not a list
             raise ValueError(f"Report: {exc}") from None
         report.head = _from_dict(HeadReport, report.head) if report.head else None
+        if report.fidelity:
+            report.fidelity = [_from_dict(Fidelity, f) for f in report.fidelity]
         return report
 
     def write(self, folder: str) -> None:

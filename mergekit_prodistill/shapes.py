@@ -50,11 +50,17 @@ class Workload:
     batches: Tuple[Tuple[Tuple[int, int], ...], ...]
     tokens: Tuple[int, ...]  # real tokens per expert
     source: str
-    prompt_lengths: Tuple[Tuple[int, ...], ...]  # per expert, before any continuation
+    prompt_lengths: Tuple[Tuple[int, ...], ...]  # per expert, held-out ones included,
+    # before any continuation
+    holdout_batches: Tuple[Tuple[Tuple[int, int], ...], ...] = ()  # held out, when training
 
     def slots(self, expert: int) -> int:
         """Token positions of one expert's stream, padding included."""
         return sum(rows * width for rows, width in self.batches[expert])
+
+    def holdout_slots(self) -> int:
+        """Token positions of one held-out stream, every expert's, padding included."""
+        return sum(rows * width for batches in self.holdout_batches for rows, width in batches)
 
 
 # Families whose norm modules compute (1 + weight) x normalised input in fp32 and cast

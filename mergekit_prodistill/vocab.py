@@ -83,10 +83,10 @@ class Vocabulary:
                 table[own_id] = out_id
         return table
 
-    def calibration_ids(self, calib) -> List[List[torch.Tensor]]:
+    def calibration_ids(self, batches_per_expert, sources) -> List[List[torch.Tensor]]:
         """Merged-vocabulary ids of every expert's calibration batches (padding -> 0)."""
         out = []
-        for expert, path, batches in zip(self.experts, calib.sources, calib.batches):
+        for expert, path, batches in zip(self.experts, sources, batches_per_expert):
             table = self.id_table(expert)
             mapped = []
             for batch in batches:

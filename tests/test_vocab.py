@@ -121,7 +121,7 @@ def test_calibration_ids_follow_the_merged_vocabulary(families, tmp_path):
     rows = {recipe.base: 768, **{e.model: 769 for e in recipe.experts}}
     vocabulary = build_vocabulary(recipe, config, False, rows)
     calib = calibration.load_for_experts(recipe, False, seed=0)
-    merged_ids = vocabulary.calibration_ids(calib)
+    merged_ids = vocabulary.calibration_ids(calib.batches, calib.sources)
 
     out_tok = vocabulary.tokenizer
     assert out_tok.convert_tokens_to_ids(["<a>", "<b>"]) == [768, 769]

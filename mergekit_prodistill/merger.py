@@ -1,0 +1,198 @@
+"""The merge's units in order: the embeddings, every decoder block, the final norm and head.
+
+Each is read tensor by tensor from the models, merged (by task arithmetic, or trained by
+:mod:`distill` and :mod:`head`) and handed to the unit writer as soon as it is finished, so
+that a resumed run continues from the last finished unit. Without training every tensor
+is task arithmetic, streamed to the output.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import tqdm
+from mergekit.common import dtype_from_name
+
+from mergekit_prodistill import distill, fidelity, head
+from mergekit_prodistill.activations import ActivationStore
+from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
+from mergekit_prodistill.coefficients import merged_weights
+from mergekit_prodistill.progress import Progress, UnitWriter
+from mergekit_prodistill.vocab import Vocabulary
+from mergekit_prodistill.weights import ModelTensors, check_shape, task_arithmetic
+
+LOG = logging.getLogger("mergekit_prodistill")
+
+
+@dataclass
+class Merger:
+    """The models being merged, read tensor by tensor, and where merged tensors go."""
+
+    recipe: object
+    module: object  # mergekit's configured architecture module of the base
+    base: ModelTensors
+    experts: List[ModelTensors]
+    vocabulary: Vocabulary
+    units: UnitWriter
+    out_dtype: Optional[torch.dtype]
+    ctx: object  # run.Context: device, seed, trust_remote_code, quiet
+
+    def held(self, weight) -> bool:
+        return self.base.has(weight) or any(e.has(weight) for e in self.experts)
+
+    def present(self, weight) -> bool:
+        """Optional tensors no model holds (e.g. Granite's biases) are skipped, as mergekit
+        skips them."""
+        return not weight.optional or self.held(weight)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        self.units.save_tensor(name, tensor.to(self.out_dtype) if self.out_dtype else tensor)
+
+    def merge_tensor(self, weight):
+        """One tensor by task arithmetic, written; returns it and the experts' tensors."""
+        init = torch.tensor(self.recipe.params.init, dtype=torch.float32)
+        merged, expert_ts = task_arithmetic(weight, self.base, self.experts,
+                                            self.vocabulary.align, init)
+        self.write(weight.name, merged)
+        return merged, expert_ts
+
+    def task_arithmetic(self) -> list:
+        """Every tensor with lambda = init, streamed to the output (``epochs: 0``)."""
+        for weights in (self.module.pre_weights(),
+                        *(self.module.layer_weights(i) for i in range(self.module.num_layers())),
+                        self.module.post_weights()):
+            for weight in filter(self.present, weights):
+                self.merge_tensor(weight)
+        return []
+
+    def trained(self, calib, decided, resumed, progress: Progress):
+        """Embeddings by task arithmetic, every block distilled, the head trained or merged
+        by task arithmetic; returns the blocks' reports, the head's (or None) and the
+        fidelity on held-out prompts (or None)."""
+        p, device = self.recipe.params, self.ctx.device
+        runner = BlockRunner(self.module.config, device, self.ctx.trust_remote_code)
+        streams = self._streams(calib, decided)
+        blocks_done = resumed["blocks_done"] if resumed else 0
+        reports = resumed["report_blocks"] if resumed else []
+        generator = torch.Generator().manual_seed(self.ctx.seed)
+        if resumed:
+            progress.load_streams(streams.saved(), generator)
+        else:
+            self._embeddings(runner, calib, streams)
+        dtype = streams.merged[0][0].dtype
+        streams.contexts = [[runner.context(b, dtype) for b in batches]
+                            for batches in calib.batches]
+        if streams.heldout:
+            streams.heldout.contexts = [[runner.context(b, dtype) for b in batches]
+                                        for batches in calib.holdout_batches]
+        epochs = p.epochs_for(max(len(b) for b in calib.batches))
+
+        bar = tqdm.tqdm(total=self.module.num_layers(), initial=blocks_done,
+                        desc="ProDistill blocks", disable=self.ctx.quiet)
+        for index in range(blocks_done, self.module.num_layers()):
+            infos = [w for w in self.module.layer_weights(index) if self.present(w)]
+            names = layer_weight_names(runner.layer(index), [w.name for w in infos])
+            base_w = {names[n]: t for n, t in self.base.load_all(infos).items()}
+            final, report = distill.distill_block(
+                runner, index, base_w, self._expert_blocks(infos, names, base_w), streams,
+                p, epochs, generator, on_epoch=lambda epoch, loss: bar.set_postfix(
+                    block=index, epoch=epoch + 1, loss=f"{loss:.3g}"))
+            for full_name, own_name in names.items():
+                self.write(full_name, final[own_name])
+            self.units.end_unit(f"block-{index}")
+            reports.append(report)
+            progress.save_state(index + 1, streams.saved(), generator, reports)
+            bar.set_postfix(block=index, loss=f"{report['loss_before']:.3g}->"
+                            f"{report['loss_after']:.3g}")
+            bar.update()
+            del base_w, final
+        head_report, kept = self._final(streams, generator)
+        if kept:
+            bar.set_postfix_str(f"next-token choices kept: {fidelity.summary(kept)}")
+        bar.close()
+        return reports, head_report, kept
+
+    def _streams(self, calib, decided) -> distill.Streams:
+        """The activation streams, where and in the dtype the plan decided."""
+        def store(holdout: bool):
+            return ActivationStore(calib.shapes(holdout), self.module.config.hidden_size,
+                                   dtype_from_name(decided.dtypes["cache"]), decided.placement,
+                                   self.ctx.device, decided.activation_dir)
+
+        training = store(False)
+        streams = distill.Streams(training.allocate("merged"), training.allocate("expert"), [])
+        if any(calib.holdout_batches):
+            held = store(True)
+            streams.heldout = fidelity.Heldout(
+                held.allocate("heldout-merged"), held.allocate("heldout-task-arithmetic"),
+                held.allocate("heldout-expert"), [])
+        return streams
+
+    def _expert_blocks(self, infos, names, base_w):
+        """Each expert's block in turn, under the block module's parameter names."""
+        for expert in self.experts:
+            block = {names[n]: t for n, t in expert.load_all(infos).items()}
+            for name in block:
+                check_shape(name, base_w[name], block[name], expert.model)
+            yield block
+            del block  # before the next expert's block is read
+
+    def _embeddings(self, runner: BlockRunner, calib, streams) -> None:
+        """Merge the embeddings; the merged rows start the merged streams and each expert's
+        own rows its streams (the same prompts, as ids of the merged vocabulary and of the
+        expert's own), through the model's own embedding module, so that a family's
+        scaling (Gemma, Granite) is applied."""
+        h = streams.heldout
+        starts = [(calib.batches, [streams.merged], streams.expert)]
+        if h:
+            starts.append((calib.holdout_batches, [h.merged, h.task_arithmetic], h.expert))
+        for weight in filter(self.present, self.module.pre_weights()):
+            merged, expert_ts = self.merge_tensor(weight)
+            if weight.vocabulary_axis == 0:
+                for batches_per_expert, merged_streams, expert_stream in starts:
+                    ids = self.vocabulary.calibration_ids(batches_per_expert, calib.sources)
+                    for i, batches in enumerate(batches_per_expert):
+                        for b, batch in enumerate(batches):
+                            rows = runner.embed(merged, ids[i][b])
+                            for stream in merged_streams:
+                                stream[i][b].copy_(rows)
+                            expert_stream[i][b].copy_(runner.embed(expert_ts[i],
+                                                                   batch.input_ids))
+            del merged, expert_ts
+        self.units.end_unit("pre")
+
+    def _final(self, streams, generator):
+        """The final norm and LM head, trained with ``head_epochs``, else task arithmetic;
+        then the fidelity on the held-out prompts. Returns the head's report and the
+        fidelity (each None when not measured)."""
+        p, post = self.recipe.params, self.module.post_weights()
+        trained, report, kept = {}, None, None
+        if p.head_epochs or streams.heldout:
+            norm, lm_head, untied = head.find_norm_and_head(
+                self.module.pre_weights(), post, self.held)
+            base_w, deltas = head.load_norm_and_head(norm, lm_head, self.base, self.experts,
+                                                     self.vocabulary.align)
+            at_init = torch.tensor(p.init, dtype=torch.float32)
+            final = {n: t.to(base_w[n].dtype) for n, t in merged_weights(
+                base_w, deltas, [{n: at_init for n in base_w}] * len(deltas),
+                torch.float32).items()}
+            if p.head_epochs:
+                final, report = head.train_head(base_w, deltas, untied, streams,
+                                                self.module.config, p, generator,
+                                                self.ctx.device)
+                trained = {norm.name: final["weight"], **({lm_head.name: final["head"]}
+                                                          if untied else {})}
+            if streams.heldout:
+                kept = fidelity.measure(streams.heldout, head.HeadForward(self.module.config),
+                                        base_w, deltas, final, p.init,
+                                        [str(e.model) for e in self.experts], self.ctx.device)
+                fidelity.warn_if_behind(kept)
+            del base_w, deltas
+        for weight in filter(self.present, post):
+            if weight.name in trained:
+                self.write(weight.name, trained[weight.name])
+            else:
+                self.merge_tensor(weight)
+        self.units.end_unit("post")
+        return report, kept

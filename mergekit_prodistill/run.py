@@ -35,6 +35,7 @@ from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.errors import Interrupted
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
+from mergekit_prodistill.quiet import honours_quiet
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.report import Report
 from mergekit_prodistill.vocab import Vocabulary, build_vocabulary
@@ -59,6 +60,7 @@ class Context:
                    options.quiet)
 
 
+@honours_quiet
 def run_prodistill(merge_config, out_path: str, options, config_source: str = None):
     """Merge the recipe's experts into its base with ProDistill and write ``out_path``."""
     started = time.time()

@@ -56,8 +56,11 @@ def test_mask_functions_get_the_cache_by_the_name_they_declare():
 def test_block_context_warns_nothing(recwarn):
     config = transformers.Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32,
                                       num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, head_dim=8)
+                                      num_key_value_heads=1, head_dim=8,
+                                      use_sliding_window=True, max_window_layers=1,
+                                      sliding_window=4)
     runner = blocks.BlockRunner(config, torch.device("cpu"))
+    assert set(runner.attention_types) == set(blocks.MASK_FUNCTIONS)  # both mask functions
     ones = torch.ones(2, 5, dtype=torch.long)
     runner.context(Batch(ones, ones), torch.float32)
     assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]

@@ -31,6 +31,15 @@ MASK_FUNCTIONS = {
 }
 
 
+def cache_argument(mask_function) -> str:
+    """The name ``mask_function`` takes the key-value cache by: ``past_key_values`` in
+    early transformers 5 releases, ``cache`` since (the old name then warns on every call)."""
+    return "cache" if "cache" in inspect.signature(mask_function).parameters else "past_key_values"
+
+
+CACHE_ARGUMENTS = {kind: cache_argument(function) for kind, function in MASK_FUNCTIONS.items()}
+
+
 @dataclass(frozen=True)
 class Family:
     """What a family's forward does outside its blocks, beyond embedding lookup and the
@@ -183,8 +192,8 @@ class BlockRunner:
                 config=self.config,
                 inputs_embeds=hidden,
                 attention_mask=mask,
-                past_key_values=None,
                 position_ids=position_ids,
+                **{CACHE_ARGUMENTS[kind]: None},
             )
             for kind in kinds
         }

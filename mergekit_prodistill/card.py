@@ -2,7 +2,7 @@
 
 The ProDistill section shows where each expert's prompts came from and in which format,
 the hyper-parameters, the distillation loss of every block before and after training (a
-table, and a plot when matplotlib is installed), and the time and peak memory of the run.
+table, and a plot when matplotlib imports), and the time and peak memory of the run.
 
 ``base_model`` lists the merged models by Hub id where the id is known: a model named
 by Hub id in the recipe, or a local folder inside the Hugging Face cache
@@ -44,8 +44,8 @@ def loss_plot(blocks: List[BlockReport], path: str) -> bool:
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        LOG.info("matplotlib is not installed, so the model card has no loss plot "
-                 "(pip install 'mergekit-prodistill[plot]')")
+        LOG.warning("matplotlib cannot be imported, so the model card has no loss plot; "
+                    "it is a dependency of mergekit-prodistill: pip install matplotlib")
         return False
     x = [b.block for b in blocks]
     before = [b.loss_before for b in blocks]

@@ -30,7 +30,9 @@ def checkpoint_dtype(model) -> Optional[str]:
 
 
 def config_dtype(config) -> str:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    # transformers 5 reads a config.json's older torch_dtype key into dtype; the
+    # torch_dtype attribute itself only warns that it is deprecated.
+    value = getattr(config, "dtype", None)
     return str(value).replace("torch.", "") if value else "float32"
 
 

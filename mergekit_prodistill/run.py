@@ -33,6 +33,7 @@ from mergekit_prodistill import (calibration, continuation, devices, distill, dt
 from mergekit_prodistill.errors import Interrupted
 from mergekit_prodistill.merger import Merger
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
+from mergekit_prodistill.quiet import honours_quiet
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.report import Report
 from mergekit_prodistill.vocab import build_vocabulary
@@ -57,6 +58,7 @@ class Context:
                    options.quiet)
 
 
+@honours_quiet
 def run_prodistill(merge_config, out_path: str, options, config_source: str = None):
     """Merge the recipe's experts into its base with ProDistill and write ``out_path``."""
     started = time.time()

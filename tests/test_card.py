@@ -4,6 +4,7 @@ import json
 import logging
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -114,4 +115,13 @@ def test_without_matplotlib_the_card_has_no_plot(merged, tmp_path, monkeypatch, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]
     text = (tmp_path / "README.md").read_text()
     assert "![" not in text and "| block | loss before | loss after | change |" in text
-    assert "matplotlib is not installed" in caplog.text
+    assert "matplotlib cannot be imported" in caplog.text
+    assert "pip install matplotlib" in caplog.text
+
+
+def test_the_loss_plot_comes_with_a_plain_install():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    project = tomllib.loads(pyproject.read_text())["project"]
+    assert any(d.startswith("matplotlib") for d in project["dependencies"])
+    assert "plot" in project["optional-dependencies"]  # `pip install '...[plot]'` still works

@@ -2,6 +2,7 @@
 with; the README shows that very recipe, and the documentation's relative links resolve."""
 
 import re
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -13,6 +14,7 @@ from mergekit_prodistill.templates import PRESETS, resolve_template
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGSHIP = REPO / "examples" / "wizard-13b" / "recipe.yml"
+EVALUATE = REPO / "examples" / "wizard-13b" / "evaluate.sh"
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
@@ -50,3 +52,19 @@ def test_relative_links_in_the_documentation_resolve():
         for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", prose):
             if not target.startswith(("http://", "https://")):
                 assert (page.parent / target).exists(), f"{page.name}: broken link {target}"
+
+
+def test_evaluation_script_is_valid_bash_and_scores_the_flagship_experts():
+    subprocess.run(["bash", "-n", str(EVALUATE)], check=True)
+    script = EVALUATE.read_text()
+    experts = [m["model"] for m in yaml.safe_load(FLAGSHIP.read_text())["models"]]
+    assert all(expert in script for expert in experts)
+    assert "gsm8k,minerva_math,humaneval,mbpp" in script
+    # The code tasks run only with both of these: lm_eval's gate and evaluate's code_eval.
+    assert "--confirm_run_unsafe_code" in script and "export HF_ALLOW_CODE_EVAL=1" in script
+
+
+def test_documentation_names_todays_hf_commands():
+    texts = [*DOCS, *(REPO / "examples").rglob("*.*"), *(REPO / "mergekit_prodistill").rglob("*.py")]
+    for path in texts:
+        assert "huggingface-cli" not in path.read_text(), f"{path}: use the `hf` command"

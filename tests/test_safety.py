@@ -74,7 +74,7 @@ def test_merge_writes_only_its_output_folder(families, tmp_path, monkeypatch):
     written = tree(work)
     assert {k: v for k, v in written.items() if not k.startswith("merged" + os.sep)} == work_before
     assert "merged/model.safetensors" in written and "merged/tokenizer.json" in written
-    # matplotlib (the optional plot extra) keeps its own font cache, as it does for any user.
+    # matplotlib (the card's loss plot) keeps its own font cache, as it does for any user.
     home_written = {k for k in tree(home) if not k.startswith(".cache/matplotlib/")}
     assert home_written == set() and tree(tmp) == {}
     assert not list(tmp_path.rglob("PWNED"))

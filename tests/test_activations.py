@@ -93,9 +93,11 @@ def test_the_merge_puts_the_streams_where_its_plan_does(families, tmp_path, monk
 
     monkeypatch.setattr(ActivationStore, "__init__", spy)
     out = merge(recipe, tmp_path / "out")
-    (fit,), (store,) = plans, stores
+    (fit,) = plans
+    assert len(stores) == 2  # the training streams and the held-out prompts' streams
     expected = requested if requested != "auto" else "disk" if tight else "device"
-    assert store.placement == fit.placement == expected
-    assert store.dtype == dtype_from_name(fit.dtypes["cache"]) == torch.float32
-    assert store.directory == fit.activation_dir == str(out / ".prodistill-staging" / ".scratch")
+    for store in stores:
+        assert store.placement == fit.placement == expected
+        assert store.dtype == dtype_from_name(fit.dtypes["cache"]) == torch.float32
+        assert store.directory == fit.activation_dir == str(out / ".prodistill-staging" / ".scratch")
     assert (out / "model.safetensors").exists()

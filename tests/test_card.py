@@ -85,11 +85,17 @@ def test_card_shows_sources_loss_plot_and_run(merged):
 
     assert "![Distillation loss per block, before and after training](prodistill_loss.png)" in text
     assert (out / "prodistill_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "%" in line]
+    rows = [line for line in text.splitlines() if line[:3] in {f"| {b}" for b in range(10)}]
     assert len(rows) == len(report["blocks"]) == 3
     for row, block in zip(rows, report["blocks"]):
         assert row.startswith(f"| {block['block']} | {block['loss_before']:.4g} | "
                               f"{block['loss_after']:.4g} | -")
+
+    # What the merge kept of each expert, on its held-out prompts.
+    for kept in report["fidelity"]:
+        assert (f"| {100 * kept['prodistill']['agreement']:.1f}% "
+                f"| {100 * kept['task_arithmetic']['agreement']:.1f}% |") in text
+    assert "Kept of each expert's next-token choices on held-out prompts: **ProDistill" in text
 
     assert "| time |" in text and "| peak memory (process RSS) |" in text
     assert "| epochs | 2 |" in text and "| seed | 0 |" in text

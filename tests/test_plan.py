@@ -69,7 +69,11 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     assert train[memory.LAMBDA] == 16 * experts * BLOCK_13B  # lambda, grad, Adam m and v
     assert train[memory.WEIGHTS] == (1 + experts) * BLOCK_13B * bf16 + 2 * BLOCK_13B * bf16
     assert p.cache_at == "cuda"
-    assert train[memory.CACHE] == 2 * experts * slots * HIDDEN * bf16  # z1 and z2
+    held = 8 * width  # holdout 1/8 of 64 shots, from the prompts beyond them
+    assert p.work.holdout_batches == (((8, width),),) * experts
+    # The merged and expert streams; the held-out prompts' merged, task-arithmetic and
+    # expert streams.
+    assert train[memory.CACHE] == (2 * slots + 3 * held) * experts * HIDDEN * bf16
     # Finished units go to their own files; one shard (mergekit's default) is held only
     # while the shards are assembled, at the end.
     assert p.phases["cpu"]["train"][memory.OUTPUT] == 0
@@ -93,7 +97,8 @@ def test_plan_command_prints_the_table(wizard_13b):
         assert row in out
     # Free memory unknown: every expert whole on the GPU, all 64 prompts in one batch,
     # which is the GPU's peak.
-    assert "each expert whole on the device; 64 prompts per batch, 1 batch" in out
+    # 64 prompts and 8 held out (holdout 1/8), continued together
+    assert "each expert whole on the device; 72 prompts per batch, 1 batch" in out
     expert = next(line for line in out.splitlines() if memory.EXPERT in line)
     assert expert.split()[-3:] == ["26.03", "GB", "-"]  # on cuda; nothing of it on the CPU
     assert "2.00 GB" in next(line for line in out.splitlines() if memory.OUTPUT in line)
@@ -121,7 +126,7 @@ def test_plan_counts_the_continuation_pass(wizard_13b):
     assert generating[memory.EXPERT] == expert_bytes
     # Keys and values of 40 layers x 5120 for 512 + 64 positions, per prompt, and more.
     assert generating[memory.GENERATION] > 64 * 2 * 40 * 5120 * 2 * 576
-    assert [(g.rows, g.batches, g.offloaded) for g in roomy.generation] == [(64, 1, False)] * 3
+    assert [(g.rows, g.batches, g.offloaded) for g in roomy.generation] == [(72, 1, False)] * 3
     # Forward FLOPs of 3 x 64 x 575 tokens through the non-embedding weights, give or take
     # attention and the head.
     tokens = 3 * 64 * (512 + 63)

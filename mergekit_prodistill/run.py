@@ -103,7 +103,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
     resumed = progress.restore_or_reset() if progress else None
     units = UnitWriter(writer, progress)
     merger = Merger(recipe, module, base, experts, vocabulary, units,
-                  dtype_from_name(out_dtype) if out_dtype else None, ctx)
+                    dtype_from_name(out_dtype) if out_dtype else None, ctx)
     try:
         # 6. Each expert's continuation of its prompts, generated once and saved.
         if progress is not None and p.continue_tokens:

@@ -124,6 +124,12 @@ SUITES = {
         tasks=(REV, SORT, ROT, ADD),
         characters=ALPHABET + DIGITS + ":=+",
     ),
+    "quick": Suite(
+        "quick",
+        pretrain=(SORT,) * 3 + (ROT,) + (SHORT_ADD,) * 10,
+        tasks=(ROT, SORT, ADD),
+        characters=ALPHABET + DIGITS + ":=+",
+    ),
 }
 
 

@@ -4,9 +4,9 @@ Building, caching, the tasks and the test sets are the package's
 (``mergekit_prodistill.tiny.skills``); the quick start builds a smaller family the same way.
 """
 
-from mergekit_prodistill.tiny.skills.build import BuildSettings, Checkpoints, build, test_sets
+from mergekit_prodistill.tiny.skills.family import BuildSettings, Checkpoints, build, held_out_sets
 
-__all__ = ["SETTINGS", "BuildSettings", "Checkpoints", "build", "test_sets"]
+__all__ = ["SETTINGS", "BuildSettings", "Checkpoints", "build", "held_out_sets"]
 
 # Each suite's checkpoints. In ``competent`` the base is stopped early so that it is fair,
 # not perfect, at every task, and the experts move little from it (a small learning rate),

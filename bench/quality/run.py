@@ -114,7 +114,7 @@ def main(argv=None) -> dict:
     settings = models.SETTINGS[args.suite]
     ckpt = models.build(args.cache, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.base)
-    tests = models.test_sets(settings)
+    tests = models.held_out_sets(settings)
 
     print("scoring the base model and the experts")
     own = {name: scoring.score_model(path, tokenizer, tests)

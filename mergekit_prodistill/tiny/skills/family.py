@@ -3,9 +3,9 @@
 The base is a small Llama pretrained on its suite's pretraining skills: in suite ``novel``
 neighbouring string skills, so it knows the prompt format and much of the machinery but
 none of the tasks; in suites ``competent`` and ``quick`` the tasks themselves, briefly, so
-it is fair at each. Each expert is the base fully fine-tuned on one task. Everything is saved as sharded
-safetensors with the tokenizer, as real checkpoints are, together with one unlabeled
-calibration prompt file per task. A fingerprint of the settings names the cache folder, so
+it is fair at each. Each expert is the base fully fine-tuned on one task. Everything is
+saved as sharded safetensors with the tokenizer, as real checkpoints are, together with
+one unlabeled calibration prompt file per task. A fingerprint of the settings names the cache folder, so
 changing a setting rebuilds and an unchanged one reuses.
 """
 
@@ -48,8 +48,9 @@ class BuildSettings:
 
 
 # The quick start's family: suite ``competent``'s recipe (a base stopped early, so fair at
-# every task; experts a small, low learning-rate step from it) on three of its tasks, with
-# fewer and shorter training runs, so that it builds in about a minute on two CPU cores.
+# every task; experts a small, low learning-rate step from it) on three of its four tasks,
+# with shorter fine-tuning and fewer test prompts, so that it builds in about a minute and
+# a half on two CPU cores.
 QUICK = BuildSettings(suite="quick", pretrain_steps=1200, pretrain_stop=900,
                       finetune_steps=300, finetune_lr=1e-4, test_examples=200)
 
@@ -160,7 +161,7 @@ def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpo
     return ckpt(seconds, False)
 
 
-def test_sets(s: BuildSettings) -> Dict[str, list]:
+def held_out_sets(s: BuildSettings) -> Dict[str, list]:
     """(prompt, answer) pairs per task, never seen in training or calibration."""
     suite = tasks.SUITES[s.suite]
     splits = tasks.make_splits(suite, s.train_examples, s.calibration_prompts, s.test_examples,

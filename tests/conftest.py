@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 
 from mergekit_prodistill import integration  # noqa: E402
 from mergekit_prodistill.tiny import build_tiny_family  # noqa: E402
+from mergekit_prodistill.tiny.skills import build_skill_family  # noqa: E402
 from mergekit_prodistill.weights import ModelTensors  # noqa: E402
 
 integration.install()  # what the start-up hook does once mergekit is imported
@@ -28,6 +29,14 @@ def families(tmp_path_factory):
         return build_tiny_family(root / name, arch=arch, n_experts=n_experts, **kwargs)
 
     return get
+
+
+@pytest.fixture(scope="session")
+def skill_family(tmp_path_factory):
+    """The quick start's base and experts with real skills (about a minute to build), built
+    once per session, or once for good under $MERGEKIT_PRODISTILL_SKILLS_CACHE if set."""
+    cache = os.environ.get("MERGEKIT_PRODISTILL_SKILLS_CACHE")
+    return build_skill_family(cache or tmp_path_factory.mktemp("skills"))
 
 
 @pytest.fixture

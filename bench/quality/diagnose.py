@@ -13,7 +13,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from training import collate, encode_examples
+from mergekit_prodistill.tiny.skills.training import collate, encode_examples
 
 
 @torch.no_grad()

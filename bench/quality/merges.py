@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import yaml
 
 from models import Checkpoints
 
@@ -36,23 +35,7 @@ class Merge:
     seconds: float = 0.0  # wall time of its mergekit-yaml run
 
     def recipe(self, ckpt: Checkpoints) -> str:
-        models = []
-        for task, path in ckpt.experts.items():
-            if self.method == "prodistill":
-                params = {"calibration": str(ckpt.calibration[task])}
-            else:
-                params = {"weight": self.weight}
-                if self.density is not None:
-                    params["density"] = self.density
-            models.append({"model": str(path), "parameters": params})
-        doc = {"merge_method": self.method}
-        if self.method != "linear":  # mergekit's linear merge has no base model
-            doc["base_model"] = str(ckpt.base)
-        doc["models"] = models
-        if self.parameters:
-            doc["parameters"] = dict(self.parameters)
-        doc["dtype"] = "float32"
-        return yaml.safe_dump(doc, sort_keys=False)
+        return ckpt.recipe(self.method, self.parameters, self.weight, self.density)
 
 
 def run_merge(merge: Merge, ckpt: Checkpoints, work: Path, threads: int, log=print) -> Path:

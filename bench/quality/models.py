@@ -1,51 +1,12 @@
-"""Build (once) and cache the benchmark's checkpoints: a base model and one expert per task.
+"""The benchmark's checkpoints per suite: the package's skill families, with these settings.
 
-The base is a small Llama pretrained on its suite's pretraining skills: in suite ``novel``
-neighbouring string skills, so it knows the prompt format and much of the machinery but
-none of the tasks; in suite ``competent`` the tasks themselves, briefly, so it is fair at
-each. Each expert is the base fully fine-tuned on one task. Everything is saved as sharded
-safetensors with the tokenizer, as real checkpoints are, together with one unlabeled
-calibration prompt file per task. A fingerprint of the settings names the cache folder, so
-changing a setting rebuilds and an unchanged one reuses.
+Building, caching, the tasks and the test sets are the package's
+(``mergekit_prodistill.tiny.skills``); the quick start builds a smaller family the same way.
 """
 
-import hashlib
-import json
-import shutil
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Dict, Optional
+from mergekit_prodistill.tiny.skills.family import BuildSettings, Checkpoints, build, held_out_sets
 
-import torch
-
-import tasks
-import training
-
-
-@dataclass(frozen=True)
-class BuildSettings:
-    suite: str = "novel"
-    hidden_size: int = 64
-    intermediate_size: int = 256
-    layers: int = 4
-    heads: int = 4
-    kv_heads: int = 2
-    pretrain_steps: int = 800  # the length of the learning-rate schedule
-    pretrain_stop: Optional[int] = None  # stop the base early, at this step of it
-    pretrain_lr: float = 3e-3
-    finetune_steps: int = 300
-    finetune_lr: float = 3e-4
-    batch_size: int = 64
-    train_examples: int = 20000
-    calibration_prompts: int = 128
-    test_examples: int = 300
-    seed: int = 0
-    shard_size: str = "200KB"
-
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
+__all__ = ["SETTINGS", "BuildSettings", "Checkpoints", "build", "held_out_sets"]
 
 # Each suite's checkpoints. In ``competent`` the base is stopped early so that it is fair,
 # not perfect, at every task, and the experts move little from it (a small learning rate),
@@ -55,91 +16,3 @@ SETTINGS = {
     "competent": BuildSettings(suite="competent", pretrain_steps=1200, pretrain_stop=900,
                                finetune_steps=400, finetune_lr=1e-4),
 }
-
-
-@dataclass
-class Checkpoints:
-    root: Path
-    base: Path
-    experts: Dict[str, Path]  # task name -> checkpoint
-    calibration: Dict[str, Path]  # task name -> prompt file
-    settings: BuildSettings
-    build_seconds: float  # when they were built
-    reused: bool  # found in the cache by this run
-
-
-def _config(s: BuildSettings, tokenizer):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=s.hidden_size,
-        intermediate_size=s.intermediate_size, num_hidden_layers=s.layers,
-        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-        max_position_embeddings=64, tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"],
-    )
-
-
-def _save(model, tokenizer, path: Path, shard_size: str) -> None:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    model.save_pretrained(path, max_shard_size=shard_size)
-    tokenizer.save_pretrained(path)
-
-
-def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpoints:
-    """The checkpoints for settings ``s``, built under ``cache`` unless already there."""
-    from transformers import AutoModelForCausalLM
-
-    root = Path(cache) / f"models-{s.fingerprint()}"
-    done = root / "build.json"
-    suite = tasks.SUITES[s.suite]
-    names = [t.name for t in suite.tasks]
-    ckpt = lambda secs, reused: Checkpoints(  # noqa: E731
-        root, root / "base", {n: root / f"expert-{n}" for n in names},
-        {n: root / "calibration" / f"{n}.jsonl" for n in names}, s, secs, reused,
-    )
-    if done.exists():
-        log(f"reusing checkpoints in {root}")
-        return ckpt(json.loads(done.read_text())["seconds"], True)
-
-    started = time.time()
-    shutil.rmtree(root, ignore_errors=True)
-    root.mkdir(parents=True)
-    tokenizer = tasks.build_tokenizer(suite)
-    splits = tasks.make_splits(suite, s.train_examples, s.calibration_prompts, s.test_examples,
-                               s.seed)
-    torch.manual_seed(s.seed)
-    model = AutoModelForCausalLM.from_config(_config(s, tokenizer), dtype=torch.float32)
-    log("pretraining the base model")
-    training.train(model, tokenizer, tasks.pretraining_examples(suite, splits),
-                   steps=s.pretrain_steps, lr=s.pretrain_lr, batch_size=s.batch_size,
-                   seed=s.seed, log=log, name="base", stop=s.pretrain_stop)
-    _save(model, tokenizer, root / "base", s.shard_size)
-    base_state = {k: v.clone() for k, v in model.state_dict().items()}
-    for i, task in enumerate(suite.tasks):
-        log(f"fine-tuning the {task.name} expert")
-        model.load_state_dict(base_state)
-        training.train(model, tokenizer, tasks.examples(task, splits[task.name].train),
-                       steps=s.finetune_steps, lr=s.finetune_lr, batch_size=s.batch_size,
-                       seed=s.seed + 1 + i, log=log, name=task.name)
-        _save(model, tokenizer, root / f"expert-{task.name}", s.shard_size)
-
-    (root / "calibration").mkdir()
-    for task in suite.tasks:
-        with open(root / "calibration" / f"{task.name}.jsonl", "w", encoding="utf-8") as f:
-            for inputs in splits[task.name].calibration:
-                f.write(json.dumps({"text": task.prompt(inputs)}) + "\n")
-    seconds = time.time() - started
-    done.write_text(json.dumps({"settings": asdict(s), "seconds": seconds}, indent=2))
-    return ckpt(seconds, False)
-
-
-def test_sets(s: BuildSettings) -> Dict[str, list]:
-    """(prompt, answer) pairs per task, never seen in training or calibration."""
-    suite = tasks.SUITES[s.suite]
-    splits = tasks.make_splits(suite, s.train_examples, s.calibration_prompts, s.test_examples,
-                               s.seed)
-    return {t.name: tasks.examples(t, splits[t.name].test) for t in suite.tasks}

@@ -36,9 +36,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
 from mergekit_prodistill.report import Report  # noqa: E402
+from mergekit_prodistill.tiny.skills import scoring  # noqa: E402
 
 import diagnose  # noqa: E402
-import evaluate  # noqa: E402
 import merges  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
@@ -75,7 +75,7 @@ def row(merge: merges.Merge, out: Path, tokenizer, tests) -> dict:
         "weight": merge.weight,
         "density": merge.density,
         "note": merge.note,
-        "scores": evaluate.score_model(out, tokenizer, tests),
+        "scores": scoring.score_model(out, tokenizer, tests),
         "merge_seconds": merge.seconds,
         "prodistill": prodistill_report(out),
     }
@@ -114,10 +114,10 @@ def main(argv=None) -> dict:
     settings = models.SETTINGS[args.suite]
     ckpt = models.build(args.cache, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.base)
-    tests = models.test_sets(settings)
+    tests = models.held_out_sets(settings)
 
     print("scoring the base model and the experts")
-    own = {name: evaluate.score_model(path, tokenizer, tests)
+    own = {name: scoring.score_model(path, tokenizer, tests)
            for name, path in [("base", ckpt.base), *ckpt.experts.items()]}
     plan = [m for m in merges.plan(args.suite) if args.only is None or m.name in args.only]
     if args.set:
@@ -147,7 +147,7 @@ def main(argv=None) -> dict:
     print("scaling single task vectors")
     results["task_vector_scaling"] = diagnose.task_vector_scaling(
         ckpt.base, ckpt.experts, tokenizer, tests,
-        lambda model, tok, pairs: evaluate.score(model, tok, pairs, 10)["exact"])
+        lambda model, tok, pairs: scoring.score(model, tok, pairs, 10)["exact"])
     results["run_seconds"] = time.time() - started
     report.write(results, results_dir)
     print(report.main_table(results))

@@ -18,7 +18,8 @@ rotary embedding per attention type (Gemma3) and Granite's residual and logit mu
 The package splits the work by job: `text` (prompts and tokenizer), `configs` (one
 config per architecture), `perturb` (the base's and experts' weights); this module
 assembles them on disk, and `__main__` is the command line:
-``python -m mergekit_prodistill.tiny OUT_DIR --arch llama --experts 3``.
+``python -m mergekit_prodistill.tiny OUT_DIR --arch llama --experts 3``. These experts
+have no skills to keep; `skills` builds a family that has (the built-in example's).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Command line: ``python -m mergekit_prodistill.tiny OUT_DIR --arch llama --experts 3``
 builds a tiny family in OUT_DIR and writes OUT_DIR/recipe.yml, a ProDistill recipe that
-merges it in seconds (the built-in example, examples/tiny/run.sh, runs exactly this).
+merges it in seconds. (The built-in example merges models with real skills instead:
+``mergekit_prodistill.tiny.skills``.)
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from tasks import EOS
+from .tasks import EOS
 
 
 def encode_examples(tokenizer, pairs: List[Tuple[str, str]]):

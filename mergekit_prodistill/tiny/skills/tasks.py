@@ -1,4 +1,4 @@
-"""The benchmark's task suites, their data splits, and the character-level tokenizer.
+"""The skill families' task suites, their data splits, and the character-level tokenizer.
 
 A suite names the skills its base model is pretrained on and the tasks its experts are
 fine-tuned on. Every task writes an answer that can be checked exactly. The string tasks
@@ -26,6 +26,9 @@ is fair at each before any expert exists. The fourth task computes its answer; e
 number is written least significant digit first (here 485 + 937 = 1422):
 
     add:584+739=  -> 2241
+
+Suite ``quick`` (the quick start's): ``competent``'s base, with experts for three of its
+tasks: rev, rot and add.
 
 Splits are disjoint by construction: every input string is drawn once from one seeded
 stream and dealt to exactly one of training, calibration and test.
@@ -122,6 +125,13 @@ SUITES = {
         # addition only after some 600 steps.
         pretrain=(REV,) * 2 + (SORT,) * 3 + (ROT,) + (SHORT_ADD,) * 10,
         tasks=(REV, SORT, ROT, ADD),
+        characters=ALPHABET + DIGITS + ":=+",
+    ),
+    "quick": Suite(
+        "quick",
+        # competent's base, to the step: drawn first, its data do not depend on the tasks.
+        pretrain=(REV,) * 2 + (SORT,) * 3 + (ROT,) + (SHORT_ADD,) * 10,
+        tasks=(REV, ROT, ADD),
         characters=ALPHABET + DIGITS + ":=+",
     ),
 }

@@ -5,7 +5,7 @@ from typing import Dict, List, Tuple
 
 import torch
 
-from tasks import EOS
+from .tasks import EOS
 
 
 @torch.no_grad()

@@ -44,3 +44,15 @@ def test_without_held_out_prompts_there_is_no_report(families, tmp_path):
     report = json.loads((out / "prodistill_report.json").read_text())
     assert "fidelity" not in report
     assert "What the merge kept" not in (out / "README.md").read_text()
+
+
+def test_on_experts_with_real_skills_prodistill_keeps_more_than_task_arithmetic(
+        skill_family, tmp_path):
+    from mergekit_prodistill.tiny.skills.quickstart import PRODISTILL_PARAMETERS
+
+    out = merge(skill_family.recipe("prodistill", PRODISTILL_PARAMETERS), tmp_path / "out")
+    kept = json.loads((out / "prodistill_report.json").read_text())["fidelity"]
+    assert len(kept) == 3 and all(k["prompts"] == 4 for k in kept)  # 1/8 of 32 shots
+    for k in kept:
+        assert k["prodistill"]["agreement"] > k["task_arithmetic"]["agreement"], k
+        assert k["prodistill"]["kl"] < k["task_arithmetic"]["kl"], k

@@ -166,16 +166,17 @@ def make_plan(recipe, options, calib=None,
     stored = [dtypes.stored_dtype(m, c) for m, c in models]
     loaded = [dtypes.read_dtype(recipe, m, c) for m, c in models]
     wb = [dtype_bytes(d) for d in loaded]
-    # The run's own dtypes: blocks read as weights_dtype, streams in activation_dtype.
-    compute = dtypes.weights_dtype(recipe, base_config)
-    cache_dtype = dtypes.activation_dtype(p.activation_dtype, compute, device)
-    out = recipe.out_dtype or compute
+    # The run's own dtypes: blocks are read in the weights' dtype; the streams are kept,
+    # and every block runs and trains, in the activation dtype.
+    weights = dtypes.weights_dtype(recipe, base_config)
+    compute = dtypes.activation_dtype(p.activation_dtype, weights, device)
+    out = recipe.out_dtype or weights
     work = workload.from_calibration(recipe, calib) if calib is not None \
         else workload.from_prompts(recipe, options, seed)
 
     per_phase = phase_bytes(shape, work, p, wb, [dtype_bytes(d) for d in stored],
-                            dtype_bytes(compute),
-                            dtype_bytes(cache_dtype), device.type, dtype_bytes(out))
+                            dtype_bytes(compute), dtype_bytes(compute), device.type,
+                            dtype_bytes(out))
     if not p.epochs:
         del per_phase["train"]  # no merged block, gradients or Adam state
     if not (p.epochs and p.head_epochs):
@@ -217,7 +218,7 @@ def make_plan(recipe, options, calib=None,
         recipe=recipe,
         shape=shape,
         work=work,
-        dtypes={"weights": compute, "compute": compute, "cache": cache_dtype, "output": out},
+        dtypes={"weights": weights, "compute": compute, "cache": compute, "output": out},
         device=dev,
         placement=placement,
         activation_dir=p.activation_dir or (layout.scratch_dir(out_path) if out_path else None),

@@ -329,3 +329,16 @@ def test_a_merge_plans_from_its_own_calibration_set(families, monkeypatch):
     # Room for continue_tokens (64) after every prompt, as without the set.
     widths = [w for bs in given.work.batches for _, w in bs]
     assert min(widths) > 64 and given.work.source == "tokenizer"
+
+
+def test_the_plan_counts_blocks_in_the_dtype_they_run_in(wizard_13b):
+    # bfloat16 weights trained in float32: the merged block and its gradient are float32.
+    recipe = yaml.safe_load(wizard_13b.read_text())
+    recipe["parameters"]["activation_dtype"] = "float32"
+    wizard_13b.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    p = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
+    assert p.dtypes == {"weights": "bfloat16", "compute": "float32", "cache": "float32",
+                        "output": "bfloat16"}
+    experts = 3
+    assert p.phases["cuda"]["train"][memory.WEIGHTS] == \
+        (1 + experts) * BLOCK_13B * 2 + 2 * BLOCK_13B * 4

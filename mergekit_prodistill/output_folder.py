@@ -8,12 +8,12 @@ merge may be replaced; any other model is refused before anything is read.
 """
 
 import os
-import shutil
 from typing import Optional
 
 import yaml
 from mergekit.config import MergeConfiguration
 
+from mergekit_prodistill.devices import free_disk
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.layout import OUTPUT_FILES, RECIPE, REPORT, WEIGHT_PREFIXES
 from mergekit_prodistill.report import Report
@@ -77,10 +77,7 @@ def _same_recipe(text: str, merge_config: MergeConfiguration) -> bool:
 
 
 def check_free_disk(out_path: str, needed: int) -> None:
-    existing = os.path.abspath(out_path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing).free
+    existing, free = free_disk(out_path)
     if free < needed + DISK_MARGIN_BYTES:
         raise ProDistillError(
             f"not enough free disk for the output: it needs about {_gb(needed + DISK_MARGIN_BYTES)}, "

@@ -391,7 +391,7 @@ def test_not_enough_disk(families, tmp_path, no_weight_reads, monkeypatch):
     assert checked.output_bytes == sum(t.numel() * 4 for t in base.values())
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(output_folder.shutil, "disk_usage",
+    monkeypatch.setattr(shutil, "disk_usage",
                         lambda path: usage._replace(free=checked.output_bytes // 2))
     refused(recipe(fam), tmp_path / "out",
             r"not enough free disk for the output: it needs about 0.07 GB, and .* has 0.00 GB free")

@@ -15,8 +15,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_prodistill.errors import ProDistillError
-
 LOG = logging.getLogger("mergekit_prodistill")
 
 Stream = List[List[torch.Tensor]]  # [expert][batch] -> [batch, length, hidden]
@@ -38,16 +36,19 @@ class ActivationStore:
         ) * dtype.itemsize
         if placement not in PLACEMENTS:
             raise ValueError(f"placement {placement!r}: expected one of {PLACEMENTS}")
+        if placement == "disk" and not directory:
+            raise ValueError("disk-backed streams need a directory (the plan names one)")
         self.placement = placement
+        self.compute_device = device  # pinned host memory only speeds copies to a GPU
         self.device = device if self.placement == "device" else torch.device("cpu")
         self.directory = directory
-        LOG.info("activation streams: 2 x %.1f MB of %s on %s", self.nbytes_per_stream / 1e6,
-                 dtype, self.placement)
+        LOG.info("activation streams of %.1f MB each, %s, on %s",
+                 self.nbytes_per_stream / 1e6, dtype, self.placement)
 
     def allocate(self, name: str) -> Stream:
         if self.placement == "disk":
             return self._allocate_on_disk(name)
-        pin = self.placement == "cpu" and torch.cuda.is_available()
+        pin = self.placement == "cpu" and self.compute_device.type == "cuda"
         return [
             [torch.empty(b, n, self.hidden, dtype=self.dtype, device=self.device, pin_memory=pin)
              for b, n in batches]
@@ -55,11 +56,6 @@ class ActivationStore:
         ]
 
     def _allocate_on_disk(self, name: str) -> Stream:
-        if not self.directory:
-            raise ProDistillError(
-                "the activation streams do not fit in memory; set the recipe parameter "
-                "'activation_dir' to a folder with enough free space"
-            )
         os.makedirs(self.directory, exist_ok=True)
         path = os.path.join(self.directory, f"{name}.bin")
         numel = self.nbytes_per_stream // self.dtype.itemsize

@@ -11,7 +11,6 @@ from mergekit.options import MergeOptions
 from helpers import merge
 from mergekit_prodistill import devices, plan
 from mergekit_prodistill.activations import ActivationStore
-from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.plan import stream_placement
 from mergekit_prodistill.recipe import parse_recipe
 
@@ -56,10 +55,10 @@ def test_an_explicit_choice_wins():
 
 
 def test_disk_streams_need_a_folder(tmp_path):
-    store = ActivationStore([[(2, 3)]], 4, torch.bfloat16, "disk", torch.device("cpu"), None)
-    with pytest.raises(ProDistillError, match="activation_dir"):
-        store.allocate("z1")
-    store.directory = str(tmp_path)
+    with pytest.raises(ValueError, match="directory"):
+        ActivationStore([[(2, 3)]], 4, torch.bfloat16, "disk", torch.device("cpu"), None)
+    store = ActivationStore([[(2, 3)]], 4, torch.bfloat16, "disk", torch.device("cpu"),
+                            str(tmp_path))
     (stream,) = store.allocate("z1")
     stream[0].fill_(1.5)
     assert stream[0].shape == (2, 3, 4) and stream[0].dtype == torch.bfloat16

@@ -210,15 +210,20 @@ def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb:
 def step_traffic(shape: ModelShape, wb: List[int], cb: int, lam: int) -> float:
     """Bytes read and written by one step's element-wise work (not the matmuls).
 
-    Per weight element: building theta_0 + sum_i lambda_i tau_i in fp32 and casting it
-    (about 12 bytes per expert + the reads), back-propagating every expert's batch into
-    the merged block's gradient, the chain rule grad * tau_i (about 12 + weight bytes per
-    expert), and Adam's passes over lambda, its gradient and moments (76 bytes).
+    Per weight element: back-propagating every expert's batch into the merged block's
+    gradient, then, with element-wise lambda, one pass (optimizer.TrainingStep) that reads
+    that gradient, the base and every task vector, reads and writes each coefficient's
+    value and Adam moments (24 bytes) and writes the next merged weight. Scalar lambda
+    (tensor- or task-wise) takes separate passes: the chain rule grad * tau_i in fp32
+    (about 12 + weight bytes per expert) and the next merged block built in fp32 and cast
+    (about 12 bytes per expert + the reads).
     """
     P, T = shape.block_numel, len(wb) - 1
-    element = 4 if lam >= P else 0  # element-wise lambda is read like a weight
-    merge = P * (wb[0] + 8 + cb) + sum(P * (max(wb[0], w) + element + 12) for w in wb[1:])
     backward = 2 * T * P * cb
+    if lam >= P:
+        fused = P * (wb[0] + 2 * cb) + sum(P * max(wb[0], w) for w in wb[1:])
+        return backward + fused + 24 * lam
+    merge = P * (wb[0] + 8 + cb) + sum(P * (max(wb[0], w) + 12) for w in wb[1:])
     chain = sum(P * (cb + 12 + max(wb[0], w)) for w in wb[1:])
     return merge + backward + chain + 76 * lam
 

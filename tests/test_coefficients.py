@@ -7,9 +7,11 @@ import pytest
 import torch
 
 from helpers import merge
-from mergekit_prodistill import coefficients, head
+from mergekit_prodistill import coefficients, head, optimizer
 from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, fit, combine,
-                                              merged_weights)
+                                              init_coefficients, merged_weights,
+                                              unique_parameters)
+from mergekit_prodistill.optimizer import TrainingStep, chain_rule, training_weights
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.recipe import ProDistillParameters
 
@@ -136,3 +138,31 @@ def test_the_head_retries_a_non_finite_loss_as_the_blocks_do(families, tmp_path,
     assert "final norm and LM head: non-finite loss in epoch 1; training again" in caplog.text
     report = json.loads((out / "prodistill_report.json").read_text())
     assert len(report["head"]["epoch_losses"]) == 2
+
+
+def test_the_fused_step_takes_the_steps_of_the_separate_passes(monkeypatch):
+    # After the first step one pass per tensor, chunk by chunk, applies the chain rule,
+    # Adam and the next merged weight: the same numbers as whole-tensor passes.
+    monkeypatch.setattr(optimizer, "CHUNK_CPU", 7)  # several chunks and a short tail
+    torch.manual_seed(0)
+    base = {"w": torch.randn(6, 5).bfloat16(), "b": torch.randn(6).bfloat16()}
+    deltas = [{n: (0.1 * torch.randn(t.shape)).bfloat16() for n, t in base.items()}
+              for _ in range(2)]
+    target = torch.randn(6, 5)
+    runs = []
+    for fused in (True, False):
+        coeffs = init_coefficients(base, 2, ProDistillParameters())
+        opt = Optimizer(unique_parameters(coeffs), lr=0.05)
+        step = TrainingStep(base, deltas, coeffs, torch.bfloat16, opt)
+        for _ in range(4):
+            w = step.weights
+            ((w["w"].float() * w["b"].float()[:, None] - target).pow(2).mean()).backward()
+            if fused:
+                step.update()
+            else:
+                chain_rule(w, deltas, coeffs, step.trained)
+                opt.step()
+                step.weights = training_weights(base, deltas, coeffs, torch.bfloat16)
+        runs.append([*step.weights.values(), *(t for c in coeffs for t in c.values())])
+    assert not torch.equal(runs[0][-1], torch.full_like(runs[0][-1], 0.5))
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

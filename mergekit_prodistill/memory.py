@@ -14,7 +14,7 @@ The terms follow the block loop in ``distill.py`` phase by phase:
 * ``head`` (with ``head_epochs``): the final norm and LM head trained like a block.
 
 :func:`place` puts every term on the device that holds it, the activation cache where the
-plan placed it, and adds the allocator's slack. ``README.md`` ("Planning and memory")
+plan placed it, and adds the allocator's slack. ``docs/planning.md``
 gives the formulas and the measured error.
 """
 

@@ -68,7 +68,7 @@ def render(plan) -> str:
         + "".join(f", continuation reads {fmt_bytes(plan.continuation_reads[k])} from {k}"
                   for k in ("host", "disk") if plan.continuation_reads.get(k)),
         "",
-        "time estimate (achievable rates, see README)",
+        "time estimate (achievable rates, see docs/planning.md)",
     ]
     for cls in DEVICE_CLASSES:
         fits = ""

@@ -55,3 +55,19 @@ def with_expert_parameters(recipe_text: str, *updates: dict) -> str:
     for entry, params in zip(doc["models"], updates):
         entry["parameters"] = params
     return yaml.safe_dump(doc, sort_keys=False)
+
+
+def nan_on_first_training_call(loss_function):
+    """``loss_function`` whose first call during training (its first input takes a
+    gradient; evaluation passes do not) returns NaN: a non-finite loss, once."""
+    calls = {"n": 0}
+
+    def first_call_nan(out, *args):
+        loss = loss_function(out, *args)
+        if out.requires_grad:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return loss * float("nan")
+        return loss
+
+    return first_call_nan

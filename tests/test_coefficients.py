@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from helpers import merge
+from helpers import merge, nan_on_first_training_call
 from mergekit_prodistill import coefficients, head, optimizer
 from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, fit, combine,
                                               init_coefficients, merged_weights,
@@ -120,18 +120,7 @@ def test_frozen_coefficients_stay_at_init():
 
 def test_the_head_retries_a_non_finite_loss_as_the_blocks_do(families, tmp_path, monkeypatch,
                                                             caplog):
-    calls = {"n": 0}
-    real = coefficients.masked_kl
-
-    def first_training_call_nan(student, teacher, mask):
-        loss = real(student, teacher, mask)
-        if student.requires_grad:
-            calls["n"] += 1
-            if calls["n"] == 1:
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(head, "masked_kl", first_training_call_nan)
+    monkeypatch.setattr(head, "masked_kl", nan_on_first_training_call(coefficients.masked_kl))
     fam = families("llama", 2)
     out = merge(fam.recipe("prodistill", epochs=1, head_epochs=2, lr=0.05, shots=4,
                            continue_tokens=0), tmp_path / "out")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import BIN, merge, run_cli
+from helpers import BIN, merge, nan_on_first_training_call, run_cli
 from mergekit_prodistill import continuation, distill
 from mergekit_prodistill.progress import Progress
 from mergekit_prodistill.errors import Interrupted, ProDistillError
@@ -75,18 +75,7 @@ def test_non_finite_loss_fails_cleanly_after_retries(families, tmp_path):
 
 
 def test_non_finite_loss_trains_the_block_again_with_a_lower_lr(families, tmp_path, monkeypatch, caplog):
-    calls = {"n": 0}
-    real = distill.masked_mse
-
-    def first_call_nan(out, target, mask):
-        loss = real(out, target, mask)
-        if out.requires_grad:  # a training step, not an evaluation pass
-            calls["n"] += 1
-            if calls["n"] == 1:
-                return loss * float("nan")
-        return loss
-
-    monkeypatch.setattr(distill, "masked_mse", first_call_nan)
+    monkeypatch.setattr(distill, "masked_mse", nan_on_first_training_call(distill.masked_mse))
     fam = families("llama", 2)
     out = merge(fam.recipe("prodistill", epochs=2, lr=0.05, shots=4), tmp_path / "out")
     assert "block 0: non-finite loss in epoch 1; training again from the start with lr=0.005" in caplog.text

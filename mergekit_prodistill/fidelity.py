@@ -18,8 +18,6 @@ from typing import Dict, List
 
 import torch
 
-from mergekit_prodistill.coefficients import merged_weights
-
 LOG = logging.getLogger("mergekit_prodistill")
 
 MERGES = ("prodistill", "task_arithmetic")
@@ -36,19 +34,17 @@ class Heldout:
 
 
 @torch.no_grad()
-def measure(heldout: Heldout, log_probs, base_w, deltas, merged_w, init: float,
+def measure(heldout: Heldout, log_probs, base_w, deltas, merged: Dict[str, Dict],
             experts: List[str], device) -> List[Dict]:
     """Per expert: prompts, tokens, and for ProDistill and task arithmetic the share of
     next-token choices that are the expert's and the mean KL to the expert.
 
-    ``base_w``, ``deltas`` and ``merged_w`` hold the final norm (``"weight"``) and LM head
-    (``"head"``): the base's, each expert's task vectors, and the merge's as written;
-    ``log_probs`` is :class:`head.HeadForward`.
+    ``base_w`` and ``deltas`` hold the final norm (``"weight"``) and LM head (``"head"``)
+    of the base and each expert's task vectors; ``merged`` holds them as each merge
+    (``MERGES``) writes them; ``log_probs`` is :class:`head.HeadForward`.
     """
     dtype = heldout.merged[0][0].dtype if any(heldout.merged) else torch.float32
-    scalar = [{n: torch.tensor(init) for n in base_w}] * len(deltas)
-    heads = {"prodistill": {n: t.to(dtype) for n, t in merged_w.items()},
-             "task_arithmetic": merged_weights(base_w, deltas, scalar, dtype)}
+    heads = {merge: {n: t.to(dtype) for n, t in merged[merge].items()} for merge in MERGES}
     streams = {"prodistill": heldout.merged, "task_arithmetic": heldout.task_arithmetic}
     results = []
     for i, (name, batches) in enumerate(zip(experts, heldout.contexts)):

@@ -174,9 +174,10 @@ class Merger:
             base_w, deltas = head.load_norm_and_head(norm, lm_head, self.base, self.experts,
                                                      self.vocabulary.align)
             at_init = torch.tensor(p.init, dtype=torch.float32)
-            final = {n: t.to(base_w[n].dtype) for n, t in merged_weights(
+            task_arithmetic = {n: t.to(base_w[n].dtype) for n, t in merged_weights(
                 base_w, deltas, [{n: at_init for n in base_w}] * len(deltas),
                 torch.float32).items()}
+            final = task_arithmetic
             if p.head_epochs:
                 final, report = head.train_head(base_w, deltas, untied, streams,
                                                 self.module.config, p, generator,
@@ -185,7 +186,8 @@ class Merger:
                                                           if untied else {})}
             if streams.heldout:
                 kept = fidelity.measure(streams.heldout, head.HeadForward(self.module.config),
-                                        base_w, deltas, final, p.init,
+                                        base_w, deltas, {"prodistill": final,
+                                                         "task_arithmetic": task_arithmetic},
                                         [str(e.model) for e in self.experts], self.ctx.device)
                 fidelity.warn_if_behind(kept)
             del base_w, deltas

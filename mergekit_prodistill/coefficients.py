@@ -13,6 +13,7 @@ import torch
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.optimizer import Optimizer, TrainingStep
+from mergekit_prodistill.parallel import SINGLE, World
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -24,8 +25,9 @@ LR_BACKOFF = 10.0
 Weights = Dict[str, torch.Tensor]
 
 
-def combine(base: torch.Tensor, deltas: List[torch.Tensor], coeffs: List[torch.Tensor]):
-    """theta_0 + sum_i lambda_i * tau_i.
+def combine(base: torch.Tensor, deltas: List[torch.Tensor], coeffs: List[torch.Tensor],
+            world: World = SINGLE):
+    """theta_0 + sum_i lambda_i * tau_i (over every process's experts).
 
     The products are summed first and the base added last, in the order mergekit's task
     arithmetic uses, so that untrained coefficients reproduce it bit for bit.
@@ -33,7 +35,7 @@ def combine(base: torch.Tensor, deltas: List[torch.Tensor], coeffs: List[torch.T
     mixed = coeffs[0] * deltas[0]
     for coeff, delta in zip(coeffs[1:], deltas[1:]):
         mixed = mixed + coeff * delta
-    return base + mixed
+    return base + world.sum_(mixed)
 
 
 def init_coefficients(base_w, num_experts, p, frozen: Sequence[str] = ()) -> List[Weights]:
@@ -96,47 +98,59 @@ def coefficient_stats(coeffs) -> Dict[str, List]:
     return stats
 
 
-def merged_weights(base_w, deltas, coeffs, dtype):
+def merged_weights(base_w, deltas, coeffs, dtype, world: World = SINGLE):
     """The weights that are written: summed exactly as mergekit's task arithmetic."""
     with torch.no_grad():
         return {
-            name: combine(base, [d[name] for d in deltas], [c[name] for c in coeffs]).to(dtype)
+            name: combine(base, [d[name] for d in deltas], [c[name] for c in coeffs],
+                          world).to(dtype)
             for name, base in base_w.items()
         }
+
+
+def gathered_stats(coeffs, world: World) -> Dict[str, List]:
+    """:func:`coefficient_stats` of every process's experts, in expert order."""
+    return {key: world.gather(values) for key, values in coefficient_stats(coeffs).items()}
 
 
 def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequence[int],
         loss_of: Callable[[Weights, int, int], torch.Tensor], dtype: torch.dtype,
         generator: torch.Generator, where: str, frozen: Sequence[str] = (),
-        on_epoch: Optional[Callable[[int, float], None]] = None):
+        on_epoch: Optional[Callable[[int, float], None]] = None, world: World = SINGLE):
     """Train the coefficients of theta_0 + sum_i lambda_i tau_i; return them and the share
     of coefficients whose first gradient was below Adam's eps (see :class:`Optimizer`).
 
-    Expert i has ``batches[i]`` batches; ``loss_of(weights, i, b)`` is its loss on batch b
-    for the merged ``weights`` (in ``dtype``). Each step back-propagates one batch of every
-    expert into the merged weights, then :class:`TrainingStep` applies the chain rule
+    Expert i has ``batches[i]`` batches (every expert, over all processes); ``deltas``
+    are the task vectors of the experts this process owns (:meth:`World.owned`), and
+    ``loss_of(weights, j, b)`` is the loss of the j-th of them on batch b for the merged
+    ``weights`` (in ``dtype``). Each step back-propagates one batch of every expert into
+    the merged weights, then :class:`TrainingStep` applies the chain rule
     d merged / d lambda_i = tau_i, Adam and the next merged weights. A non-finite loss
     trains again from ``init`` with a smaller learning rate (no saved copy of lambda
     needed); losses are read once per epoch (no synchronisation per step).
     """
     lr, retries, epoch = p.lr, 0, 0
+    owned = world.owned(len(batches))
     coeffs = init_coefficients(base_w, len(deltas), p, frozen)
     optimizer = Optimizer(unique_parameters(coeffs), lr)
-    training = TrainingStep(base_w, deltas, coeffs, dtype, optimizer)
+    training = TrainingStep(base_w, deltas, coeffs, dtype, optimizer, world)
     steps = max(batches)
     while epoch < epochs:
+        # Every process draws every expert's order, so the generator stays the same.
         orders = [torch.randperm(n, generator=generator) for n in batches]
         losses = []
         for step in range(steps):
-            for i, order in enumerate(orders):
-                loss = loss_of(training.weights, i, int(order[step % len(order)])) / len(orders)
+            for j, i in enumerate(owned):
+                b = int(orders[i][step % batches[i]])
+                loss = loss_of(training.weights, j, b) / len(batches)
                 loss.backward()
                 losses.append(loss.detach())
             training.update()
-        epoch_loss = sum(map(float, losses))
         # One reduction per tensor: NaN or inf anywhere makes its sum non-finite.
         params = optimizer.params
-        if not (math.isfinite(epoch_loss) and torch.stack([t.sum() for t in params]).isfinite().all()):
+        finite = bool(torch.stack([t.sum() for t in params]).isfinite().all())
+        epoch_loss, broken = world.sum_floats([sum(map(float, losses)), float(not finite)])
+        if not (math.isfinite(epoch_loss) and not broken):
             if retries == MAX_RETRIES:
                 raise ProDistillError(
                     f"{where}: the distillation loss is not finite even with lr={lr:g} "
@@ -151,9 +165,10 @@ def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequenc
                 for t in params:
                     t.fill_(p.init)
             optimizer, epoch = Optimizer(params, lr), 0
-            training = TrainingStep(base_w, deltas, coeffs, dtype, optimizer)
+            training = TrainingStep(base_w, deltas, coeffs, dtype, optimizer, world)
             continue
         if on_epoch:
             on_epoch(epoch, epoch_loss / steps)
         epoch += 1
-    return [{n: t.detach() for n, t in c.items()} for c in coeffs], optimizer.small_gradient_share
+    small, total = world.sum_floats(optimizer.small_gradients())
+    return [{n: t.detach() for n, t in c.items()} for c in coeffs], small / max(total, 1)

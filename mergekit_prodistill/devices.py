@@ -78,9 +78,11 @@ def available_memory(device: torch.device) -> Optional[int]:
     return free
 
 
-def free_memory(device: torch.device) -> Dict[str, Optional[int]]:
-    """Bytes free on the compute device and in CPU memory, keyed by device name."""
-    return {str(device): available_memory(device), "cpu": available_memory(torch.device("cpu"))}
+def free_memory(device: torch.device, sharing: int = 1) -> Dict[str, Optional[int]]:
+    """Bytes free on the compute device and in CPU memory, keyed by device name; CPU
+    memory is split among the ``sharing`` processes of one machine."""
+    cpu = available_memory(torch.device("cpu"))
+    return {str(device): available_memory(device), "cpu": cpu // sharing if cpu else cpu}
 
 
 def free_disk(folder: str) -> Tuple[str, int]:

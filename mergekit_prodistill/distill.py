@@ -7,7 +7,8 @@ the merged block, fed the merged stream, matches expert i's block fed expert i's
 (masked mean squared error, averaged over experts). Then the merged stream advances
 through the trained merged block and each expert's stream through the expert's block.
 Each expert's held-out prompts advance alongside, forward only (:mod:`fidelity`).
-Only one block of the base and of each expert is ever in memory.
+Only one block of the base and of each expert is ever in memory. Over several processes
+each holds the streams and blocks of the experts it owns (:mod:`parallel`).
 """
 
 import contextlib
@@ -19,9 +20,10 @@ from typing import Iterable, List, Optional
 import torch
 
 from mergekit_prodistill.blocks import BatchContext, BlockRunner
-from mergekit_prodistill.coefficients import (Weights, at_init, coefficient_stats, fit,
+from mergekit_prodistill.coefficients import (Weights, at_init, fit, gathered_stats,
                                               masked_mse, merged_weights)
 from mergekit_prodistill.fidelity import Heldout
+from mergekit_prodistill.parallel import World
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -41,6 +43,7 @@ class Streams:
     merged: Stream
     expert: Stream
     contexts: List[List[BatchContext]]  # masks and positions of every batch
+    batch_counts: List[int]  # every expert's number of batches, owned here or not
     heldout: Optional[Heldout] = None  # the held-out prompts' streams
 
     def saved(self) -> List[Stream]:
@@ -64,11 +67,11 @@ class Streams:
 
 def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weights],
                     inputs: Stream, contexts, outputs: Optional[Stream] = None,
-                    targets: Optional[Stream] = None) -> float:
+                    targets: Optional[Stream] = None) -> List[float]:
     """Every batch of every expert through block ``index`` (expert i with ``weights[i]``),
     without gradients. Results go to ``outputs`` (which may be ``inputs``: each batch is
-    read before it is overwritten). With ``targets``, returns the distillation loss per
-    real token, averaged over experts."""
+    read before it is overwritten). With ``targets``, returns each expert's distillation
+    loss per real token."""
     per_expert = []
     with torch.no_grad():
         for i, (w, ctxs) in enumerate(zip(weights, contexts)):
@@ -83,15 +86,21 @@ def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weight
                 if outputs is not None:
                     outputs[i][b].copy_(out)
             per_expert.append(total / max(tokens, 1))
-    return sum(per_expert) / len(per_expert)
+    return per_expert
+
+
+def mean_loss(per_expert: List[float], world: World) -> float:
+    """The loss averaged over every process's experts."""
+    losses = world.gather(per_expert)
+    return sum(losses) / len(losses)
 
 
 def distill_block(runner: BlockRunner, index: int, base_w: Weights,
                   expert_blocks: Iterable[Weights], streams: Streams, p, epochs: int,
-                  generator: torch.Generator, on_epoch=None):
+                  generator: torch.Generator, world: World, on_epoch=None):
     """Merge block ``index``: returns its weights as written (the weights' dtype, own
-    parameter names) and its report. ``expert_blocks`` yields each expert's block in turn,
-    so that only one is in memory; the streams advance past the block."""
+    parameter names) and its report. ``expert_blocks`` yields each owned expert's block in
+    turn, so that only one is in memory; the streams advance past the block."""
     started = time.time()
     layer = runner.layer(index)
     dtype = streams.merged[0][0].dtype
@@ -114,9 +123,9 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
 
     # 2. The loss to beat: task arithmetic, every coefficient at init.
     init = [{name: torch.tensor(p.init) for name in base_w}] * n
-    init_w = merged_weights(base_w, deltas, init, dtype)
-    loss_before = forward_batches(runner, index, layer, [init_w] * n, student, contexts,
-                                  targets=targets)
+    init_w = merged_weights(base_w, deltas, init, dtype, world)
+    loss_before = mean_loss(forward_batches(runner, index, layer, [init_w] * n, student,
+                                            contexts, targets=targets), world)
     if held:
         forward_batches(runner, index, layer, [init_w] * n, held.task_arithmetic,
                         held.contexts, held.task_arithmetic)
@@ -136,20 +145,22 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
                              contexts[i][b])
         return masked_mse(out, targets[i][b].to(runner.device), contexts[i][b].token_mask)
 
-    coeffs, small_share = fit(base_w, deltas, p, epochs, [len(b) for b in student],
-                              loss_of, dtype, generator, f"block {index}", on_epoch=record)
+    coeffs, small_share = fit(base_w, deltas, p, epochs, streams.batch_counts, loss_of,
+                              dtype, generator, f"block {index}", on_epoch=record,
+                              world=world)
 
     # 4. Evaluate exactly the block that is written. A block never ends worse on its
     #    calibration data than the task arithmetic it started from.
     final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs,
-                                            streams, student, targets, dtype)
+                                            streams, student, targets, dtype, world)
     if not loss_after <= loss_before:
         LOG.warning("block %d: training raised the loss (%.4g -> %.4g); keeping task "
                     "arithmetic for this block (lower 'lr' if this recurs)",
                     index, loss_before, loss_after)
         coeffs = at_init(coeffs, p.init)
         final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas,
-                                                coeffs, streams, student, targets, dtype)
+                                                coeffs, streams, student, targets, dtype,
+                                                world)
 
     # 5. Advance the merged stream through exactly the weights just written.
     if p.inputs != "expert":
@@ -159,22 +170,22 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
                         held.merged)
     streams.advance(p.inputs)
     report = {"block": index, "loss_before": loss_before, "loss_after": loss_after,
-              "epoch_losses": epoch_losses, **coefficient_stats(coeffs),
+              "epoch_losses": epoch_losses, **gathered_stats(coeffs, world),
               "small_gradient_share": small_share}
     LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
     return final, report | {"seconds": time.time() - started}
 
 
 def _evaluated(runner, index, layer, base_w, deltas, coeffs, streams, student, targets,
-               dtype):
+               dtype, world):
     """The block as written (the weights' dtype), the same in the compute dtype, and
     its loss on the student stream."""
     final = {name: t.to(base_w[name].dtype) for name, t in
-             merged_weights(base_w, deltas, coeffs, torch.float32).items()}
+             merged_weights(base_w, deltas, coeffs, torch.float32, world).items()}
     block_w = cast(final, dtype)
     loss = forward_batches(runner, index, layer, [block_w] * len(deltas), student,
                            streams.contexts, targets=targets)
-    return final, block_w, loss
+    return final, block_w, mean_loss(loss, world)
 
 
 def cast(weights: Weights, dtype: torch.dtype) -> Weights:

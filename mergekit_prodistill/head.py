@@ -20,9 +20,10 @@ import transformers
 from torch.func import functional_call
 
 from mergekit_prodistill.blocks import family_of
-from mergekit_prodistill.coefficients import (coefficient_stats, fit, init_coefficients,
+from mergekit_prodistill.coefficients import (fit, gathered_stats, init_coefficients,
                                               masked_kl, merged_weights)
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.parallel import SINGLE, World
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -98,12 +99,14 @@ def load_norm_and_head(norm_weight, head_weight, base, experts, align):
 
 
 def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
-               generator: torch.Generator, device: torch.device) -> Tuple[Dict, Dict]:
+               generator: torch.Generator, device: torch.device,
+               world: World = SINGLE) -> Tuple[Dict, Dict]:
     """The final norm and LM head as written (``"weight"``, ``"head"``; the weights'
     dtype), with trained coefficients, and a report.
 
-    ``streams`` holds the last block's outputs: the merged model's and every expert's own.
-    With a tied head (``head_trainable`` False) the head keeps task arithmetic with init.
+    ``streams`` holds the last block's outputs: the merged model's and every owned
+    expert's own; ``deltas`` the owned experts' task vectors. With a tied head
+    (``head_trainable`` False) the head keeps task arithmetic with init.
     """
     log_probs = HeadForward(config)
     dtype = streams.merged[0][0].dtype
@@ -120,13 +123,14 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
 
     def mean_loss(coeffs) -> float:
         """The loss over every batch, averaged over experts, with the weights as written."""
-        w = merged_weights(base_w, deltas, coeffs, dtype)
+        w = merged_weights(base_w, deltas, coeffs, dtype, world)
         per_expert = []
         with torch.no_grad():
             for i, batches in enumerate(contexts):
                 tokens = [int(ctx.token_mask.sum()) for ctx in batches]
                 per_expert.append(sum(float(loss_of(w, i, b)) * n
                                       for b, n in enumerate(tokens)) / sum(tokens))
+        per_expert = world.gather(per_expert)
         return sum(per_expert) / len(per_expert)
 
     frozen = () if head_trainable else ("head",)
@@ -137,13 +141,13 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
         del report["epoch_losses"][epoch:]  # a retry trains again from the first epoch
         report["epoch_losses"].append(loss)
 
-    coeffs, small_share = fit(base_w, deltas, p, p.head_epochs, [len(b) for b in contexts],
+    coeffs, small_share = fit(base_w, deltas, p, p.head_epochs, streams.batch_counts,
                               loss_of, dtype, generator, "final norm and LM head",
-                              frozen, on_epoch)
+                              frozen, on_epoch, world)
     report["loss_after"] = mean_loss(coeffs)
     report["small_gradient_share"] = small_share
     trained = ["weight", "head"] if head_trainable else ["weight"]
-    report.update(coefficient_stats([{n: c[n] for n in trained} for c in coeffs]))
+    report.update(gathered_stats([{n: c[n] for n in trained} for c in coeffs], world))
     LOG.info("final norm and LM head: KL %.4g -> %.4g", report["loss_before"], report["loss_after"])
-    final = merged_weights(base_w, deltas, coeffs, torch.float32)
+    final = merged_weights(base_w, deltas, coeffs, torch.float32, world)
     return {n: final[n].to(base_w[n].dtype) for n in base_w}, report

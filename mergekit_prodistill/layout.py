@@ -20,6 +20,16 @@ WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
 OUTPUT_FILES = ("config.json", CARD, RECIPE, REPORT)
 
 
+def per_process(name: str, rank: int, size: int) -> str:
+    """The name of one process's own working file (streams) when several processes merge."""
+    return name if size == 1 else f"{name}-rank{rank}-of-{size}"
+
+
+def streams_file(blocks_done: int, rank: int, size: int) -> str:
+    """Inside PROGRESS: one process's activation streams after ``blocks_done`` blocks."""
+    return per_process(f"streams-{blocks_done}", rank, size) + ".safetensors"
+
+
 def staging_dir(out_path: str) -> str:
     return os.path.join(out_path, STAGING)
 

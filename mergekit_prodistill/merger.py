@@ -3,7 +3,8 @@
 Each is read tensor by tensor from the models, merged (by task arithmetic, or trained by
 :mod:`distill` and :mod:`head`) and handed to the unit writer as soon as it is finished, so
 that a resumed run continues from the last finished unit. Without training every tensor
-is task arithmetic, streamed to the output.
+is task arithmetic, streamed to the output. Over several processes (:mod:`parallel`) each
+trains with the experts it owns, and rank 0 alone writes.
 """
 
 import logging
@@ -14,10 +15,11 @@ import torch
 import tqdm
 from mergekit.common import dtype_from_name
 
-from mergekit_prodistill import distill, fidelity, head
+from mergekit_prodistill import distill, fidelity, head, layout
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.coefficients import merged_weights
+from mergekit_prodistill.parallel import World
 from mergekit_prodistill.progress import Progress, UnitWriter
 from mergekit_prodistill.vocab import Vocabulary
 from mergekit_prodistill.weights import ModelTensors, check_shape, task_arithmetic
@@ -37,6 +39,11 @@ class Merger:
     units: UnitWriter
     out_dtype: Optional[torch.dtype]
     ctx: object  # run.Context: device, seed, trust_remote_code, quiet
+    world: World
+
+    @property
+    def owned(self) -> range:
+        return self.world.owned(len(self.experts))
 
     def held(self, weight) -> bool:
         return self.base.has(weight) or any(e.has(weight) for e in self.experts)
@@ -47,7 +54,12 @@ class Merger:
         return not weight.optional or self.held(weight)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        self.units.save_tensor(name, tensor.to(self.out_dtype) if self.out_dtype else tensor)
+        if self.world.leader:
+            self.units.save_tensor(name, tensor.to(self.out_dtype) if self.out_dtype else tensor)
+
+    def end_unit(self, unit: str) -> None:
+        if self.world.leader:
+            self.units.end_unit(unit)
 
     def merge_tensor(self, weight):
         """One tensor by task arithmetic, written; returns it and the experts' tensors."""
@@ -59,6 +71,8 @@ class Merger:
 
     def task_arithmetic(self) -> list:
         """Every tensor with lambda = init, streamed to the output (``epochs: 0``)."""
+        if not self.world.leader:
+            return []
         for weights in (self.module.pre_weights(),
                         *(self.module.layer_weights(i) for i in range(self.module.num_layers())),
                         self.module.post_weights()):
@@ -77,15 +91,15 @@ class Merger:
         reports = resumed["report_blocks"] if resumed else []
         generator = torch.Generator().manual_seed(self.ctx.seed)
         if resumed:
-            progress.load_streams(streams.saved(), generator)
+            progress.load_streams(blocks_done, streams.saved(), generator)
         else:
             self._embeddings(runner, calib, streams)
         dtype = streams.merged[0][0].dtype
-        streams.contexts = [[runner.context(b, dtype) for b in batches]
-                            for batches in calib.batches]
+        streams.contexts = [[runner.context(b, dtype) for b in calib.batches[i]]
+                            for i in self.owned]
         if streams.heldout:
-            streams.heldout.contexts = [[runner.context(b, dtype) for b in batches]
-                                        for batches in calib.holdout_batches]
+            streams.heldout.contexts = [[runner.context(b, dtype) for b in
+                                         calib.holdout_batches[i]] for i in self.owned]
         epochs = p.epochs_for(max(len(b) for b in calib.batches))
 
         bar = tqdm.tqdm(total=self.module.num_layers(), initial=blocks_done,
@@ -96,11 +110,11 @@ class Merger:
             base_w = {names[n]: t for n, t in self.base.load_all(infos).items()}
             final, report = distill.distill_block(
                 runner, index, base_w, self._expert_blocks(infos, names, base_w), streams,
-                p, epochs, generator, on_epoch=lambda epoch, loss: bar.set_postfix(
+                p, epochs, generator, self.world, on_epoch=lambda epoch, loss: bar.set_postfix(
                     block=index, epoch=epoch + 1, loss=f"{loss:.3g}"))
             for full_name, own_name in names.items():
                 self.write(full_name, final[own_name])
-            self.units.end_unit(f"block-{index}")
+            self.end_unit(f"block-{index}")
             reports.append(report)
             progress.save_state(index + 1, streams.saved(), generator, reports)
             bar.set_postfix(block=index, loss=f"{report['loss_before']:.3g}->"
@@ -114,24 +128,30 @@ class Merger:
         return reports, head_report, kept
 
     def _streams(self, calib, decided) -> distill.Streams:
-        """The activation streams, where and in the dtype the plan decided."""
+        """The owned experts' activation streams, where and in the dtype the plan decided."""
         def store(holdout: bool):
-            return ActivationStore(calib.shapes(holdout), self.module.config.hidden_size,
+            shapes = calib.shapes(holdout)
+            return ActivationStore([shapes[i] for i in self.owned],
+                                   self.module.config.hidden_size,
                                    dtype_from_name(decided.dtypes["cache"]), decided.placement,
                                    self.ctx.device, decided.activation_dir)
 
+        def allocate(store, name):
+            return store.allocate(layout.per_process(name, self.world.rank, self.world.size))
+
         training = store(False)
-        streams = distill.Streams(training.allocate("merged"), training.allocate("expert"), [])
+        streams = distill.Streams(allocate(training, "merged"), allocate(training, "expert"),
+                                  [], [len(b) for b in calib.batches])
         if any(calib.holdout_batches):
             held = store(True)
             streams.heldout = fidelity.Heldout(
-                held.allocate("heldout-merged"), held.allocate("heldout-task-arithmetic"),
-                held.allocate("heldout-expert"), [])
+                allocate(held, "heldout-merged"), allocate(held, "heldout-task-arithmetic"),
+                allocate(held, "heldout-expert"), [])
         return streams
 
     def _expert_blocks(self, infos, names, base_w):
-        """Each expert's block in turn, under the block module's parameter names."""
-        for expert in self.experts:
+        """Each owned expert's block in turn, under the block module's parameter names."""
+        for expert in (self.experts[i] for i in self.owned):
             block = {names[n]: t for n, t in expert.load_all(infos).items()}
             for name in block:
                 check_shape(name, base_w[name], block[name], expert.model)
@@ -152,15 +172,15 @@ class Merger:
             if weight.vocabulary_axis == 0:
                 for batches_per_expert, merged_streams, expert_stream in starts:
                     ids = self.vocabulary.calibration_ids(batches_per_expert, calib.sources)
-                    for i, batches in enumerate(batches_per_expert):
-                        for b, batch in enumerate(batches):
+                    for j, i in enumerate(self.owned):
+                        for b, batch in enumerate(batches_per_expert[i]):
                             rows = runner.embed(merged, ids[i][b])
                             for stream in merged_streams:
-                                stream[i][b].copy_(rows)
-                            expert_stream[i][b].copy_(runner.embed(expert_ts[i],
+                                stream[j][b].copy_(rows)
+                            expert_stream[j][b].copy_(runner.embed(expert_ts[i],
                                                                    batch.input_ids))
             del merged, expert_ts
-        self.units.end_unit("pre")
+        self.end_unit("pre")
 
     def _final(self, streams, generator):
         """The final norm and LM head, trained with ``head_epochs``, else task arithmetic;
@@ -173,28 +193,29 @@ class Merger:
                 self.module.pre_weights(), post, self.held)
             base_w, deltas = head.load_norm_and_head(norm, lm_head, self.base, self.experts,
                                                      self.vocabulary.align)
+            deltas = [deltas[i] for i in self.owned]
             at_init = torch.tensor(p.init, dtype=torch.float32)
             task_arithmetic = {n: t.to(base_w[n].dtype) for n, t in merged_weights(
                 base_w, deltas, [{n: at_init for n in base_w}] * len(deltas),
-                torch.float32).items()}
+                torch.float32, self.world).items()}
             final = task_arithmetic
             if p.head_epochs:
                 final, report = head.train_head(base_w, deltas, untied, streams,
                                                 self.module.config, p, generator,
-                                                self.ctx.device)
+                                                self.ctx.device, self.world)
                 trained = {norm.name: final["weight"], **({lm_head.name: final["head"]}
                                                           if untied else {})}
             if streams.heldout:
-                kept = fidelity.measure(streams.heldout, head.HeadForward(self.module.config),
-                                        base_w, deltas, {"prodistill": final,
-                                                         "task_arithmetic": task_arithmetic},
-                                        [str(e.model) for e in self.experts], self.ctx.device)
+                kept = self.world.gather(fidelity.measure(
+                    streams.heldout, head.HeadForward(self.module.config), base_w, deltas,
+                    {"prodistill": final, "task_arithmetic": task_arithmetic},
+                    [str(self.experts[i].model) for i in self.owned], self.ctx.device))
                 fidelity.warn_if_behind(kept)
             del base_w, deltas
         for weight in filter(self.present, post):
             if weight.name in trained:
                 self.write(weight.name, trained[weight.name])
-            else:
+            elif self.world.leader:
                 self.merge_tensor(weight)
-        self.units.end_unit("post")
+        self.end_unit("post")
         return report, kept

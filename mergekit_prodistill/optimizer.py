@@ -18,6 +18,8 @@ from typing import Dict, List
 
 import torch
 
+from mergekit_prodistill.parallel import SINGLE, World
+
 # Adam's eps in units of each tensor's first-step gradient RMS: elements whose gradient
 # stays far below the typical one move little, the rest by about the learning rate.
 ADAM_EPS = 1e-2
@@ -62,8 +64,8 @@ class Optimizer:
     """Adam on gradients in units of their first-step RMS, per tensor (scale-free), with
     steps scaled to the weights' widths (:func:`width_factor`).
 
-    ``small_gradient_share`` is the share of coefficients whose first gradient is below
-    eps in those units: the ones Adam moves like SGD rather than by about ``lr``.
+    :meth:`small_gradients` counts the coefficients whose first gradient is below eps in
+    those units: the ones Adam moves like SGD rather than by about ``lr``.
     """
 
     def __init__(self, params: List[torch.Tensor], lr: float):
@@ -99,22 +101,24 @@ class Optimizer:
         i = self.index[id(p)]
         return (*self.moments[i], self.scales[i], self.lrs[i])
 
-    @property
-    def small_gradient_share(self) -> float:
-        if self._small is None:
-            return 0.0
-        return float(self._small) / sum(p.numel() for p in self.params)
+    def small_gradients(self) -> List[float]:
+        """[coefficients with a first gradient below eps, all coefficients]."""
+        small = 0.0 if self._small is None else float(self._small)
+        return [small, float(sum(p.numel() for p in self.params))]
 
 
-def training_weights(base_w, deltas, coeffs, dtype) -> Weights:
+def training_weights(base_w, deltas, coeffs, dtype, world: World = SINGLE) -> Weights:
     """theta_0 + sum_i lambda_i tau_i for a training step, with fused in-place updates
-    (fewer passes); the tensors with a trained coefficient take a gradient."""
+    (fewer passes); the tensors with a trained coefficient take a gradient. Over several
+    processes rank 0 starts its partial sum from theta_0, the others from zero."""
     with torch.no_grad():
         merged = {}
         for name, base in base_w.items():
-            w = base.to(torch.float32, copy=True)
+            w = (base.to(torch.float32, copy=True) if world.leader
+                 else torch.zeros(base.shape, dtype=torch.float32, device=base.device))
             for c, d in zip(coeffs, deltas):
-                w.addcmul_(c[name], d[name])
+                w.add_(c[name] * d[name])  # no fused multiply-add: see TrainingStep
+            world.sum_(w)
             merged[name] = w.to(dtype).requires_grad_(any(c[name].requires_grad for c in coeffs))
         return merged
 
@@ -131,22 +135,30 @@ def chain_rule(merged, deltas, coeffs, names) -> None:
 
 class TrainingStep:
     """The merged weights (``weights``, in ``dtype``) that a step back-propagates into,
-    and :meth:`update`, which turns their gradients into the next step's weights."""
+    and :meth:`update`, which turns their gradients into the next step's weights.
+
+    Over several processes (``world``) each holds its own experts' task vectors and
+    coefficients: the weights' gradients are summed over processes before the chain rule,
+    and each next merged weight is the sum of every process's partial sum. Each product
+    lambda_i * tau_i is rounded before it is added (no fused multiply-add), so that two
+    processes' partial sums add up to exactly one process's sum."""
 
     def __init__(self, base_w: Weights, deltas: List[Weights], coeffs: List[Weights],
-                 dtype: torch.dtype, optimizer: Optimizer):
+                 dtype: torch.dtype, optimizer: Optimizer, world: World = SINGLE):
         self.base_w, self.deltas, self.coeffs = base_w, deltas, coeffs
-        self.dtype, self.optimizer = dtype, optimizer
-        self.weights = training_weights(base_w, deltas, coeffs, dtype)
+        self.dtype, self.optimizer, self.world = dtype, optimizer, world
+        self.weights = training_weights(base_w, deltas, coeffs, dtype, world)
         self.trained = [n for n, w in self.weights.items() if w.requires_grad]
         # Element-wise coefficients update tensor by tensor; scalar ones (tensor- or
         # task-wise) need every element's gradient first.
         self.elementwise = [n for n in self.trained if coeffs[0][n].dim()]
         self.scalar = [n for n in self.trained if not coeffs[0][n].dim()]
-        self._scratch = None
+        self._scratch = self._partial = None
 
     def update(self) -> None:
         """Chain rule, Adam and the next merged weights from the weights' gradients."""
+        for name in self.trained:  # every process's experts' share of dL/dW
+            self.world.sum_(self.weights[name].grad)
         first = self.optimizer.scales is None
         names = self.trained if first else self.scalar
         # The first step sets every tensor's gradient units from its whole gradient.
@@ -154,7 +166,8 @@ class TrainingStep:
         self.optimizer.step()
         if names:
             self.weights.update(training_weights({n: self.base_w[n] for n in names},
-                                                 self.deltas, self.coeffs, self.dtype))
+                                                 self.deltas, self.coeffs, self.dtype,
+                                                 self.world))
         if not first:
             for name in self.elementwise:
                 self._fused(name)
@@ -165,7 +178,8 @@ class TrainingStep:
         """One pass over a tensor with element-wise coefficients: per chunk, the chain rule
         into scratch, Adam on every expert's coefficients, and the new merged weight, in
         the order and formulas of :func:`chain_rule`, :func:`adam_` and
-        :func:`training_weights`."""
+        :func:`training_weights`. Over several processes the chunks fill an fp32 partial
+        sum, which is summed over processes before it becomes the merged weight."""
         w = self.weights[name]
         grad, out, base = w.grad.reshape(-1), w.detach().view(-1), self.base_w[name].reshape(-1)
         w.grad = None
@@ -176,18 +190,27 @@ class TrainingStep:
                             v.view(-1), scale, lr))
         size = CHUNK_CPU if out.device.type == "cpu" else CHUNK_DEVICE
         scratch = self.scratch(min(size, out.numel()), out.device)
-        step = self.optimizer.steps
+        partial = self.partial(out.numel(), out.device) if self.world.distributed else out
+        leader, step = self.world.leader, self.optimizer.steps
         with torch.no_grad():
             for start in range(0, out.numel(), size):
                 chunk = slice(start, start + size)
                 g_w, g, denom, acc = (s[:min(size, out.numel() - start)] for s in scratch)
                 g_w.copy_(grad[chunk])
-                acc.copy_(base[chunk])
+                acc.copy_(base[chunk]) if leader else acc.zero_()
                 for delta, lam, m, v, scale, lr in experts:
                     torch.mul(g_w, delta[chunk], out=g).mul_(scale)
                     adam_(lam[chunk], g, m[chunk], v[chunk], lr, step, denom)
-                    acc.addcmul_(lam[chunk], delta[chunk])
-                out[chunk].copy_(acc)
+                    acc.add_(torch.mul(lam[chunk], delta[chunk], out=g))
+                partial[chunk].copy_(acc)
+            if partial is not out:
+                out.copy_(self.world.sum_(partial))
+
+    def partial(self, size: int, device) -> torch.Tensor:
+        """An fp32 buffer of ``size`` elements for a partial sum, kept between tensors."""
+        if self._partial is None or self._partial.numel() < size:
+            self._partial = torch.empty(size, dtype=torch.float32, device=device)
+        return self._partial[:size]
 
     def scratch(self, size: int, device) -> List[torch.Tensor]:
         """Four fp32 buffers of at least ``size`` elements, kept between tensors."""

@@ -5,7 +5,9 @@ run that continues never generates them again. After every finished unit (the em
 each decoder block, the head) its merged tensors are saved to their own file under the
 staging folder; after every block the activation streams, the random generator and the
 report so far are saved too. Files are written to a temporary name and renamed, so a kill
-at any moment leaves the last finished state intact. A fingerprint of the recipe, the
+at any moment leaves the last finished state intact. Over several processes each saves
+its own streams, and rank 0 the units, the continuations and the state, which names the
+streams to continue from only once every process has saved them. A fingerprint of the recipe, the
 options that change results, the input files and the prompts guards against continuing a
 different merge. At the end the shards are assembled from the unit files with mergekit's
 ``TensorWriter``.
@@ -22,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.layout import PROGRESS
-
+from mergekit_prodistill.layout import PROGRESS, streams_file
+from mergekit_prodistill.parallel import SINGLE, World
 
 
 def _file_identity(path: str) -> str:
@@ -77,9 +79,10 @@ def _atomic(path: str, write) -> None:
 
 
 class Progress:
-    def __init__(self, staging: str, fingerprint: str):
+    def __init__(self, staging: str, fingerprint: str, world: World = SINGLE):
         self.dir = os.path.join(staging, PROGRESS)
         self.fingerprint = fingerprint
+        self.world = world
         self.state_path = os.path.join(self.dir, "state.json")
         self.continuations_path = os.path.join(self.dir, "continuations.json")
 
@@ -93,8 +96,14 @@ class Progress:
         """The saved loop state of an interrupted run of this same merge, if there is one.
 
         A folder holding only the continuations of this merge is kept (the loop starts
-        from the first block); one holding another merge's progress is refused.
+        from the first block); one holding another merge's progress is refused. Rank 0
+        decides, for every process.
         """
+        state = self.world.from_leader(self._restore_or_reset)
+        os.makedirs(self.dir, exist_ok=True)  # on nodes that do not share rank 0's disk
+        return state
+
+    def _restore_or_reset(self) -> Optional[dict]:
         saved = {path: _read_json(path) for path in (self.state_path, self.continuations_path)}
         if not any(saved.values()):
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -109,13 +118,16 @@ class Progress:
 
     # -- continued calibration prompts, before the first block -----------------------------
     def save_continuations(self, sequences: List[List[List[int]]]) -> None:
-        data = {"fingerprint": self.fingerprint, "sequences": sequences}
-        _atomic(self.continuations_path, lambda p: _write_json(p, data))
+        if self.world.leader:
+            data = {"fingerprint": self.fingerprint, "sequences": sequences}
+            _atomic(self.continuations_path, lambda p: _write_json(p, data))
 
     def load_continuations(self) -> Optional[List[List[List[int]]]]:
         """Every expert's continued token ids, as saved by this merge (None: not yet)."""
-        saved = _read_json(self.continuations_path)
-        return saved["sequences"] if saved else None
+        def load():
+            saved = _read_json(self.continuations_path)
+            return saved["sequences"] if saved else None
+        return self.world.from_leader(load)
 
     # -- merged tensors, one file per unit ------------------------------------------------
     def unit_path(self, unit: str) -> str:
@@ -132,8 +144,14 @@ class Progress:
                     writer.save_tensor(name, f.get_tensor(name))
 
     # -- streams and loop state, after every block ----------------------------------------
+    def _streams_path(self, blocks_done: int) -> str:
+        return os.path.join(self.dir, streams_file(blocks_done, self.world.rank,
+                                                   self.world.size))
+
     def save_state(self, blocks_done: int, streams, generator: torch.Generator,
                    report_blocks: List[dict]) -> None:
+        """Save this process's streams after ``blocks_done`` blocks; once every process
+        has, rank 0 moves the state forward and the older streams go."""
         flat = {
             f"{s}.{i}.{b}": t.cpu().contiguous()
             for s, stream in enumerate(streams)
@@ -141,14 +159,28 @@ class Progress:
             for b, t in enumerate(batches)
         }
         flat["generator"] = generator.get_state()
-        _atomic(os.path.join(self.dir, "streams.safetensors"), lambda p: save_file(flat, p))
-        state = {"fingerprint": self.fingerprint, "blocks_done": blocks_done,
-                 "report_blocks": report_blocks}
-        _atomic(self.state_path, lambda p: _write_json(p, state))
+        _atomic(self._streams_path(blocks_done), lambda p: save_file(
+            flat, p, metadata={"fingerprint": self.fingerprint}))
+        self.world.barrier()
+        if self.world.leader:
+            state = {"fingerprint": self.fingerprint, "blocks_done": blocks_done,
+                     "report_blocks": report_blocks}
+            _atomic(self.state_path, lambda p: _write_json(p, state))
+        self.world.barrier()
+        if blocks_done > 0 and os.path.exists(self._streams_path(blocks_done - 1)):
+            os.remove(self._streams_path(blocks_done - 1))
 
-    def load_streams(self, streams, generator: torch.Generator) -> None:
-        """Copy the saved streams into ``streams`` (allocated alike) and restore the RNG."""
-        with safe_open(os.path.join(self.dir, "streams.safetensors"), framework="pt") as saved:
+    def load_streams(self, blocks_done: int, streams, generator: torch.Generator) -> None:
+        """Copy the streams saved after ``blocks_done`` blocks into ``streams`` (allocated
+        alike) and restore the RNG."""
+        path = self._streams_path(blocks_done)
+        if not os.path.exists(path):
+            raise ProDistillError(f"{path} is missing: this process cannot continue the "
+                                  "merge; delete the folder to start it afresh")
+        with safe_open(path, framework="pt") as saved:
+            if (saved.metadata() or {}).get("fingerprint") != self.fingerprint:
+                raise ProDistillError(f"{path} belongs to another merge; delete the folder "
+                                      "to start this merge afresh")
             for s, stream in enumerate(streams):
                 for i, batches in enumerate(stream):
                     for b, t in enumerate(batches):

@@ -102,6 +102,7 @@ class Report:
     parameters: Dict[str, Any]  # the recipe's ProDistill parameters
     seed: int
     device: str
+    processes: int = 1  # processes that merged together (torchrun), each on its device
     activation_dtype: Optional[str] = None  # the three training facts: only with epochs
     epochs: Optional[int] = None
     continuation_seconds: Optional[float] = None  # only with continue_tokens

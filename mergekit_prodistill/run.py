@@ -3,7 +3,8 @@
 Each step is a call into the module that does that job; read this file top to bottom to
 follow a merge. Everything below it imports downwards, and mergekit's ``MergeOptions``
 stops here except where it is handed back to mergekit (model folders, the output's
-config and tokenizer) or mirrors mergekit's flags (the plan).
+config and tokenizer) or mirrors mergekit's flags (the plan). Launched by ``torchrun`` the
+same steps run in every process, each with the experts it owns (``parallel``).
 
 1. the recipe, and every check that reads no weight (``recipe``, ``preflight``);
 2. the merged vocabulary (``vocab``);
@@ -29,8 +30,8 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 
 from mergekit_prodistill import (calibration, continuation, devices, distill, dtypes, output,
-                                 plan, preflight)
-from mergekit_prodistill.errors import Interrupted
+                                 parallel, plan, preflight)
+from mergekit_prodistill.errors import Interrupted, ProDistillError
 from mergekit_prodistill.merger import Merger
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
 from mergekit_prodistill.quiet import honours_quiet
@@ -52,20 +53,35 @@ class Context:
     quiet: bool
 
     @classmethod
-    def of(cls, options) -> "Context":
+    def of(cls, options, world: parallel.World) -> "Context":
         seed = options.random_seed if options.random_seed is not None else 0
-        return cls(torch.device(options.device or "cpu"), seed, options.trust_remote_code,
-                   options.quiet)
+        device = world.device if world.distributed else torch.device(options.device or "cpu")
+        return cls(device, seed, options.trust_remote_code, options.quiet)
+
+
+def run_prodistill(merge_config, out_path: str, options, config_source: str = None):
+    """Merge the recipe's experts into its base with ProDistill and write ``out_path``;
+    under ``torchrun``, together with the other processes."""
+    world = parallel.start(torch.device(options.device or "cpu"))
+    if not world.leader:  # one set of progress bars: rank 0's
+        options = options.model_copy(update={"quiet": True})
+    try:
+        _merge(merge_config, out_path, options, config_source, world)
+    finally:
+        parallel.stop(world)
 
 
 @honours_quiet
-def run_prodistill(merge_config, out_path: str, options, config_source: str = None):
-    """Merge the recipe's experts into its base with ProDistill and write ``out_path``."""
+def _merge(merge_config, out_path: str, options, config_source, world: parallel.World):
     started = time.time()
-    ctx = Context.of(options)
+    ctx = Context.of(options, world)
     # 1. The recipe, and every check that reads no weight.
     recipe = parse_recipe(merge_config)
     p = recipe.params
+    if world.size > len(recipe.experts):
+        raise ProDistillError(
+            f"{world.size} processes for {len(recipe.experts)} experts: each process owns "
+            f"at least one expert; start at most {len(recipe.experts)} processes")
     checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
     # 2. The merged vocabulary.
     vocabulary = build_vocabulary(recipe, merge_config, ctx.trust_remote_code,
@@ -88,27 +104,30 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
 
     # 5. The staging folder; with training, the progress a resumed run continues from.
     # Without training the merge is streaming task arithmetic: nothing worth resuming.
+    # Rank 0 alone writes the output; the others save their own streams beside it.
     created_out = not os.path.exists(out_path)
-    staging = output.start_staging(out_path)
+    staging = world.from_leader(lambda: output.start_staging(out_path))
     writer = TensorWriter(staging, max_shard_size=options.out_shard_size,
-                          safe_serialization=options.safe_serialization)
+                          safe_serialization=options.safe_serialization) if world.leader else None
     progress = None
     if p.epochs:
+        settings = {"seed": ctx.seed, "device": ctx.device.type, "dtype": recipe.dtype}
+        if world.distributed:
+            settings["processes"] = world.size
         progress = Progress(staging, fingerprint(
             repr(merge_config),  # to_yaml() refuses recipes that share YAML anchors
-            {"seed": ctx.seed, "device": ctx.device.type, "dtype": recipe.dtype},
-            [f for files in checked.models.values() for f in files.shards],
+            settings, [f for files in checked.models.values() for f in files.shards],
             [*calib.batches, *calib.holdout_batches],
-        ))
+        ), world)
     resumed = progress.restore_or_reset() if progress else None
     units = UnitWriter(writer, progress)
     merger = Merger(recipe, module, base, experts, vocabulary, units,
-                    dtype_from_name(out_dtype) if out_dtype else None, ctx)
+                    dtype_from_name(out_dtype) if out_dtype else None, ctx, world)
     try:
         # 6. Each expert's continuation of its prompts, generated once and saved.
         if progress is not None and p.continue_tokens:
             continued = time.time()
-            calib = _continued(recipe, checked, calib, ctx, progress)
+            calib = _continued(recipe, checked, calib, ctx, progress, world)
             facts["continuation_seconds"] = time.time() - continued
         # 7. The embeddings, every decoder block, the final norm and LM head.
         with distill.denormals_flushed(bool(p.epochs)):
@@ -117,19 +136,23 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
                     calib, decided, resumed, progress)
             else:
                 report_blocks, head_report, kept = merger.task_arithmetic(), None, None
-        units.finalize(["pre", *(f"block-{i}" for i in range(module.num_layers())), "post"])
-        # 8. The output, moved into place once complete.
-        report = Report.of_run(recipe, config_source or merge_config.to_yaml(), calib,
-                               vocabulary.summary, report_blocks, head_report, seed=ctx.seed,
-                               device=ctx.device, started=started, fidelity=kept, **facts)
-        output.finish(staging, out_path, merge_config, checked.arch_info, options, vocabulary,
-                      report)
+        if world.leader:
+            units.finalize(["pre", *(f"block-{i}" for i in range(module.num_layers())),
+                            "post"])
+            # 8. The output, moved into place once complete.
+            report = Report.of_run(recipe, config_source or merge_config.to_yaml(), calib,
+                                   vocabulary.summary, report_blocks, head_report,
+                                   seed=ctx.seed, device=ctx.device, started=started,
+                                   fidelity=kept, processes=world.size, **facts)
+            output.finish(staging, out_path, merge_config, checked.arch_info, options,
+                          vocabulary, report)
+        world.barrier()  # every process keeps its streams until the output is complete
     except BaseException as exc:
         # Saved continuations alone are kept when the run was stopped, not when it failed:
         # a failure is usually fixed by changing the recipe, which voids them.
         resumable = progress is not None and (progress.has_progress() or (
             isinstance(exc, KeyboardInterrupt) and progress.has_continuations()))
-        if not resumable:  # nothing worth keeping: leave no trace
+        if not resumable and world.leader:  # nothing worth keeping: leave no trace
             output.discard(staging, out_path, created_out)
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(
@@ -138,27 +161,35 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
                 "interrupted; nothing was written"
             ) from None
         raise
-    shutil.rmtree(staging)
+    if world.leader:
+        shutil.rmtree(staging)
+    world.barrier()
+    # Nodes that do not share rank 0's disk hold their own processes' streams here.
+    shutil.rmtree(staging, ignore_errors=True)
 
 
-def _continued(recipe, checked, calib, ctx: Context, progress: Progress):
+def _continued(recipe, checked, calib, ctx: Context, progress: Progress,
+               world: parallel.World):
     """Every expert's prompts, each followed by its greedy continuation, generated in the
     dtype the merge reads the expert in.
 
-    Generated once, one expert at a time, and saved in the progress folder: a run that
-    continues this merge reads them back instead of generating them again.
+    Generated once, one expert at a time (each process its own experts), and saved in the
+    progress folder: a run that continues this merge reads them back instead of
+    generating them again.
     """
     sequences = progress.load_continuations()
     if sequences is None:  # held-out prompts are continued too, after the others
-        sequences = []
-        for expert, tokenizer, prompts, held in zip(recipe.experts, calib.tokenizers,
-                                                    calib.sequences, calib.holdout):
+        free = devices.free_memory(ctx.device, sharing=world.local_size)
+        own = []
+        for i in world.owned(len(recipe.experts)):
+            expert = recipe.experts[i]
             files = checked.models[expert.model]
             dtype = dtypes.read_dtype(recipe, expert.model, files.config)
-            sequences.append(continuation.continue_prompts(
-                files.folder, prompts + held, recipe.params.continue_tokens, tokenizer,
-                dtype=dtype, device=ctx.device, free=devices.free_memory(ctx.device),
-                trust_remote_code=ctx.trust_remote_code))
+            own.append(continuation.continue_prompts(
+                files.folder, calib.sequences[i] + calib.holdout[i],
+                recipe.params.continue_tokens, calib.tokenizers[i], dtype=dtype,
+                device=ctx.device, free=free, trust_remote_code=ctx.trust_remote_code))
+        sequences = world.gather(own)
         progress.save_continuations(sequences)
     counts = [len(s) for s in calib.sequences]
     return calib.with_sequences([s[:n] for s, n in zip(sequences, counts)],

@@ -1,0 +1,156 @@
+"""Expert-parallel merges on ``torch.distributed``: which experts a process owns, and the
+few collectives the block loop needs.
+
+Started by ``torchrun`` or ``accelerate launch`` (which set ``WORLD_SIZE``, ``RANK``,
+``LOCAL_RANK`` and the rendezvous address), each process owns a contiguous run of the
+experts: their task vectors, coefficients, Adam state, activation streams and
+continuations. The loss is a sum over experts of losses of one shared merged block, so a
+training step needs two sums over processes: the merged block theta_0 + sum_i lambda_i
+tau_i from each process's partial sum, and the gradient dL/dW from each process's own
+experts. Contiguous ownership makes those sums add the experts in the same order as one
+process does: with two processes the result is the same bit for bit.
+
+One process (no launcher) is :data:`SINGLE`, whose collectives do nothing.
+"""
+
+import datetime
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from typing import Callable, List, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from mergekit_prodistill.errors import ProDistillError, one_line
+
+LOG = logging.getLogger("mergekit_prodistill")
+T = TypeVar("T")
+
+# Processes wait for each other at every training step, and for the slowest one after
+# the continuations (an expert of 70B generating for tens of minutes): the default
+# 10-30 minute timeouts would end a healthy merge. A process that dies closes its
+# connections, which ends the others' waits at once.
+TIMEOUT = datetime.timedelta(hours=6)
+
+
+class PeerStopped(ProDistillError):
+    """Another process of the merge stopped; its own message says why."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the merge's processes."""
+
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live
+    local_size: int = 1  # processes on this machine, sharing its CPU memory
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def leader(self) -> bool:
+        """Rank 0 writes the output, the report and the shared progress."""
+        return self.rank == 0
+
+    def owned(self, experts: int) -> range:
+        """The experts this process owns: a contiguous run, the first ``experts % size``
+        processes one more than the rest."""
+        share, extra = divmod(experts, self.size)
+        start = self.rank * share + min(self.rank, extra)
+        return range(start, start + share + (self.rank < extra))
+
+    # -- collectives (identities in one process) ------------------------------------------
+    def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` over processes, in place."""
+        if self.distributed:
+            self._call(dist.all_reduce, tensor)
+        return tensor
+
+    def sum_floats(self, values: List[float]) -> List[float]:
+        """Python floats summed over processes (float64)."""
+        if not self.distributed:
+            return list(values)
+        return self.sum_(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
+
+    def gather(self, own: List[T]) -> List[T]:
+        """Every process's list of per-expert items, joined in expert order."""
+        if not self.distributed:
+            return list(own)
+        parts = [None] * self.size
+        self._call(dist.all_gather_object, parts, list(own))
+        return [item for part in parts for item in part]
+
+    def from_leader(self, make: Callable[[], T]) -> T:
+        """``make()`` run on rank 0 only, its result (or its error) on every process."""
+        if not self.distributed:
+            return make()
+        box = [None]
+        if self.leader:
+            try:
+                box[0] = ("ok", make())
+            except ProDistillError as exc:
+                box[0] = ("error", str(exc))
+        self._call(dist.broadcast_object_list, box, src=0)
+        kind, value = box[0]
+        if kind == "error":
+            raise ProDistillError(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.distributed:
+            self._call(dist.barrier)
+
+    def _call(self, collective, *args, **kwargs):
+        try:
+            return collective(*args, **kwargs)
+        except (RuntimeError, ValueError) as exc:
+            raise PeerStopped(
+                f"process {self.rank} of {self.size}: another process of this merge stopped "
+                f"({one_line(exc)[:200]}); its own message says why. Run the same command "
+                "again to continue from the last finished block"
+            ) from None
+
+
+SINGLE = World()
+
+
+def start(device: torch.device) -> World:
+    """The world this process runs in: :data:`SINGLE` without a launcher, else a joined
+    process group ("gloo" on CPU, NCCL for CUDA tensors). On CUDA every process takes the
+    GPU of its local rank. Other ranks than 0 log errors only, so the merge's messages
+    and progress bars appear once."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return SINGLE
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=TIMEOUT)
+        except (RuntimeError, ValueError) as exc:
+            raise ProDistillError(f"process {rank} of {size}: could not join the other "
+                                  f"processes: {one_line(exc)[:300]}") from None
+    if rank != 0:
+        LOG.setLevel(logging.ERROR)
+    # A launcher stops the other processes with SIGTERM when one fails: end as after
+    # Ctrl-C (one line; progress kept) instead of dying mid-write.
+    signal.signal(signal.SIGTERM, _interrupt)
+    return World(rank, size, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop(world: World) -> None:
+    """Leave the process group (after the last collective)."""
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()

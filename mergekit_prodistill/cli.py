@@ -3,8 +3,8 @@
 ``--push-to-hub REPO_ID`` (with ``--private`` and ``--revision``) uploads the finished
 merge; mergekit-yaml's own flags belong to mergekit and cannot grow, so publishing lives
 on this command only. ``mergekit-prodistill plan RECIPE`` prints what the merge will need
-(memory per device, FLOPs, time) from the configs and the calibration files, without
-reading any weight.
+(memory per device, FLOPs, time; per process with torchrun's ``--nproc-per-node`` and
+``--nnodes``) from the configs and the calibration files, without reading any weight.
 """
 
 import sys
@@ -87,20 +87,28 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str,
 
 @click.command("plan", cls=PrettyPrintHelp)
 @click.argument("config_file")
+@click.option("--nproc-per-node", "nproc_per_node", type=click.IntRange(min=1), default=1,
+              show_default=True, help="Processes per machine, as given to torchrun.")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Machines, as given to torchrun.")
 @add_merge_options
-def plan_command(merge_options: MergeOptions, config_file: str):
+def plan_command(merge_options: MergeOptions, config_file: str, nproc_per_node: int,
+                 nnodes: int):
     """Print the memory, FLOPs and time a prodistill recipe needs, reading no weights.
 
     Takes the merge's flags (--cuda, --device, --out-shard-size, ...), since they change
-    the plan.
+    the plan, and torchrun's --nproc-per-node and --nnodes: over several processes it
+    plans process 0, which owns the most experts.
     """
+    from mergekit_prodistill.parallel import World
     from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan import make_plan
 
     merge_options.apply_global_options()
+    world = World(rank=0, size=nproc_per_node * nnodes, local_size=nproc_per_node)
     try:
         _, config = read_recipe(config_file)
-        print(make_plan(parse_recipe(config), merge_options).render())
+        print(make_plan(parse_recipe(config), merge_options, world=world).render())
     except (ProDistillError, OSError) as exc:
         exit_with(exc)
 

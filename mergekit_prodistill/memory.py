@@ -13,12 +13,15 @@ The terms follow the block loop in ``distill.py`` phase by phase:
 * ``embed``: the embedding (or LM head) of every model, its task vectors and the merge.
 * ``head`` (with ``head_epochs``): the final norm and LM head trained like a block.
 
+Over several processes (expert-parallel, :mod:`parallel`) each counts the experts it owns
+(every expert in ``embed``) and :func:`allreduce_bytes` gives what a step sends.
+
 :func:`place` puts every term on the device that holds it, the activation cache where the
 plan placed it, and adds the allocator's slack. ``docs/planning.md``
 gives the formulas and the measured error.
 """
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergekit_prodistill.shapes import ModelShape, Workload
 
@@ -111,9 +114,21 @@ def lambda_count(shape: ModelShape, experts: int, granularity: str) -> int:
 
 
 def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cache_b: int,
-                device_type: str, out_b: int):
-    """Bytes of every memory term in every phase of one block (see the module doc)."""
+                device_type: str, out_b: int, owned: Optional[Sequence[int]] = None,
+                processes: int = 1):
+    """Bytes of every memory term in every phase of one block (see the module doc) in
+    the process that owns the experts ``owned`` (default: every one) of ``processes``.
+
+    It holds those experts' task vectors, coefficients and streams, and merges the
+    embeddings of all (every process does); with several processes the fused step keeps
+    an fp32 partial sum of its largest tensor for the all-reduce (optimizer.TrainingStep).
+    """
+    every = wb
+    if owned is not None:
+        work = work.only(owned)
+        wb, stored_b = ([b[0]] + [b[1 + i] for i in owned] for b in (wb, stored_b))
     P, big, T = shape.block_numel, shape.largest, len(wb) - 1
+    partial = 4 * big if processes > 1 and p.granularity == "element" else 0
     # A block read in another dtype than stored is converted from the shard's memory map,
     # whose pages stay mapped until the block is read.
     mapped = P * max(stored_b) if stored_b != wb else 0
@@ -146,7 +161,7 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
             WEIGHTS: base + deltas + 2 * P * cb,
             LAMBDA: 16 * lam,
             CACHE: cache,
-            TRANSIENT: training_step_bytes(shape, widest, p.granularity, cb, lam),
+            TRANSIENT: training_step_bytes(shape, widest, p.granularity, cb, lam) + partial,
         },
         "write": {
             WEIGHTS: base + deltas + 4 * P,
@@ -156,12 +171,12 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
             OUTPUT: unit,
         },
         "embed": {
-            WEIGHTS: embed * (2 * wb[0] + sum(w + max(wb[0], w) for w in wb[1:])),
+            WEIGHTS: embed * (2 * every[0] + sum(w + max(every[0], w) for w in every[1:])),
             CACHE: cache,
             # merge() sums the products lambda_i tau_i: two more matrices at once.
-            TRANSIENT: embed * max(wb) * min(2, T),
+            TRANSIENT: embed * max(every) * min(2, len(every) - 1),
         },
-        "head": head_bytes(shape, widest, p, wb, cb) | {CACHE: cache},
+        "head": head_bytes(shape, widest, p, wb, cb, every) | {CACHE: cache},
     }
 
 
@@ -189,19 +204,22 @@ def training_step_bytes(shape: ModelShape, widest: Tuple[int, int], granularity:
                forward_backward_bytes(shape, *widest, cb) + cb * big - 4 * lam)
 
 
-def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb: int):
-    """Training the final norm and LM head (head.py): the base head and every task vector,
-    the merged head and a teacher's head in the compute dtype, lambda with its gradient
-    and Adam state (the head's, when it is its own tensor), and per step the larger of
-    one batch's fp32 logits (student and teacher log-probabilities and the KL's three
-    temporaries) and 12 bytes per head element: the fp32 sums that build the merged head
-    (up to three at once), or a backward beside every gradient: the merged head's
-    gradient, its fp32 copy and its product with a task vector."""
+def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb: int,
+               every: List[int]):
+    """Training the final norm and LM head (head.py): the base head and the owned experts'
+    task vectors (``every`` expert's while they are read), the merged head and a teacher's
+    head in the compute dtype, lambda with its gradient and Adam state (the head's, when
+    it is its own tensor), and per step the larger of one batch's fp32 logits (student
+    and teacher log-probabilities and the KL's three temporaries) and 12 bytes per head
+    element: the fp32 sums that build the merged head (up to three at once), or a
+    backward beside every gradient: the merged head's gradient, its fp32 copy and its
+    product with a task vector."""
     vh, T = shape.hidden * shape.vocab[0], len(wb) - 1
     trained = vh if not shape.tied else 0
     rows, width = widest
     return {
-        WEIGHTS: vh * (wb[0] + sum(max(wb[0], w) for w in wb[1:]) + 2 * cb),
+        WEIGHTS: vh * (wb[0] + max(sum(max(wb[0], w) for w in every[1:]),
+                                   sum(max(wb[0], w) for w in wb[1:]) + 2 * cb)),
         LAMBDA: 16 * T * (trained + shape.hidden),
         TRANSIENT: max(5 * 4 * rows * width * shape.vocab[0], 3 * 4 * vh),
     }
@@ -226,6 +244,12 @@ def step_traffic(shape: ModelShape, wb: List[int], cb: int, lam: int) -> float:
     merge = P * (wb[0] + 8 + cb) + sum(P * (max(wb[0], w) + 12) for w in wb[1:])
     chain = sum(P * (cb + 12 + max(wb[0], w)) for w in wb[1:])
     return merge + backward + chain + 76 * lam
+
+
+def allreduce_bytes(processes: int, numel: int, element_bytes: int) -> float:
+    """Bytes each process sends in a ring all-reduce of ``numel`` elements (gloo's and
+    NCCL's algorithm for large tensors): 2 (R - 1) / R of the tensor."""
+    return 2 * (processes - 1) / processes * numel * element_bytes
 
 
 def output_buffer(shape: ModelShape, out_b: int, shard_size: int) -> int:

@@ -12,8 +12,8 @@ them on the compute device and the CPU, and adds:
 Every phase also holds the masks and positions of all batches. A merge without training
 streams its output: the writer holds up to one shard (it flushes a shard once full) in
 every phase. Each device's peak is its largest phase. The Python runtime itself (torch
-and libraries, about 0.5 GB on CPU) is not included: it is already in use when the check
-runs.
+and libraries, about 0.5 GB on CPU) is not included: it is in use when the check runs.
+Over several processes a plan is one process's: its experts, and what it sends.
 
 Where the activation streams live (:func:`stream_placement`), their dtype and their
 folder on disk are the merge's own: the run builds its streams from the :class:`Plan`
@@ -25,7 +25,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from mergekit_prodistill import devices, dtypes, expert_placement, generation_plan, layout, workload
+from mergekit_prodistill import (devices, dtypes, expert_placement, generation_plan, layout,
+                                 parallel, workload)
 from mergekit_prodistill.blocks import check_supported
 from mergekit_prodistill.devices import DeviceClass
 from mergekit_prodistill.errors import ProDistillError
@@ -34,8 +35,8 @@ from mergekit_prodistill.generation_plan import Generation
 from mergekit_prodistill.model_files import model_config
 from mergekit_prodistill.memory import (
     CACHE, CONTEXTS, EXPERT, GENERATION, LAMBDA, OUTPUT, SLACK, TRANSIENT, WEIGHTS,
-    batch_flops, context_bytes, lambda_count, output_buffer, peak_total, phase_bytes, place,
-    step_traffic)
+    allreduce_bytes, batch_flops, context_bytes, lambda_count, output_buffer, peak_total,
+    phase_bytes, place, step_traffic)
 from mergekit_prodistill.plan_table import render
 from mergekit_prodistill.shapes import ModelShape, Workload, dtype_bytes, model_shape
 
@@ -60,8 +61,9 @@ KNOBS = {
 
 @dataclass
 class Plan:
-    """What a merge will need: bytes per device and phase, FLOPs and bytes moved; and
-    where its activation streams go (``placement``, ``activation_dir``, ``dtypes["cache"]``)."""
+    """What a merge (one process of it, ``world``) will need: bytes per device and phase,
+    FLOPs, bytes moved and sent; and where its activation streams go (``placement``,
+    ``activation_dir``, ``dtypes["cache"]``)."""
 
     recipe: object
     shape: ModelShape
@@ -78,6 +80,17 @@ class Plan:
     available: Dict[str, Optional[int]] = field(default_factory=dict)
     generation: List[expert_placement.Placement] = field(default_factory=list)  # per expert
     continuation_reads: Dict[str, float] = field(default_factory=dict)  # bytes, by source
+    world: parallel.World = parallel.SINGLE  # the planned process and its peers
+    comm_bytes_per_step: float = 0.0  # sent by the planned process in a training step
+
+    @property
+    def owned(self) -> range:
+        """The experts the planned process owns (all of them in one process)."""
+        return self.world.owned(len(self.recipe.experts))
+
+    @property
+    def comm_bytes_per_block(self) -> float:
+        return self.comm_bytes_per_step * self.flops["steps"] * self.flops["epochs"]
 
     @property
     def cache_at(self) -> str:
@@ -144,16 +157,21 @@ def stream_placement(requested: str, device: torch.device, totals: Dict[str, int
 
 def make_plan(recipe, options, calib=None,
               available: Optional[Dict[str, Optional[int]]] = None,
-              out_path: Optional[str] = None) -> Plan:
-    """Plan ``recipe`` under ``options`` from configs and prompts alone.
+              out_path: Optional[str] = None, world: parallel.World = parallel.SINGLE) -> Plan:
+    """Plan ``recipe`` under ``options`` from configs and prompts alone, for the process
+    ``world`` describes (default: one process that owns every expert).
 
     ``calib`` is the merge's :class:`~mergekit_prodistill.calibration.CalibrationSet`
     (default: the prompts are read here). ``available`` maps a device name to the bytes
-    free on it (default: what this machine shows); the streams are placed according to
-    it. ``out_path`` is the output folder, whose staging folder holds disk-backed
-    streams unless the recipe names an ``activation_dir``.
+    free on it (default: what this machine shows, CPU memory split among its processes);
+    the streams are placed according to it. ``out_path`` is the output folder, whose
+    staging folder holds disk-backed streams unless the recipe names an ``activation_dir``.
     """
     p = recipe.params
+    if world.size > len(recipe.experts):
+        raise ProDistillError(
+            f"{world.size} processes for {len(recipe.experts)} experts: each process owns "
+            f"at least one expert; start at most {len(recipe.experts)} processes")
     device = torch.device(options.device or "cpu")
     seed = options.random_seed if options.random_seed is not None else 0
     trust = options.trust_remote_code
@@ -173,15 +191,17 @@ def make_plan(recipe, options, calib=None,
     out = recipe.out_dtype or weights
     work = workload.from_calibration(recipe, calib) if calib is not None \
         else workload.from_prompts(recipe, options, seed)
+    owned = world.owned(len(recipe.experts))
+    mine, own = [1 + i for i in owned], work.only(owned)  # this process's models, batches
 
     per_phase = phase_bytes(shape, work, p, wb, [dtype_bytes(d) for d in stored],
                             dtype_bytes(compute), dtype_bytes(compute), device.type,
-                            dtype_bytes(out))
+                            dtype_bytes(out), owned, world.size)
     if not p.epochs:
         del per_phase["train"]  # no merged block, gradients or Adam state
     if not (p.epochs and p.head_epochs):
         del per_phase["head"]
-    contexts = context_bytes(shape, work, dtype_bytes(compute))
+    contexts = context_bytes(shape, own, dtype_bytes(compute))
     buffer = output_buffer(shape, dtype_bytes(out), options.out_shard_size)
     if p.epochs:
         # Each finished unit goes to its own file (progress.py): only the block being
@@ -193,40 +213,37 @@ def make_plan(recipe, options, calib=None,
 
     dev = str(device)
     if available is None:
-        available = devices.free_memory(device)
+        available = devices.free_memory(device, sharing=world.local_size)
     split = {at: place(per_phase, contexts, dev, where, shape.heap_share)
              for at, where in (("device", dev), ("cpu", "cpu"), ("disk", None))}
     placement = stream_placement(p.activation_placement, device, {
         "device": peak_total(split["device"], dev), "cpu": peak_total(split["cpu"], "cpu"),
         "disk": peak_total(split["disk"], dev)}, available)
     phases = split[placement]
-    generating = generation_plan.generations(recipe, expert_configs, wb[1:], work, device,
-                                             available, trust)
+    generating = generation_plan.generations(
+        recipe, [expert_configs[i] for i in owned], [wb[m] for m in mine], own, device,
+        available, trust)
     if generating:
         generation_plan.add_phase(phases, dev, max(generating, key=Generation.device_total),
                                   shape.heap_share)
 
-    fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in work.batches]
-    steps = max(len(bs) for bs in work.batches)
+    fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in own.batches]
+    steps = max(len(bs) for bs in work.batches)  # every process steps with the others
     epochs = p.epochs_for(steps)
     per_step = 3 * sum(sum(f) / len(f) for f in fwd)  # forward + backward = 3 forwards
     evals = 3 if p.epochs else 2  # teacher outputs, loss before training, new stream
-    lam = lambda_count(shape, len(recipe.experts), p.granularity)
+    lam = lambda_count(shape, len(owned), p.granularity)
     checkpoint = [shape.num_layers * shape.block_numel
                   + shape.hidden * v * (1 if shape.tied else 2) for v in shape.vocab]
+    read = lambda models: sum(checkpoint[m] * dtype_bytes(stored[m]) for m in models)  # noqa: E731
     return Plan(
-        recipe=recipe,
-        shape=shape,
-        work=work,
+        recipe=recipe, shape=shape, work=work, device=dev, placement=placement, phases=phases,
         dtypes={"weights": weights, "compute": compute, "cache": compute, "output": out},
-        device=dev,
-        placement=placement,
         activation_dir=p.activation_dir or (layout.scratch_dir(out_path) if out_path else None),
-        phases=phases,
         flops={
             "training": shape.num_layers * epochs * steps * per_step
             # the head: forward + backward of a hidden x vocabulary matmul per token
-            + (p.head_epochs * 3 * 2 * shape.hidden * shape.vocab[0] * sum(work.tokens)
+            + (p.head_epochs * 3 * 2 * shape.hidden * shape.vocab[0] * sum(own.tokens)
                if p.epochs else 0),
             "forwards": shape.num_layers * evals * sum(sum(f) for f in fwd),
             "continuation": sum(g.flops for g in generating),
@@ -234,25 +251,30 @@ def make_plan(recipe, options, calib=None,
             "epochs": epochs,
         },
         moved_bytes=shape.num_layers * epochs * steps
-        * step_traffic(shape, wb, dtype_bytes(compute), lam),
-        io_bytes=sum(n * dtype_bytes(d) for n, d in zip(checkpoint, stored))
-        + checkpoint[0] * dtype_bytes(out),
+        * step_traffic(shape, [wb[0]] + [wb[m] for m in mine], dtype_bytes(compute), lam),
+        # The base and the owned experts are read; rank 0 alone writes the output.
+        io_bytes=read([0, *mine]) + (checkpoint[0] * dtype_bytes(out) if world.leader else 0),
         cache_bytes=max(t.get(CACHE, 0) for t in per_phase.values()),
-        available=available,
-        generation=[g.placement for g in generating],
+        available=available, generation=[g.placement for g in generating],
         # Generating reads each expert's checkpoint once more to load it.
         continuation_reads={
-            "load": sum(n * dtype_bytes(d) for n, d in zip(checkpoint[1:], stored[1:])),
+            "load": read(mine),
             **{k: sum(g.reads[k] for g in generating) for k in ("device", "host", "disk")},
-        } if generating else {},
+        } if generating else {}, world=world,
+        # Two all-reduces of one block per step: dL/dW and the fp32 partial sum.
+        comm_bytes_per_step=allreduce_bytes(world.size, shape.block_numel, dtype_bytes(compute))
+        + allreduce_bytes(world.size, shape.block_numel, 4) if p.epochs else 0.0,
     )
 
 
-def check_fits(recipe, options, out_path: str, calib=None) -> Plan:
-    """Refuse to start a merge whose plan exceeds the memory this machine shows, or whose
-    disk-backed streams exceed their folder's free space; return the plan the merge runs.
+def check_fits(recipe, options, out_path: str, calib=None,
+               world: parallel.World = parallel.SINGLE) -> Plan:
+    """Refuse to start a merge whose plan (for this process of ``world``) exceeds the
+    memory this machine shows, or whose disk-backed streams exceed their folder's free
+    space; return the plan the merge runs.
     """
-    plan = make_plan(recipe, options, calib, out_path=out_path)
+    plan = make_plan(recipe, options, calib, out_path=out_path, world=world)
+    who = f"process {world.rank} of {world.size}" if world.distributed else "the merge"
     for device, free in plan.available.items():
         if device not in plan.phases or free is None or plan.total(device) <= free:
             continue
@@ -260,11 +282,11 @@ def check_fits(recipe, options, out_path: str, calib=None) -> Plan:
         largest = max((t for t in terms if t != SLACK), key=terms.get)
         parts = ", ".join(f"{t} {fmt_bytes(v)}" for t, v in terms.items() if v)
         raise ProDistillError(
-            f"plan: the merge needs {fmt_bytes(plan.total(device))} on {device} while "
+            f"plan: {who} needs {fmt_bytes(plan.total(device))} on {device} while "
             f"{PHASES[phase]} ({parts}) but {fmt_bytes(free)} is free; the largest part "
             f"is the {largest}: {KNOBS[largest]} (see mergekit-prodistill plan)"
         )
-    for expert, placed in zip(recipe.experts, plan.generation):
+    for expert, placed in zip([recipe.experts[i] for i in plan.owned], plan.generation):
         placed.check(torch.device(plan.device), expert.model)
     if plan.placement == "disk":
         _, free = devices.free_disk(plan.activation_dir)

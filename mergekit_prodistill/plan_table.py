@@ -29,6 +29,13 @@ def render(plan) -> str:
         f"lambda float32 ({p.granularity}), cache {plan.dtypes['cache']} on "
         f"{plan.cache_at}, output {plan.dtypes['output']}",
     ]
+    w = plan.world
+    if w.distributed:
+        owned = [str(i + 1) for i in plan.owned]
+        lines.append(
+            f"  processes: {w.size} ({w.local_size} per machine); planned: process {w.rank}, "
+            f"which owns expert{'s' * (len(owned) > 1)} {', '.join(owned)} of "
+            f"{len(plan.recipe.experts)} (recipe order); memory, FLOPs and time are its own")
     if plan.generation:
         known = plan.available.get(plan.device) is not None
         lines.append(
@@ -67,9 +74,15 @@ def render(plan) -> str:
         f"{fmt_bytes(plan.io_bytes)}"
         + "".join(f", continuation reads {fmt_bytes(plan.continuation_reads[k])} from {k}"
                   for k in ("host", "disk") if plan.continuation_reads.get(k)),
-        "",
-        "time estimate (achievable rates, see docs/planning.md)",
     ]
+    if w.distributed and plan.comm_bytes_per_step:
+        blocks = s.num_layers * plan.comm_bytes_per_block
+        lines.append(
+            f"communication: 2 all-reduces of one block per training step (dL/dW in "
+            f"{plan.dtypes['compute']}, the next weights' float32 partial sum): "
+            f"{fmt_bytes(plan.comm_bytes_per_step)} sent per step by each process, "
+            f"{fmt_bytes(plan.comm_bytes_per_block)} per block, {fmt_bytes(blocks)} in all")
+    lines += ["", "time estimate (achievable rates, see docs/planning.md)"]
     for cls in DEVICE_CLASSES:
         fits = ""
         if cls.kind == torch.device(plan.device).type:

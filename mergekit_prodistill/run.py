@@ -92,7 +92,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     for batches in (calib.batches, calib.holdout_batches):
         vocabulary.calibration_ids(batches, calib.sources)
     # 4. The plan, checked against the memory free now, before any weight is read.
-    decided = plan.check_fits(recipe, options, out_path, calib)
+    decided = plan.check_fits(recipe, options, out_path, calib, world=world)
 
     LoaderCache().setup(options=options)
     module = checked.module

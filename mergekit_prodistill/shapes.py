@@ -2,7 +2,7 @@
 from ``config.json``, no weights) and every expert's calibration batches."""
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Sequence, Tuple
 
 import torch
 from mergekit.common import dtype_from_name
@@ -61,6 +61,12 @@ class Workload:
     def holdout_slots(self) -> int:
         """Token positions of one held-out stream, every expert's, padding included."""
         return sum(rows * width for batches in self.holdout_batches for rows, width in batches)
+
+    def only(self, experts: Sequence[int]) -> "Workload":
+        """The workload of these experts alone: the ones one process owns."""
+        pick = lambda items: tuple(items[i] for i in experts) if items else ()  # noqa: E731
+        return Workload(pick(self.batches), pick(self.tokens), self.source,
+                        pick(self.prompt_lengths), pick(self.holdout_batches))
 
 
 # Families whose norm modules compute (1 + weight) x normalised input in fp32 and cast

@@ -15,7 +15,7 @@ from mergekit.options import MergeOptions
 
 from helpers import merge, run_cli
 from mergekit_prodistill import (calibration, cli, continuation, devices, expert_placement,
-                                 memory, plan, preflight, shapes, tiny)
+                                 memory, parallel, plan, preflight, shapes, tiny)
 from mergekit_prodistill.blocks import BlockRunner
 from mergekit_prodistill.calibration import Batch
 from mergekit_prodistill.recipe import parse_recipe
@@ -342,3 +342,78 @@ def test_the_plan_counts_blocks_in_the_dtype_they_run_in(wizard_13b):
     experts = 3
     assert p.phases["cuda"]["train"][memory.WEIGHTS] == \
         (1 + experts) * BLOCK_13B * 2 + 2 * BLOCK_13B * 4
+
+
+def tiny_plan(fam, world=parallel.SINGLE, available=None, **params):
+    config = MergeConfiguration.model_validate(yaml.safe_load(fam.recipe("prodistill", **params)))
+    return plan.make_plan(parse_recipe(config), MergeOptions(),
+                          available={"cpu": None} if available is None else available,
+                          world=world)
+
+
+def test_each_process_plans_the_experts_it_owns(families):
+    fam = families("llama", 3)
+    params = dict(shots=8, batch_size=4, continue_tokens=8, head_epochs=1)
+    one = tiny_plan(fam, **params)
+    first = tiny_plan(fam, parallel.World(0, 2, local_size=2), **params)
+    second = tiny_plan(fam, parallel.World(1, 2, local_size=2), **params)
+    assert (list(first.owned), list(second.owned)) == ([0, 1], [2])
+    lam = [p.phases["cpu"]["train"][memory.LAMBDA] for p in (one, first, second)]
+    assert lam == [16 * n * one.shape.block_numel for n in (3, 2, 1)]
+    # The streams of experts 0 and 1 (merged and expert), and their held-out prompts'
+    # three streams: expert 2's are the other process's.
+    work, hidden = one.work, one.shape.hidden
+    held = lambda i: sum(r * w for r, w in work.holdout_batches[i])  # noqa: E731
+    own_streams = (2 * (work.slots(0) + work.slots(1)) + 3 * (held(0) + held(1))) * hidden * 4
+    assert first.cache_bytes == own_streams < one.cache_bytes
+    assert first.work == one.work  # the table still shows every expert's prompts
+    # Every process steps as often; between them they do the one process's FLOPs.
+    assert first.flops["steps"] == second.flops["steps"] == one.flops["steps"]
+    for kind in ("training", "forwards", "continuation"):
+        assert first.flops[kind] + second.flops[kind] == pytest.approx(one.flops[kind])
+    assert (len(first.generation), len(second.generation)) == (2, 1)
+    # Rank 0 alone writes the output.
+    assert first.io_bytes - second.io_bytes > one.io_bytes - first.io_bytes
+    # Two ring all-reduces of one block per step: dL/dW (float32 here) and the fp32
+    # partial sum, which each process keeps beside the training step's other moments.
+    P = one.shape.block_numel
+    assert one.comm_bytes_per_step == 0
+    assert first.comm_bytes_per_step == second.comm_bytes_per_step == 2 * (2 - 1) / 2 * P * (4 + 4)
+    assert first.comm_bytes_per_block == \
+        first.comm_bytes_per_step * one.flops["steps"] * one.flops["epochs"]
+    transient = second.phases["cpu"]["train"][memory.TRANSIENT]
+    widest = max((b for i in second.owned for b in work.batches[i]), key=lambda b: b[0] * b[1])
+    assert transient == memory.training_step_bytes(second.shape, widest, "element", 4, P) \
+        + 4 * one.shape.largest
+
+
+def test_processes_on_one_machine_share_its_cpu_memory(families, monkeypatch):
+    monkeypatch.setattr(devices, "available_memory", lambda device: 10**12)
+    config = MergeConfiguration.model_validate(yaml.safe_load(
+        families("llama", 3).recipe("prodistill", shots=8)))
+    shared = plan.make_plan(parse_recipe(config), MergeOptions(),
+                            world=parallel.World(0, 2, local_size=2))
+    assert shared.available["cpu"] == 10**12 // 2
+    monkeypatch.setattr(devices, "available_memory", lambda device: 100_000)
+    with pytest.raises(ProDistillError, match=r"^plan: process 1 of 2 needs .* on cpu while "):
+        plan.check_fits(parse_recipe(config), MergeOptions(), "out",
+                        world=parallel.World(1, 2, local_size=2))
+
+
+def test_plan_command_plans_process_0_of_torchruns_processes(families, tmp_path):
+    path = tmp_path / "recipe.yml"
+    path.write_text(families("llama", 3).recipe("prodistill", shots=8))
+    runner = CliRunner()
+    out = runner.invoke(cli.main, ["plan", str(path), "--nproc-per-node", "2"]).output
+    assert "processes: 2 (2 per machine); planned: process 0, which owns experts 1, 2 of 3" \
+        in out
+    assert re.search(r"communication: 2 all-reduces of one block per training step .* "
+                     r"sent per step by each process", out)
+    single = runner.invoke(cli.main, ["plan", str(path)]).output
+    assert "processes:" not in single and "communication:" not in single
+    refused = runner.invoke(cli.main, ["plan", str(path), "--nproc-per-node", "2",
+                                       "--nnodes", "2"])
+    assert refused.exit_code == 2
+    assert refused.output.strip().splitlines() == [
+        "mergekit-prodistill: error: 4 processes for 3 experts: each process owns at least "
+        "one expert; start at most 3 processes"]

@@ -81,7 +81,8 @@ def render(plan) -> str:
             f"communication: 2 all-reduces of one block per training step (dL/dW in "
             f"{plan.dtypes['compute']}, the next weights' float32 partial sum): "
             f"{fmt_bytes(plan.comm_bytes_per_step)} sent per step by each process, "
-            f"{fmt_bytes(plan.comm_bytes_per_block)} per block, {fmt_bytes(blocks)} in all")
+            f"{fmt_bytes(plan.comm_bytes_per_block)} per block, {fmt_bytes(blocks)} in all "
+            "(not in the time estimate)")
     lines += ["", "time estimate (achievable rates, see docs/planning.md)"]
     for cls in DEVICE_CLASSES:
         fits = ""

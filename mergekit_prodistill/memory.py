@@ -176,7 +176,7 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
             # merge() sums the products lambda_i tau_i: two more matrices at once.
             TRANSIENT: embed * max(every) * min(2, len(every) - 1),
         },
-        "head": head_bytes(shape, widest, p, wb, cb, every) | {CACHE: cache},
+        "head": head_bytes(shape, widest, p, wb, cb, every, processes) | {CACHE: cache},
     }
 
 
@@ -205,7 +205,7 @@ def training_step_bytes(shape: ModelShape, widest: Tuple[int, int], granularity:
 
 
 def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb: int,
-               every: List[int]):
+               every: List[int], processes: int = 1):
     """Training the final norm and LM head (head.py): the base head and the owned experts'
     task vectors (``every`` expert's while they are read), the merged head and a teacher's
     head in the compute dtype, lambda with its gradient and Adam state (the head's, when
@@ -213,15 +213,18 @@ def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb:
     and teacher log-probabilities and the KL's three temporaries) and 12 bytes per head
     element: the fp32 sums that build the merged head (up to three at once), or a
     backward beside every gradient: the merged head's gradient, its fp32 copy and its
-    product with a task vector."""
+    product with a task vector; over several processes, the fused step's fp32 partial sum
+    of its largest trained tensor."""
     vh, T = shape.hidden * shape.vocab[0], len(wb) - 1
     trained = vh if not shape.tied else 0
+    partial = 4 * (trained or shape.hidden) if processes > 1 and p.granularity == "element" \
+        else 0
     rows, width = widest
     return {
         WEIGHTS: vh * (wb[0] + max(sum(max(wb[0], w) for w in every[1:]),
                                    sum(max(wb[0], w) for w in wb[1:]) + 2 * cb)),
         LAMBDA: 16 * T * (trained + shape.hidden),
-        TRANSIENT: max(5 * 4 * rows * width * shape.vocab[0], 3 * 4 * vh),
+        TRANSIENT: max(5 * 4 * rows * width * shape.vocab[0], 3 * 4 * vh) + partial,
     }
 
 

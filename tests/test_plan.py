@@ -385,6 +385,9 @@ def test_each_process_plans_the_experts_it_owns(families):
     widest = max((b for i in second.owned for b in work.batches[i]), key=lambda b: b[0] * b[1])
     assert transient == memory.training_step_bytes(second.shape, widest, "element", 4, P) \
         + 4 * one.shape.largest
+    head = [memory.head_bytes(one.shape, widest, one.recipe.params, [4, 4], 4, [4] * 4,
+                              processes)[memory.TRANSIENT] for processes in (1, 2)]
+    assert head[1] - head[0] == 4 * one.shape.hidden * one.shape.vocab[0]  # untied head
 
 
 def test_processes_on_one_machine_share_its_cpu_memory(families, monkeypatch):

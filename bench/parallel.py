@@ -9,9 +9,10 @@ runtime), then the merge in-process through ``run.run_prodistill``, and records 
 RSS (VmHWM, which getrusage reports; Python runtime included), its growth above the RSS
 before the merge in each phase (the peak reset at every phase, as
 ``plan_accuracy.py --phases`` does), the largest lambda state it held (lambda and the
-moments of every ``Optimizer`` it built), its wall time, and the plan for its own place
-among the processes. Prints them side by side, the ratios 2-process / 1-process (goal:
-lambda state per process <= 0.55x), and whether both outputs are the same bits.
+moments of every ``Optimizer`` it built), its wall time, the plan for its own place
+among the processes, and (2 processes) the time of a step's two all-reduces alone.
+Prints them side by side, the ratios 2-process / 1-process (goal: lambda state per
+process <= 0.55x), and whether both outputs are the same bits.
 
     python bench/parallel.py [--hidden 2048] [--layers 2] [--dtype bfloat16] [--dir DIR]
 """
@@ -71,6 +72,7 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
     held["lambda_state"] = 0
     planned = plan.make_plan(parse_recipe(configs[1]), options,
                              world=parallel.World(rank, size, local_size=size))
+    exchange = allreduce_seconds(planned) if size > 1 else 0.0
     phases = PhasePeaks(status("VmRSS"))
     phases.watch()
     phases.enter("embed")
@@ -88,8 +90,26 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
         "planned_lambda": planned.phases["cpu"]["train"][memory.LAMBDA],
         "phases": {name: [peak, sum(planned.phases["cpu"].get(name, {}).values())]
                    for name, peak in phases.peaks.items()},
-        "comm_per_step": planned.comm_bytes_per_step,
+        "comm_per_step": planned.comm_bytes_per_step, "comm_seconds": exchange,
+        "steps": planned.flops["steps"] * planned.flops["epochs"] * planned.shape.num_layers,
         "comm_all": planned.comm_bytes_per_block * planned.shape.num_layers}))
+
+
+def allreduce_seconds(planned, rounds: int = 3) -> float:
+    """Seconds of a training step's two all-reduces alone (dL/dW in the compute dtype and
+    the fp32 partial sum of one block), timed in the process group the warm-up left."""
+    import torch.distributed as dist
+
+    numel = planned.shape.block_numel
+    tensors = [torch.ones(numel, dtype=getattr(torch, planned.dtypes["compute"])),
+               torch.ones(numel, dtype=torch.float32)]
+    for t in tensors:
+        dist.all_reduce(t)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        for t in tensors:
+            dist.all_reduce(t)
+    return (time.perf_counter() - started) / rounds
 
 
 def launch(command, results: Path):
@@ -165,6 +185,9 @@ def report(args, intermediate: int, runs) -> None:
             print(f"  {n} process{'es' * (n > 1)}, rank {r['rank']}: " + ", ".join(
                 f"{name} {mb(got)} / {mb(want)}" for name, (got, want) in r["phases"].items()))
     one, two = runs[1][0], runs[2]
+    r = two[0]
+    print(f"a step's two all-reduces alone: {r['comm_seconds']:.3f} s "
+          f"({r['comm_seconds'] * r['steps']:.1f} s over the merge's {r['steps']} steps)")
     for key, label, goal in (("lambda_state", "lambda state", " (goal <= 0.55)"),
                              ("peak_rss", "peak RSS", ""), ("growth", "growth", ""),
                              ("wall", "wall time", "")):

@@ -23,7 +23,7 @@ from mergekit_prodistill.blocks import BatchContext, BlockRunner
 from mergekit_prodistill.coefficients import (Weights, at_init, fit, gathered_stats,
                                               masked_mse, merged_weights)
 from mergekit_prodistill.fidelity import Heldout
-from mergekit_prodistill.parallel import World
+from mergekit_prodistill.parallel import SINGLE, World
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -97,7 +97,7 @@ def mean_loss(per_expert: List[float], world: World) -> float:
 
 def distill_block(runner: BlockRunner, index: int, base_w: Weights,
                   expert_blocks: Iterable[Weights], streams: Streams, p, epochs: int,
-                  generator: torch.Generator, world: World, on_epoch=None):
+                  generator: torch.Generator, world: World = SINGLE, on_epoch=None):
     """Merge block ``index``: returns its weights as written (the weights' dtype, own
     parameter names) and its report. ``expert_blocks`` yields each owned expert's block in
     turn, so that only one is in memory; the streams advance past the block."""

@@ -16,6 +16,7 @@ One process (no launcher) is :data:`SINGLE`, whose collectives do nothing.
 import datetime
 import logging
 import os
+import re
 import signal
 from dataclasses import dataclass
 from typing import Callable, List, TypeVar
@@ -109,10 +110,12 @@ class World:
         try:
             return collective(*args, **kwargs)
         except (RuntimeError, ValueError) as exc:
+            # gloo and NCCL start with "[file:line] " and add a paragraph of advice.
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", one_line(exc)).split(". ")[0][:200]
             raise PeerStopped(
                 f"process {self.rank} of {self.size}: another process of this merge stopped "
-                f"({one_line(exc)[:200]}); its own message says why. Run the same command "
-                "again to continue from the last finished block"
+                f"({cause}); its own message, or the launcher's, says why. Run the same "
+                "command again to continue from the last finished block"
             ) from None
 
 

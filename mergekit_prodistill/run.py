@@ -148,10 +148,12 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
                           vocabulary, report)
         world.barrier()  # every process keeps its streams until the output is complete
     except BaseException as exc:
-        # Saved continuations alone are kept when the run was stopped, not when it failed:
-        # a failure is usually fixed by changing the recipe, which voids them.
+        # Saved continuations alone are kept when the run was stopped (by the user, or by
+        # another process's end), not when it failed: a failure is usually fixed by
+        # changing the recipe, which voids them.
+        stopped = isinstance(exc, (KeyboardInterrupt, parallel.PeerStopped))
         resumable = progress is not None and (progress.has_progress() or (
-            isinstance(exc, KeyboardInterrupt) and progress.has_continuations()))
+            stopped and progress.has_continuations()))
         if not resumable and world.leader:  # nothing worth keeping: leave no trace
             output.discard(staging, out_path, created_out)
         if isinstance(exc, KeyboardInterrupt):

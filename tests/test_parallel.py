@@ -1,0 +1,150 @@
+"""Several processes merge as one: torchrun, the gloo backend, tiny models on CPU."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import BIN, merge, run_cli
+from mergekit_prodistill.parallel import World
+from test_merge import load_tensors
+
+STATE = Path(".prodistill-staging") / ".progress" / "state.json"
+
+
+def torchrun(processes: int, recipe: Path, out: Path, logs: Path = None, check=True):
+    """``torchrun -m mergekit_prodistill RECIPE OUT`` on this machine; with ``logs``, each
+    process's output goes to its own files there."""
+    return run_cli(*_torchrun_args(processes, recipe, out, logs), check=check)
+
+
+def _torchrun_args(processes, recipe, out, logs):
+    args = [BIN / "torchrun", "--standalone", "--nproc-per-node", processes]
+    if logs:
+        args += ["--log-dir", logs, "--redirects", "3"]
+    return [*args, "-m", "mergekit_prodistill", recipe, out, "--quiet", "--random-seed", "3"]
+
+
+def process_stderr(logs: Path, rank: int) -> str:
+    """What process ``rank`` wrote to stderr (torchrun --log-dir --redirects 3)."""
+    (path,) = logs.glob(f"*/attempt_0/{rank}/stderr.log")
+    return path.read_text()
+
+
+def errors(text: str):
+    return [line for line in text.splitlines() if line.startswith("mergekit-prodistill:")]
+
+
+def same_report(one: dict, other: dict) -> None:
+    """Everything the report says of the training, times aside."""
+    for block, twin in zip(one["blocks"], other["blocks"], strict=True):
+        block.pop("seconds"), twin.pop("seconds")
+        assert block == twin
+    assert one["head"] == other["head"] and one["fidelity"] == other["fidelity"]
+
+
+@pytest.fixture(scope="module")
+def three_experts(families, tmp_path_factory):
+    """A recipe with everything a merge trains (continuations, head, held-out prompts),
+    three experts (so two processes own 2 and 1), and its merge in one process."""
+    fam = families("llama", 3, num_layers=4)
+    folder = tmp_path_factory.mktemp("parallel")
+    recipe = folder / "recipe.yml"
+    recipe.write_text(fam.recipe("prodistill", epochs=3, lr=0.05, shots=8, batch_size=4,
+                                 continue_tokens=4, head_epochs=2, holdout=0.25))
+    one = merge(recipe.read_text(), folder / "one", random_seed=3)
+    return recipe, one
+
+
+def test_experts_split_into_contiguous_runs():
+    assert [list(World(r, 2).owned(3)) for r in range(2)] == [[0, 1], [2]]
+    assert [list(World(r, 3).owned(8)) for r in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    assert list(World().owned(3)) == [0, 1, 2]
+
+
+LAUNCHERS = {
+    "torchrun": [BIN / "torchrun", "--standalone", "--nproc-per-node", "2"],
+    "accelerate": [BIN / "accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"],
+}
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_two_processes_merge_bit_for_bit_as_one(three_experts, tmp_path, launcher):
+    recipe, one = three_experts
+    two = tmp_path / "two"
+    run_cli(*LAUNCHERS[launcher], "-m", "mergekit_prodistill", recipe, two, "--quiet",
+            "--random-seed", "3")
+    a, b = load_tensors(one), load_tensors(two)
+    assert a.keys() == b.keys()
+    unequal = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[0]}"
+    report = json.loads((two / "prodistill_report.json").read_text())
+    assert report["processes"] == 2
+    same_report(json.loads((one / "prodistill_report.json").read_text()), report)
+    assert not (two / ".prodistill-staging").exists()
+
+
+def test_more_processes_than_experts_are_refused(families, tmp_path):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(families("llama", 2).recipe("prodistill", epochs=1, shots=4))
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    proc = torchrun(3, recipe, out, logs, check=False)
+    assert proc.returncode != 0
+    for rank in range(3):
+        (line,) = errors(process_stderr(logs, rank))
+        assert "3 processes for 2 experts" in line
+    assert not out.exists()
+
+
+def worker(launcher: subprocess.Popen, rank: int) -> int:
+    """The pid of the launcher's worker process of ``rank``."""
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if parent == launcher.pid and f"RANK={rank}".encode() in environ:
+            return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} found")
+
+
+def blocks_done(out: Path) -> int:
+    try:
+        return json.loads((out / STATE).read_text())["blocks_done"]
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds workers in /proc")
+def test_a_killed_process_stops_every_process_and_a_rerun_continues(three_experts, tmp_path):
+    recipe, one = three_experts
+    slow = tmp_path / "recipe.yml"  # more epochs: time to kill it between two blocks
+    slow.write_text(recipe.read_text().replace("epochs: 3", "epochs: 60"))
+    whole = merge(slow.read_text(), tmp_path / "whole", random_seed=3)
+
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    launcher = subprocess.Popen([str(a) for a in _torchrun_args(2, slow, out, logs)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while blocks_done(out) < 1 and launcher.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(worker(launcher, 1), signal.SIGKILL)
+    assert launcher.wait(timeout=120) != 0
+    done = blocks_done(out)
+    assert 1 <= done < 4, f"the kill should land mid-merge, after block {done}"
+    # The survivor ends with one line and no traceback; nothing looks finished.
+    survivor = process_stderr(logs, 0)
+    assert len(errors(survivor)) == 1 and "Traceback" not in survivor, survivor
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+
+    torchrun(2, slow, out)
+    a, b = load_tensors(whole), load_tensors(out)
+    assert all(torch.equal(a[name], b[name]) for name in a)

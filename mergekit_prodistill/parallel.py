@@ -13,6 +13,7 @@ process does: with two processes the result is the same bit for bit.
 One process (no launcher) is :data:`SINGLE`, whose collectives do nothing.
 """
 
+import contextlib
 import datetime
 import logging
 import os
@@ -138,6 +139,7 @@ def start(device: torch.device) -> World:
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         try:
             dist.init_process_group(backend, timeout=TIMEOUT)
+            _joined.append(True)  # this run joined it, so this run leaves it
         except (RuntimeError, ValueError) as exc:
             raise ProDistillError(f"process {rank} of {size}: could not join the other "
                                   f"processes: {one_line(exc)[:300]}") from None
@@ -145,15 +147,24 @@ def start(device: torch.device) -> World:
         LOG.setLevel(logging.ERROR)
     # A launcher stops the other processes with SIGTERM when one fails: end as after
     # Ctrl-C (one line; progress kept) instead of dying mid-write.
-    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        _previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
     return World(rank, size, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+_previous_handlers = {}
+_joined = []
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def stop(world: World) -> None:
-    """Leave the process group (after the last collective)."""
-    if world.distributed and dist.is_initialized():
+def stop() -> None:
+    """Leave the process group (after the last collective) and restore SIGTERM."""
+    if _joined and dist.is_initialized():
         dist.destroy_process_group()
+    _joined.clear()
+    for signum, handler in _previous_handlers.items():
+        signal.signal(signum, handler)
+    _previous_handlers.clear()

@@ -68,7 +68,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
     try:
         _merge(merge_config, out_path, options, config_source, world)
     finally:
-        parallel.stop(world)
+        parallel.stop()
 
 
 @honours_quiet

@@ -90,6 +90,21 @@ def test_two_processes_merge_bit_for_bit_as_one(three_experts, tmp_path, launche
     assert not (two / ".prodistill-staging").exists()
 
 
+def test_tied_head_and_scalar_coefficients_merge_as_in_one_process(families, tmp_path):
+    """Gemma2: scaled embeddings, a tied head (only the final norm trains), soft-capping;
+    one coefficient per tensor and expert, single-input distillation."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(families("gemma2", 2).recipe(
+        "prodistill", epochs=3, lr=0.05, shots=8, batch_size=4, continue_tokens=0,
+        head_epochs=2, granularity="tensor", inputs="merged"))
+    one = merge(recipe.read_text(), tmp_path / "one", random_seed=3)
+    torchrun(2, recipe, tmp_path / "two")
+    a, b = load_tensors(one), load_tensors(tmp_path / "two")
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    same_report(*(json.loads((out / "prodistill_report.json").read_text())
+                  for out in (one, tmp_path / "two")))
+
+
 def test_more_processes_than_experts_are_refused(families, tmp_path):
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(families("llama", 2).recipe("prodistill", epochs=1, shots=4))

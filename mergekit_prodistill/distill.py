@@ -67,11 +67,11 @@ class Streams:
 
 def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weights],
                     inputs: Stream, contexts, outputs: Optional[Stream] = None,
-                    targets: Optional[Stream] = None) -> List[float]:
+                    targets: Optional[Stream] = None) -> List[List[float]]:
     """Every batch of every expert through block ``index`` (expert i with ``weights[i]``),
     without gradients. Results go to ``outputs`` (which may be ``inputs``: each batch is
-    read before it is overwritten). With ``targets``, returns each expert's distillation
-    loss per real token."""
+    read before it is overwritten). With ``targets``, returns per expert its distillation
+    loss summed over real tokens, and their number (:func:`mean_loss` averages them)."""
     per_expert = []
     with torch.no_grad():
         for i, (w, ctxs) in enumerate(zip(weights, contexts)):
@@ -85,13 +85,13 @@ def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weight
                     tokens += n
                 if outputs is not None:
                     outputs[i][b].copy_(out)
-            per_expert.append(total / max(tokens, 1))
+            per_expert.append([total, tokens])
     return per_expert
 
 
-def mean_loss(per_expert: List[float], world: World) -> float:
-    """The loss averaged over every process's experts."""
-    losses = world.gather(per_expert)
+def mean_loss(per_expert: List[List[float]], world: World) -> float:
+    """The loss per real token of each expert (over every process), averaged over experts."""
+    losses = [total / max(tokens, 1) for total, tokens in world.sum_by_expert(per_expert)]
     return sum(losses) / len(losses)
 
 
@@ -141,9 +141,9 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
             on_epoch(epoch, loss)
 
     def loss_of(weights, i, b):
-        out = runner.forward(index, layer, weights, student[i][b].to(runner.device),
-                             contexts[i][b])
-        return masked_mse(out, targets[i][b].to(runner.device), contexts[i][b].token_mask)
+        ctx = contexts[i][b]
+        out = runner.forward(index, layer, weights, student[i][b].to(runner.device), ctx)
+        return masked_mse(out, targets[i][b].to(runner.device), ctx.token_mask) * ctx.share
 
     coeffs, small_share = fit(base_w, deltas, p, epochs, streams.batch_counts, loss_of,
                               dtype, generator, f"block {index}", on_epoch=record,

@@ -52,6 +52,7 @@ def main():
 
     from mergekit_prodistill import calibration, continuation, expert_placement, preflight, run
     from mergekit_prodistill.progress import Progress
+    from mergekit_prodistill.parallel import SINGLE
     from mergekit_prodistill.recipe import parse_recipe
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-continuation-"))
@@ -66,7 +67,7 @@ def main():
     options = MergeOptions(quiet=True)
     checked = preflight.check_before_merge(recipe, config, options, str(root / "out"))
     calib = calibration.load_for_experts(recipe, False, seed=0)
-    ctx = run.Context.of(options)
+    ctx = run.Context.of(options, SINGLE)
 
     placements = []
     place = expert_placement.place_expert
@@ -82,7 +83,7 @@ def main():
         checkpoint = Progress(str(folder), name)
         checkpoint.restore_or_reset()  # a fresh progress folder
         started = time.perf_counter()
-        continued = run._continued(recipe, checked, calib, ctx, checkpoint)
+        continued = run._continued(recipe, checked, calib, ctx, checkpoint, SINGLE)
         return time.perf_counter() - started, continued.sequences
 
     def plain_generate(rows):

@@ -62,7 +62,7 @@ def build(args):
 def train(runner, layer, base, deltas, student, targets, contexts, epochs):
     params = ProDistillParameters(epochs=epochs, lr=0.01, batch_size=len(student[0][0]))
     experts = [{n: base[n] + d[n] for n in base} for d in deltas]
-    streams = distill.Streams(student, targets, contexts)
+    streams = distill.Streams(student, targets, contexts, [len(s) for s in student])
     distill.distill_block(runner, 0, base, experts, streams, params, epochs,
                           torch.Generator().manual_seed(0))
 

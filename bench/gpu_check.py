@@ -12,9 +12,13 @@ a child process, and prints:
 * the continuation pass's time;
 * the dtype training ran in, the share of coefficient gradients below Adam's eps, the
   block-loss reduction against the task-arithmetic start and the coefficients' spread,
-  and whether the merge trained (every block's loss fell, the coefficients moved).
+  and whether the merge trained (every block's loss fell, the coefficients moved);
+* with ``--processes N``, the bfloat16 merge again under ``torchrun`` on N processes (one
+  GPU each): its time per block against one process's, and its largest difference from
+  one process's weights.
 
     python bench/gpu_check.py                       # on a GPU machine (< 8 minutes on an H100)
+    python bench/gpu_check.py --processes 2         # also on 2 GPUs
     python bench/gpu_check.py --device cpu --small  # the same script on a CPU, smaller shape
 
 Exit code 1 when a merge did not train.
@@ -85,6 +89,29 @@ def run_one(root: Path, dtype: torch.dtype, shape, layers: int, device: str) -> 
     }
 
 
+def several_processes(root: Path, processes: int, device: str, one) -> str:
+    """The merge in ``root`` again on ``processes`` processes: one line of figures."""
+    from safetensors.torch import load_file
+
+    flags = ["--cuda"] if device == "cuda" else []
+    common.run_command("torchrun", "--standalone", "--nproc-per-node", processes, "-m",
+                       "mergekit_prodistill", root / "recipe.yml", root / "parallel",
+                       "--quiet", *flags)
+    report = common.Report.read(str(root / "parallel"))
+    a, b = ({k: v for f in sorted((root / out).glob("*.safetensors")) for k, v in
+             load_file(f).items()} for out in ("out", "parallel"))
+    worst = max(float((a[n].double() - b[n].double()).abs().max()
+                      / a[n].double().abs().max().clamp_min(1e-30)) for n in a)
+
+    def per_block(rep):
+        return sum(x.seconds for x in rep.blocks) / len(rep.blocks)
+
+    return (f"  {processes} processes: per block {per_block(report):.1f} s against "
+            f"{per_block(one):.1f} s on one (ratio {per_block(report) / per_block(one):.2f}); "
+            f"merge {report.seconds:.0f} s against {one.seconds:.0f} s; largest relative "
+            f"difference from one process's weights {worst:.2g}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -92,9 +119,14 @@ def main():
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--dir", help="scratch folder (default: a temporary one)")
     ap.add_argument("--json", help="also write every figure to this file")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="also merge the bfloat16 models on this many processes (torchrun)")
     args = ap.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device here; run with --device cpu --small to try the script")
+    if args.device == "cuda" and args.processes > torch.cuda.device_count():
+        sys.exit(f"--processes {args.processes} needs as many GPUs; "
+                 f"{torch.cuda.device_count()} here")
     shape = SHAPES["small" if args.small else "13b"]
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="gpu-check-"))
     where = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
@@ -122,6 +154,9 @@ def main():
               + "; coefficient std " + ", ".join(
                   f"{sum(b.coefficient_std) / len(b.coefficient_std):.3g}" for b in blocks))
         print(f"  trained: {'yes' if r['trained'] else 'NO'}", flush=True)
+        if args.processes > 1 and dtype == torch.bfloat16:
+            print(several_processes(scratch / name, args.processes, args.device, rep),
+                  flush=True)
         ok &= r["trained"]
         shutil.rmtree(scratch / name)
     if args.json:

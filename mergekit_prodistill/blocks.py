@@ -133,6 +133,9 @@ class BatchContext:
     position_ids: torch.Tensor
     position_embeddings: Dict[str, Tuple[torch.Tensor, torch.Tensor]]  # per attention type
     masks: Dict[str, object]  # attention mask per attention type
+    # This batch's share of its whole batch's real tokens: below 1 when processes that
+    # share an expert split the batch's rows (parallel.py); losses are weighted by it.
+    share: float = 1.0
 
 
 class BlockRunner:

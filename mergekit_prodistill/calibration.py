@@ -42,6 +42,10 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum())
 
+    def rows(self, part: int, parts: int) -> "Batch":
+        """Rows part, part + parts, ...: one process's share when several split it."""
+        return Batch(self.input_ids[part::parts], self.attention_mask[part::parts])
+
 
 def tokenize(prompts: List[str], tokenizer, max_length: int,
              where: str = "calibration") -> List[List[int]]:
@@ -147,6 +151,14 @@ class CalibrationSet:
         return replace(self, sequences=sequences, holdout=holdout,
                        batches=[make_batches(s, batch_size) for s in sequences],
                        holdout_batches=[make_batches(s, batch_size) for s in holdout])
+
+    def rows(self, part: int, parts: int) -> "CalibrationSet":
+        """The same batches, each cut to rows part, part + parts, ... (:meth:`Batch.rows`)."""
+        if parts == 1:
+            return self
+        return replace(self, batches=[[b.rows(part, parts) for b in bs] for bs in self.batches],
+                       holdout_batches=[[b.rows(part, parts) for b in bs]
+                                        for bs in self.holdout_batches])
 
     def tokens(self, expert: int) -> int:
         return sum(b.num_tokens for b in self.batches[expert])

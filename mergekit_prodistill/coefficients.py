@@ -35,6 +35,8 @@ def combine(base: torch.Tensor, deltas: List[torch.Tensor], coeffs: List[torch.T
     mixed = coeffs[0] * deltas[0]
     for coeff, delta in zip(coeffs[1:], deltas[1:]):
         mixed = mixed + coeff * delta
+    if not world.contributes:  # another process adds this expert
+        mixed.zero_()
     return base + world.sum_(mixed)
 
 
@@ -170,5 +172,5 @@ def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequenc
         if on_epoch:
             on_epoch(epoch, epoch_loss / steps)
         epoch += 1
-    small, total = world.sum_floats(optimizer.small_gradients())
+    small, total = world.sum_floats(optimizer.small_gradients() if world.contributes else [0, 0])
     return [{n: t.detach() for n, t in c.items()} for c in coeffs], small / max(total, 1)

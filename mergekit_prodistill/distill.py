@@ -23,7 +23,7 @@ from mergekit_prodistill.blocks import BatchContext, BlockRunner
 from mergekit_prodistill.coefficients import (Weights, at_init, fit, gathered_stats,
                                               masked_mse, merged_weights)
 from mergekit_prodistill.fidelity import Heldout
-from mergekit_prodistill.parallel import World
+from mergekit_prodistill.parallel import SINGLE, World
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -67,11 +67,11 @@ class Streams:
 
 def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weights],
                     inputs: Stream, contexts, outputs: Optional[Stream] = None,
-                    targets: Optional[Stream] = None) -> List[float]:
+                    targets: Optional[Stream] = None) -> List[List[float]]:
     """Every batch of every expert through block ``index`` (expert i with ``weights[i]``),
     without gradients. Results go to ``outputs`` (which may be ``inputs``: each batch is
-    read before it is overwritten). With ``targets``, returns each expert's distillation
-    loss per real token."""
+    read before it is overwritten). With ``targets``, returns per expert its distillation
+    loss summed over real tokens, and their number (:func:`mean_loss` averages them)."""
     per_expert = []
     with torch.no_grad():
         for i, (w, ctxs) in enumerate(zip(weights, contexts)):
@@ -85,19 +85,19 @@ def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weight
                     tokens += n
                 if outputs is not None:
                     outputs[i][b].copy_(out)
-            per_expert.append(total / max(tokens, 1))
+            per_expert.append([total, tokens])
     return per_expert
 
 
-def mean_loss(per_expert: List[float], world: World) -> float:
-    """The loss averaged over every process's experts."""
-    losses = world.gather(per_expert)
+def mean_loss(per_expert: List[List[float]], world: World) -> float:
+    """The loss per real token of each expert (over every process), averaged over experts."""
+    losses = [total / max(tokens, 1) for total, tokens in world.sum_by_expert(per_expert)]
     return sum(losses) / len(losses)
 
 
 def distill_block(runner: BlockRunner, index: int, base_w: Weights,
                   expert_blocks: Iterable[Weights], streams: Streams, p, epochs: int,
-                  generator: torch.Generator, world: World, on_epoch=None):
+                  generator: torch.Generator, world: World = SINGLE, on_epoch=None):
     """Merge block ``index``: returns its weights as written (the weights' dtype, own
     parameter names) and its report. ``expert_blocks`` yields each owned expert's block in
     turn, so that only one is in memory; the streams advance past the block."""
@@ -141,9 +141,9 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
             on_epoch(epoch, loss)
 
     def loss_of(weights, i, b):
-        out = runner.forward(index, layer, weights, student[i][b].to(runner.device),
-                             contexts[i][b])
-        return masked_mse(out, targets[i][b].to(runner.device), contexts[i][b].token_mask)
+        ctx = contexts[i][b]
+        out = runner.forward(index, layer, weights, student[i][b].to(runner.device), ctx)
+        return masked_mse(out, targets[i][b].to(runner.device), ctx.token_mask) * ctx.share
 
     coeffs, small_share = fit(base_w, deltas, p, epochs, streams.batch_counts, loss_of,
                               dtype, generator, f"block {index}", on_epoch=record,

@@ -35,19 +35,20 @@ class Heldout:
 
 @torch.no_grad()
 def measure(heldout: Heldout, log_probs, base_w, deltas, merged: Dict[str, Dict],
-            experts: List[str], device) -> List[Dict]:
-    """Per expert: prompts, tokens, and for ProDistill and task arithmetic the share of
-    next-token choices that are the expert's and the mean KL to the expert.
+            device) -> List[List[float]]:
+    """Per expert, the counts :func:`results` turns into figures: prompts, tokens, and for
+    each merge (``MERGES``) the next-token choices that are the expert's and the KL to
+    the expert, summed over tokens (counts of several processes add up).
 
     ``base_w`` and ``deltas`` hold the final norm (``"weight"``) and LM head (``"head"``)
     of the base and each expert's task vectors; ``merged`` holds them as each merge
-    (``MERGES``) writes them; ``log_probs`` is :class:`head.HeadForward`.
+    writes them; ``log_probs`` is :class:`head.HeadForward`.
     """
     dtype = heldout.merged[0][0].dtype if any(heldout.merged) else torch.float32
     heads = {merge: {n: t.to(dtype) for n, t in merged[merge].items()} for merge in MERGES}
     streams = {"prodistill": heldout.merged, "task_arithmetic": heldout.task_arithmetic}
-    results = []
-    for i, (name, batches) in enumerate(zip(experts, heldout.contexts)):
+    counts = []
+    for i, batches in enumerate(heldout.contexts):
         own = {n: (base_w[n] + deltas[i][n]).to(dtype) for n in base_w}
         agree = dict.fromkeys(MERGES, 0)
         kl = dict.fromkeys(MERGES, 0.0)
@@ -66,12 +67,20 @@ def measure(heldout: Heldout, log_probs, base_w, deltas, merged: Dict[str, Dict]
                     kl[merge] += float((teacher.exp() * (teacher - student)).sum())
                 tokens += int(mask.sum())
                 prompts += 1
-        results.append({
-            "model": name, "prompts": prompts, "tokens": tokens,
-            **{merge: {"agreement": agree[merge] / max(tokens, 1),
-                       "kl": kl[merge] / max(tokens, 1)} for merge in MERGES},
-        })
-    return results
+        counts.append([prompts, tokens, *(x for m in MERGES for x in (agree[m], kl[m]))])
+    return counts
+
+
+def results(experts: List[str], counts: List[List[float]]) -> List[Dict]:
+    """Per expert (named in ``experts``): prompts, tokens, and for ProDistill and task
+    arithmetic the share of next-token choices that are the expert's and the mean KL to
+    the expert, from :func:`measure`'s counts."""
+    out = []
+    for name, (prompts, tokens, *sums) in zip(experts, counts):
+        out.append({"model": name, "prompts": int(prompts), "tokens": int(tokens), **{
+            merge: {"agreement": sums[2 * k] / max(tokens, 1),
+                    "kl": sums[2 * k + 1] / max(tokens, 1)} for k, merge in enumerate(MERGES)}})
+    return out
 
 
 def summary(results: List[Dict]) -> str:

@@ -117,9 +117,12 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
             w = {n: (base_w[n] + deltas[i][n]).to(dtype) for n in base_w}
             return log_probs(w["weight"], w["head"], streams.expert[i][b].to(device))
 
-    def loss_of(w, i, b):
+    def kl_of(w, i, b):
         student = log_probs(w["weight"], w["head"], streams.merged[i][b].to(device))
         return masked_kl(student, teacher(i, b), contexts[i][b].token_mask)
+
+    def loss_of(w, i, b):  # a batch split over processes: each its rows' share
+        return kl_of(w, i, b) * contexts[i][b].share
 
     def mean_loss(coeffs) -> float:
         """The loss over every batch, averaged over experts, with the weights as written."""
@@ -128,9 +131,9 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
         with torch.no_grad():
             for i, batches in enumerate(contexts):
                 tokens = [int(ctx.token_mask.sum()) for ctx in batches]
-                per_expert.append(sum(float(loss_of(w, i, b)) * n
-                                      for b, n in enumerate(tokens)) / sum(tokens))
-        per_expert = world.gather(per_expert)
+                per_expert.append([sum(float(kl_of(w, i, b)) * n for b, n in enumerate(tokens)),
+                                   sum(tokens)])
+        per_expert = [total / tokens for total, tokens in world.sum_by_expert(per_expert)]
         return sum(per_expert) / len(per_expert)
 
     frozen = () if head_trainable else ("head",)

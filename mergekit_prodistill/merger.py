@@ -86,6 +86,8 @@ class Merger:
         fidelity on held-out prompts (or None)."""
         p, device = self.recipe.params, self.ctx.device
         runner = BlockRunner(self.module.config, device, self.ctx.trust_remote_code)
+        # Processes that share an expert each take some rows of its batches.
+        whole, calib = calib, calib.rows(*self.world.part(len(self.experts)))
         streams = self._streams(calib, decided)
         blocks_done = resumed["blocks_done"] if resumed else 0
         reports = resumed["report_blocks"] if resumed else []
@@ -95,11 +97,10 @@ class Merger:
         else:
             self._embeddings(runner, calib, streams)
         dtype = streams.merged[0][0].dtype
-        streams.contexts = [[runner.context(b, dtype) for b in calib.batches[i]]
-                            for i in self.owned]
+        streams.contexts = self._contexts(runner, calib.batches, whole.batches, dtype)
         if streams.heldout:
-            streams.heldout.contexts = [[runner.context(b, dtype) for b in
-                                         calib.holdout_batches[i]] for i in self.owned]
+            streams.heldout.contexts = self._contexts(runner, calib.holdout_batches,
+                                                      whole.holdout_batches, dtype)
         epochs = p.epochs_for(max(len(b) for b in calib.batches))
 
         bar = tqdm.tqdm(total=self.module.num_layers(), initial=blocks_done,
@@ -126,6 +127,18 @@ class Merger:
             bar.set_postfix_str(f"next-token choices kept: {fidelity.summary(kept)}")
         bar.close()
         return reports, head_report, kept
+
+    def _contexts(self, runner, batches, whole, dtype):
+        """Masks and positions of the owned experts' batches, each with its share of its
+        whole batch's tokens."""
+        contexts = []
+        for i in self.owned:
+            contexts.append([])
+            for batch, full in zip(batches[i], whole[i]):
+                ctx = runner.context(batch, dtype)
+                ctx.share = batch.num_tokens / full.num_tokens
+                contexts[-1].append(ctx)
+        return contexts
 
     def _streams(self, calib, decided) -> distill.Streams:
         """The owned experts' activation streams, where and in the dtype the plan decided."""
@@ -206,10 +219,11 @@ class Merger:
                 trained = {norm.name: final["weight"], **({lm_head.name: final["head"]}
                                                           if untied else {})}
             if streams.heldout:
-                kept = self.world.gather(fidelity.measure(
+                counts = fidelity.measure(
                     streams.heldout, head.HeadForward(self.module.config), base_w, deltas,
-                    {"prodistill": final, "task_arithmetic": task_arithmetic},
-                    [str(self.experts[i].model) for i in self.owned], self.ctx.device))
+                    {"prodistill": final, "task_arithmetic": task_arithmetic}, self.ctx.device)
+                kept = fidelity.results([str(e.model) for e in self.experts],
+                                        self.world.sum_by_expert(counts))
                 fidelity.warn_if_behind(kept)
             del base_w, deltas
         for weight in filter(self.present, post):

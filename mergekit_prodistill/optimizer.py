@@ -116,7 +116,7 @@ def training_weights(base_w, deltas, coeffs, dtype, world: World = SINGLE) -> We
         for name, base in base_w.items():
             w = (base.to(torch.float32, copy=True) if world.leader
                  else torch.zeros(base.shape, dtype=torch.float32, device=base.device))
-            for c, d in zip(coeffs, deltas):
+            for c, d in zip(coeffs, deltas if world.contributes else ()):
                 w.add_(c[name] * d[name])  # no fused multiply-add: see TrainingStep
             world.sum_(w)
             merged[name] = w.to(dtype).requires_grad_(any(c[name].requires_grad for c in coeffs))
@@ -191,7 +191,7 @@ class TrainingStep:
         size = CHUNK_CPU if out.device.type == "cpu" else CHUNK_DEVICE
         scratch = self.scratch(min(size, out.numel()), out.device)
         partial = self.partial(out.numel(), out.device) if self.world.distributed else out
-        leader, step = self.world.leader, self.optimizer.steps
+        leader, adds, step = self.world.leader, self.world.contributes, self.optimizer.steps
         with torch.no_grad():
             for start in range(0, out.numel(), size):
                 chunk = slice(start, start + size)
@@ -201,7 +201,8 @@ class TrainingStep:
                 for delta, lam, m, v, scale, lr in experts:
                     torch.mul(g_w, delta[chunk], out=g).mul_(scale)
                     adam_(lam[chunk], g, m[chunk], v[chunk], lr, step, denom)
-                    acc.add_(torch.mul(lam[chunk], delta[chunk], out=g))
+                    if adds:
+                        acc.add_(torch.mul(lam[chunk], delta[chunk], out=g))
                 partial[chunk].copy_(acc)
             if partial is not out:
                 out.copy_(self.world.sum_(partial))

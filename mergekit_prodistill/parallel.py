@@ -10,15 +10,22 @@ tau_i from each process's partial sum, and the gradient dL/dW from each process'
 experts. Contiguous ownership makes those sums add the experts in the same order as one
 process does: with two processes the result is the same bit for bit.
 
+With more processes than experts, the processes that share an expert split the rows of
+each of its batches (data-parallel): each back-propagates its rows' share of the batch's
+loss, and all hold the same coefficients, trained alike from the same summed gradient;
+only the first of them adds the expert's lambda_i tau_i and reports its coefficients.
+
 One process (no launcher) is :data:`SINGLE`, whose collectives do nothing.
 """
 
+import contextlib
 import datetime
 import logging
 import os
+import re
 import signal
-from dataclasses import dataclass
-from typing import Callable, List, TypeVar
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -47,6 +54,10 @@ class World:
     size: int = 1
     device: torch.device = torch.device("cpu")  # where collectives' tensors live
     local_size: int = 1  # processes on this machine, sharing its CPU memory
+    experts: int = 0  # in the merge; 0: one process, which owns them all
+
+    def for_experts(self, experts: int) -> "World":
+        return replace(self, experts=experts)
 
     @property
     def distributed(self) -> bool:
@@ -59,10 +70,39 @@ class World:
 
     def owned(self, experts: int) -> range:
         """The experts this process owns: a contiguous run, the first ``experts % size``
-        processes one more than the rest."""
+        processes one more than the rest; with more processes than experts, one expert,
+        shared with its neighbours."""
+        if self.size > experts:
+            first = self.rank * experts // self.size
+            return range(first, first + 1)
         share, extra = divmod(experts, self.size)
         start = self.rank * share + min(self.rank, extra)
         return range(start, start + share + (self.rank < extra))
+
+    def part(self, experts: int) -> Tuple[int, int]:
+        """(k, m): this process takes rows k, k + m, ... of each batch of its experts."""
+        if self.size <= experts:
+            return 0, 1
+        expert = self.owned(experts).start
+        peers = [r for r in range(self.size) if r * experts // self.size == expert]
+        return self.rank - peers[0], len(peers)
+
+    def check_split(self, rows: List[List[int]]) -> None:
+        """Refuse to split batches (``rows`` per batch, per expert) into empty parts."""
+        for expert in range(len(rows)) if self.size > len(rows) else ():
+            parts = sum(1 for r in range(self.size) if r * len(rows) // self.size == expert)
+            if rows[expert] and min(rows[expert]) < parts:
+                raise ProDistillError(
+                    f"{parts} processes share expert {expert + 1}'s batches, but one batch "
+                    f"holds {min(rows[expert])} prompts: every batch needs at least one "
+                    "prompt per process; raise 'batch_size' or 'shots', or start fewer "
+                    "processes")
+
+    @property
+    def contributes(self) -> bool:
+        """Whether this process adds its experts' lambda_i tau_i to the merged weights and
+        reports them: all but the second and later processes sharing one expert."""
+        return not self.distributed or self.size <= self.experts or self.part(self.experts)[0] == 0
 
     # -- collectives (identities in one process) ------------------------------------------
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -78,12 +118,30 @@ class World:
         return self.sum_(torch.tensor(values, dtype=torch.float64, device=self.device)).tolist()
 
     def gather(self, own: List[T]) -> List[T]:
-        """Every process's list of per-expert items, joined in expert order."""
+        """Every process's list of per-expert items, joined in expert order (from one of
+        the processes that share an expert)."""
         if not self.distributed:
             return list(own)
         parts = [None] * self.size
-        self._call(dist.all_gather_object, parts, list(own))
+        self._call(dist.all_gather_object, parts, list(own) if self.contributes else [])
         return [item for part in parts for item in part]
+
+    def sum_by_expert(self, own: List[List[float]]) -> List[List[float]]:
+        """Per expert, the sum over the processes sharing it of their vectors of sums (for
+        example [loss x tokens, tokens] over their rows), in expert order."""
+        if not self.distributed:
+            return [list(v) for v in own]
+        parts = [None] * self.size
+        self._call(dist.all_gather_object, parts,
+                   list(zip(self.owned(self.experts), map(list, own))))
+        sums: Dict[int, List[float]] = {}
+        for part in parts:
+            for expert, values in part:
+                if expert in sums:
+                    sums[expert] = [a + b for a, b in zip(sums[expert], values)]
+                else:
+                    sums[expert] = values
+        return [sums[e] for e in sorted(sums)]
 
     def from_leader(self, make: Callable[[], T]) -> T:
         """``make()`` run on rank 0 only, its result (or its error) on every process."""
@@ -109,10 +167,12 @@ class World:
         try:
             return collective(*args, **kwargs)
         except (RuntimeError, ValueError) as exc:
+            # gloo and NCCL start with "[file:line] " and add a paragraph of advice.
+            cause = re.sub(r"^\[[^\]]*\]\s*", "", one_line(exc)).split(". ")[0][:200]
             raise PeerStopped(
                 f"process {self.rank} of {self.size}: another process of this merge stopped "
-                f"({one_line(exc)[:200]}); its own message says why. Run the same command "
-                "again to continue from the last finished block"
+                f"({cause}); its own message, or the launcher's, says why. Run the same "
+                "command again to continue from the last finished block"
             ) from None
 
 
@@ -135,6 +195,7 @@ def start(device: torch.device) -> World:
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         try:
             dist.init_process_group(backend, timeout=TIMEOUT)
+            _joined.append(True)  # this run joined it, so this run leaves it
         except (RuntimeError, ValueError) as exc:
             raise ProDistillError(f"process {rank} of {size}: could not join the other "
                                   f"processes: {one_line(exc)[:300]}") from None
@@ -142,15 +203,24 @@ def start(device: torch.device) -> World:
         LOG.setLevel(logging.ERROR)
     # A launcher stops the other processes with SIGTERM when one fails: end as after
     # Ctrl-C (one line; progress kept) instead of dying mid-write.
-    signal.signal(signal.SIGTERM, _interrupt)
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        _previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
     return World(rank, size, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+_previous_handlers = {}
+_joined = []
 
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def stop(world: World) -> None:
-    """Leave the process group (after the last collective)."""
-    if world.distributed and dist.is_initialized():
+def stop() -> None:
+    """Leave the process group (after the last collective) and restore SIGTERM."""
+    if _joined and dist.is_initialized():
         dist.destroy_process_group()
+    _joined.clear()
+    for signum, handler in _previous_handlers.items():
+        signal.signal(signum, handler)
+    _previous_handlers.clear()

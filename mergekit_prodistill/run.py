@@ -31,7 +31,7 @@ from mergekit.io.tasks import LoaderCache
 
 from mergekit_prodistill import (calibration, continuation, devices, distill, dtypes, output,
                                  parallel, plan, preflight)
-from mergekit_prodistill.errors import Interrupted, ProDistillError
+from mergekit_prodistill.errors import Interrupted
 from mergekit_prodistill.merger import Merger
 from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
 from mergekit_prodistill.quiet import honours_quiet
@@ -68,7 +68,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
     try:
         _merge(merge_config, out_path, options, config_source, world)
     finally:
-        parallel.stop(world)
+        parallel.stop()
 
 
 @honours_quiet
@@ -78,10 +78,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     # 1. The recipe, and every check that reads no weight.
     recipe = parse_recipe(merge_config)
     p = recipe.params
-    if world.size > len(recipe.experts):
-        raise ProDistillError(
-            f"{world.size} processes for {len(recipe.experts)} experts: each process owns "
-            f"at least one expert; start at most {len(recipe.experts)} processes")
+    world = world.for_experts(len(recipe.experts))
     checked = preflight.check_before_merge(recipe, merge_config, options, out_path)
     # 2. The merged vocabulary.
     vocabulary = build_vocabulary(recipe, merge_config, ctx.trust_remote_code,
@@ -91,6 +88,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     calib = calibration.load_for_experts(recipe, ctx.trust_remote_code, ctx.seed)
     for batches in (calib.batches, calib.holdout_batches):
         vocabulary.calibration_ids(batches, calib.sources)
+        world.check_split([[len(b.input_ids) for b in bs] for bs in batches])
     # 4. The plan, checked against the memory free now, before any weight is read.
     decided = plan.check_fits(recipe, options, out_path, calib, world=world)
 
@@ -148,10 +146,12 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
                           vocabulary, report)
         world.barrier()  # every process keeps its streams until the output is complete
     except BaseException as exc:
-        # Saved continuations alone are kept when the run was stopped, not when it failed:
-        # a failure is usually fixed by changing the recipe, which voids them.
+        # Saved continuations alone are kept when the run was stopped (by the user, or by
+        # another process's end), not when it failed: a failure is usually fixed by
+        # changing the recipe, which voids them.
+        stopped = isinstance(exc, (KeyboardInterrupt, parallel.PeerStopped))
         resumable = progress is not None and (progress.has_progress() or (
-            isinstance(exc, KeyboardInterrupt) and progress.has_continuations()))
+            stopped and progress.has_continuations()))
         if not resumable and world.leader:  # nothing worth keeping: leave no trace
             output.discard(staging, out_path, created_out)
         if isinstance(exc, KeyboardInterrupt):
@@ -181,7 +181,8 @@ def _continued(recipe, checked, calib, ctx: Context, progress: Progress,
     if sequences is None:  # held-out prompts are continued too, after the others
         free = devices.free_memory(ctx.device, sharing=world.local_size)
         own = []
-        for i in world.owned(len(recipe.experts)):
+        # Processes that share an expert take its continuations from the first of them.
+        for i in world.owned(len(recipe.experts)) if world.contributes else ():
             expert = recipe.experts[i]
             files = checked.models[expert.model]
             dtype = dtypes.read_dtype(recipe, expert.model, files.config)

@@ -43,6 +43,7 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
     """One process of the merge: a warm-up merge (so that lazily imported libraries are
     in memory), then the merge, its peak RSS reset at each phase; what it measured goes
     to ``results``."""
+    import torch.distributed as dist
     import yaml
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
@@ -65,10 +66,9 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
     options = MergeOptions(quiet=True)
     configs = [MergeConfiguration.model_validate(yaml.safe_load(Path(r).read_text()))
                for r in (warmup, recipe)]
-    # One process group for both merges: torchrun's rendezvous serves one.
-    stop, parallel.stop = parallel.stop, lambda world: None
+    if size > 1:  # one process group for both merges (a merge leaves one it did not join)
+        dist.init_process_group("gloo")
     run_prodistill(configs[0], out + "-warmup", options)
-    parallel.stop = stop
     held["lambda_state"] = 0
     planned = plan.make_plan(parse_recipe(configs[1]), options,
                              world=parallel.World(rank, size, local_size=size))
@@ -80,6 +80,8 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
     run_prodistill(configs[1], out, options)
     wall = time.perf_counter() - started
     phases.enter(None)
+    if size > 1:
+        dist.destroy_process_group()
     Path(results, f"rank{rank}.json").write_text(json.dumps({
         "rank": rank, "size": size, "wall": wall, "rss_before": phases.baseline,
         # The peak getrusage reports (VmHWM) is reset at every phase: the largest phase's.
@@ -97,7 +99,7 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
 
 def allreduce_seconds(planned, rounds: int = 3) -> float:
     """Seconds of a training step's two all-reduces alone (dL/dW in the compute dtype and
-    the fp32 partial sum of one block), timed in the process group the warm-up left."""
+    the fp32 partial sum of one block)."""
     import torch.distributed as dist
 
     numel = planned.shape.block_numel

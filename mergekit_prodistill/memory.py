@@ -117,7 +117,8 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
                 device_type: str, out_b: int, owned: Optional[Sequence[int]] = None,
                 processes: int = 1):
     """Bytes of every memory term in every phase of one block (see the module doc) in
-    the process that owns the experts ``owned`` (default: every one) of ``processes``.
+    the process that owns the experts ``owned`` (default: every one) of ``processes``,
+    with ``work`` its batches (``Workload.only``, ``Workload.rows``).
 
     It holds those experts' task vectors, coefficients and streams, and merges the
     embeddings of all (every process does); with several processes the fused step keeps
@@ -125,7 +126,6 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
     """
     every = wb
     if owned is not None:
-        work = work.only(owned)
         wb, stored_b = ([b[0]] + [b[1 + i] for i in owned] for b in (wb, stored_b))
     P, big, T = shape.block_numel, shape.largest, len(wb) - 1
     partial = 4 * big if processes > 1 and p.granularity == "element" else 0

@@ -167,11 +167,7 @@ def make_plan(recipe, options, calib=None,
     the streams are placed according to it. ``out_path`` is the output folder, whose
     staging folder holds disk-backed streams unless the recipe names an ``activation_dir``.
     """
-    p = recipe.params
-    if world.size > len(recipe.experts):
-        raise ProDistillError(
-            f"{world.size} processes for {len(recipe.experts)} experts: each process owns "
-            f"at least one expert; start at most {len(recipe.experts)} processes")
+    p, world = recipe.params, world.for_experts(len(recipe.experts))
     device = torch.device(options.device or "cpu")
     seed = options.random_seed if options.random_seed is not None else 0
     trust = options.trust_remote_code
@@ -191,10 +187,13 @@ def make_plan(recipe, options, calib=None,
     out = recipe.out_dtype or weights
     work = workload.from_calibration(recipe, calib) if calib is not None \
         else workload.from_prompts(recipe, options, seed)
+    for batches in (work.batches, work.holdout_batches):
+        world.check_split([[rows for rows, _ in bs] for bs in batches])
     owned = world.owned(len(recipe.experts))
-    mine, own = [1 + i for i in owned], work.only(owned)  # this process's models, batches
+    # This process's models and batches (their rows, when processes share an expert).
+    mine, own = [1 + i for i in owned], work.only(owned).rows(*world.part(len(recipe.experts)))
 
-    per_phase = phase_bytes(shape, work, p, wb, [dtype_bytes(d) for d in stored],
+    per_phase = phase_bytes(shape, own, p, wb, [dtype_bytes(d) for d in stored],
                             dtype_bytes(compute), dtype_bytes(compute), device.type,
                             dtype_bytes(out), owned, world.size)
     if not p.epochs:
@@ -222,7 +221,7 @@ def make_plan(recipe, options, calib=None,
     phases = split[placement]
     generating = generation_plan.generations(
         recipe, [expert_configs[i] for i in owned], [wb[m] for m in mine], own, device,
-        available, trust)
+        available, trust) if world.contributes else []
     if generating:
         generation_plan.add_phase(phases, dev, max(generating, key=Generation.device_total),
                                   shape.heap_share)

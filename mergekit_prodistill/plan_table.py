@@ -32,10 +32,14 @@ def render(plan) -> str:
     w = plan.world
     if w.distributed:
         owned = [str(i + 1) for i in plan.owned]
+        part, parts = w.part(len(plan.recipe.experts))
+        shared = f" with {parts - 1} other process{'es' * (parts > 2)} (rows {part + 1}, " \
+            f"{part + 1 + parts}, ... of each batch)" if parts > 1 else ""
         lines.append(
             f"  processes: {w.size} ({w.local_size} per machine); planned: process {w.rank}, "
             f"which owns expert{'s' * (len(owned) > 1)} {', '.join(owned)} of "
-            f"{len(plan.recipe.experts)} (recipe order); memory, FLOPs and time are its own")
+            f"{len(plan.recipe.experts)} (recipe order){shared}; memory, FLOPs and time are "
+            "its own")
     if plan.generation:
         known = plan.available.get(plan.device) is not None
         lines.append(

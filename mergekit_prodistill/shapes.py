@@ -68,6 +68,19 @@ class Workload:
         return Workload(pick(self.batches), pick(self.tokens), self.source,
                         pick(self.prompt_lengths), pick(self.holdout_batches))
 
+    def rows(self, part: int, parts: int) -> "Workload":
+        """Rows part, part + parts, ... of every batch (``calibration.Batch.rows``): one
+        process's share when several share an expert; its tokens in proportion. The
+        prompts continued stay whole (the first of those processes continues them all)."""
+        if parts == 1:
+            return self
+        cut = lambda bs: tuple((len(range(part, r, parts)), w) for r, w in bs)  # noqa: E731
+        batches = tuple(cut(bs) for bs in self.batches)
+        tokens = tuple(t * sum(r for r, _ in mine) // sum(r for r, _ in whole)
+                       for t, mine, whole in zip(self.tokens, batches, self.batches))
+        return Workload(batches, tokens, self.source, self.prompt_lengths,
+                        tuple(cut(bs) for bs in self.holdout_batches))
+
 
 # Families whose norm modules compute (1 + weight) x normalised input in fp32 and cast
 # after it, so that backward keeps the fp32 normalised values (Llama-style norms cast

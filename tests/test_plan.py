@@ -414,9 +414,39 @@ def test_plan_command_plans_process_0_of_torchruns_processes(families, tmp_path)
                      r"sent per step by each process", out)
     single = runner.invoke(cli.main, ["plan", str(path)]).output
     assert "processes:" not in single and "communication:" not in single
+    # 4 processes for 3 experts: processes 0 and 1 split expert 1's batches, whose one
+    # held-out prompt (of 8 shots) cannot be split: refused as the merge refuses it.
     refused = runner.invoke(cli.main, ["plan", str(path), "--nproc-per-node", "2",
                                        "--nnodes", "2"])
     assert refused.exit_code == 2
     assert refused.output.strip().splitlines() == [
-        "mergekit-prodistill: error: 4 processes for 3 experts: each process owns at least "
-        "one expert; start at most 3 processes"]
+        "mergekit-prodistill: error: 2 processes share expert 1's batches, but one batch "
+        "holds 1 prompts: every batch needs at least one prompt per process; raise "
+        "'batch_size' or 'shots', or start fewer processes"]
+    path.write_text(families("llama", 3).recipe("prodistill", shots=16))
+    shared = runner.invoke(cli.main, ["plan", str(path), "--nproc-per-node", "2",
+                                      "--nnodes", "2"]).output
+    assert "processes: 4 (2 per machine); planned: process 0, which owns expert 1 of 3 " \
+        "(recipe order) with 1 other process (rows 1, 3, ... of each batch)" in shared
+
+
+def test_processes_that_share_an_expert_split_its_rows(families):
+    fam = families("llama", 3)
+    params = dict(shots=16, batch_size=8, continue_tokens=8)
+    one = tiny_plan(fam, **params)
+    first, second = (tiny_plan(fam, parallel.World(r, 4, local_size=4), **params)
+                     for r in (0, 1))
+    assert list(first.owned) == list(second.owned) == [0]
+    # Each holds expert 1's whole coefficient state, and half the rows of its streams.
+    P, work, hidden = one.shape.block_numel, one.work, one.shape.hidden
+    for planned in (first, second):
+        assert planned.phases["cpu"]["train"][memory.LAMBDA] == 16 * P
+    half = lambda bs, part: sum(len(range(part, r, 2)) * w for r, w in bs)  # noqa: E731
+    for part, planned in enumerate((first, second)):
+        assert planned.cache_bytes == hidden * 4 * (
+            2 * half(work.batches[0], part) + 3 * half(work.holdout_batches[0], part))
+    assert first.flops["training"] + second.flops["training"] == pytest.approx(
+        tiny_plan(fam, parallel.World(0, 3, local_size=3), **params).flops["training"])
+    # The first of them continues the expert's prompts; the same two all-reduces.
+    assert (len(first.generation), len(second.generation)) == (1, 0)
+    assert first.comm_bytes_per_step == 2 * 3 / 4 * P * (4 + 4)

@@ -15,7 +15,7 @@ from mergekit.options import MergeOptions
 
 from helpers import merge, run_cli
 from mergekit_prodistill import (calibration, cli, continuation, devices, expert_placement,
-                                 memory, parallel, plan, preflight, shapes, tiny)
+                                 memory, parallel, plan, preflight, run, shapes, tiny)
 from mergekit_prodistill.blocks import BlockRunner
 from mergekit_prodistill.calibration import Batch
 from mergekit_prodistill.recipe import parse_recipe
@@ -450,3 +450,20 @@ def test_processes_that_share_an_expert_split_its_rows(families):
     # The first of them continues the expert's prompts; the same two all-reduces.
     assert (len(first.generation), len(second.generation)) == (1, 0)
     assert first.comm_bytes_per_step == 2 * 3 / 4 * P * (4 + 4)
+
+
+def test_a_merge_checks_the_plan_of_its_own_process(families, tmp_path, monkeypatch):
+    seen = []
+
+    def stop_after_the_plan(*args, world=parallel.SINGLE, **kwargs):
+        seen.append(world)
+        raise ProDistillError("stopped after the plan")
+
+    monkeypatch.setattr(plan, "check_fits", stop_after_the_plan)
+    config = MergeConfiguration.model_validate(yaml.safe_load(
+        families("llama", 3).recipe("prodistill", shots=8)))
+    # Nothing before the plan talks to the other processes: one process stands for them.
+    with pytest.raises(ProDistillError, match="stopped after the plan"):
+        run._merge(config, str(tmp_path / "out"), MergeOptions(quiet=True), None,
+                   parallel.World(1, 2, local_size=2))
+    assert [(w.rank, w.size, w.local_size, w.experts) for w in seen] == [(1, 2, 2, 3)]

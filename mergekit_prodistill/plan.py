@@ -234,7 +234,7 @@ def make_plan(recipe, options, calib=None,
     lam = lambda_count(shape, len(owned), p.granularity)
     checkpoint = [shape.num_layers * shape.block_numel
                   + shape.hidden * v * (1 if shape.tied else 2) for v in shape.vocab]
-    read = lambda models: sum(checkpoint[m] * dtype_bytes(stored[m]) for m in models)  # noqa: E731
+    read = [n * dtype_bytes(d) for n, d in zip(checkpoint, stored)]  # bytes, per model
     return Plan(
         recipe=recipe, shape=shape, work=work, device=dev, placement=placement, phases=phases,
         dtypes={"weights": weights, "compute": compute, "cache": compute, "output": out},
@@ -252,12 +252,13 @@ def make_plan(recipe, options, calib=None,
         moved_bytes=shape.num_layers * epochs * steps
         * step_traffic(shape, [wb[0]] + [wb[m] for m in mine], dtype_bytes(compute), lam),
         # The base and the owned experts are read; rank 0 alone writes the output.
-        io_bytes=read([0, *mine]) + (checkpoint[0] * dtype_bytes(out) if world.leader else 0),
+        io_bytes=sum(read[m] for m in [0, *mine])
+        + (checkpoint[0] * dtype_bytes(out) if world.leader else 0),
         cache_bytes=max(t.get(CACHE, 0) for t in per_phase.values()),
         available=available, generation=[g.placement for g in generating],
         # Generating reads each expert's checkpoint once more to load it.
         continuation_reads={
-            "load": read(mine),
+            "load": sum(read[m] for m in mine),
             **{k: sum(g.reads[k] for g in generating) for k in ("device", "host", "disk")},
         } if generating else {}, world=world,
         # Two all-reduces of one block per step: dL/dW and the fp32 partial sum.

@@ -39,8 +39,8 @@ def refused(doc: dict, out: Path, match: str, **options) -> str:
     return message
 
 
-def run_cli(*args, cwd=None, check=True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+def run_cli(*args, cwd=None, check=True, env=None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env or {}))
     proc = subprocess.run(
         [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )

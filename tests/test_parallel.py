@@ -15,12 +15,25 @@ from mergekit_prodistill.parallel import World
 from test_merge import load_tensors
 
 STATE = Path(".prodistill-staging") / ".progress" / "state.json"
+# Results depend on the threads a process computes with, as in any torch program: the
+# launched processes and the one-process merges they are compared with all use one.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def merge_in_one_thread(recipe_text: str, out: Path) -> Path:
+    """The merge in this process, as one process of a launcher runs it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return merge(recipe_text, out, random_seed=3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def torchrun(processes: int, recipe: Path, out: Path, logs: Path = None, check=True):
     """``torchrun -m mergekit_prodistill RECIPE OUT`` on this machine; with ``logs``, each
     process's output goes to its own files there."""
-    return run_cli(*_torchrun_args(processes, recipe, out, logs), check=check)
+    return run_cli(*_torchrun_args(processes, recipe, out, logs), check=check, env=ONE_THREAD)
 
 
 def _torchrun_args(processes, recipe, out, logs):
@@ -57,7 +70,7 @@ def three_experts(families, tmp_path_factory):
     recipe = folder / "recipe.yml"
     recipe.write_text(fam.recipe("prodistill", epochs=3, lr=0.05, shots=8, batch_size=4,
                                  continue_tokens=4, head_epochs=2, holdout=0.25))
-    one = merge(recipe.read_text(), folder / "one", random_seed=3)
+    one = merge_in_one_thread(recipe.read_text(), folder / "one")
     return recipe, one
 
 
@@ -84,7 +97,7 @@ def test_two_processes_merge_bit_for_bit_as_one(three_experts, tmp_path, launche
     recipe, one = three_experts
     two = tmp_path / "two"
     run_cli(*LAUNCHERS[launcher], "-m", "mergekit_prodistill", recipe, two, "--quiet",
-            "--random-seed", "3")
+            "--random-seed", "3", env=ONE_THREAD)
     a, b = load_tensors(one), load_tensors(two)
     assert a.keys() == b.keys()
     unequal = [name for name in a if not torch.equal(a[name], b[name])]
@@ -102,7 +115,7 @@ def test_tied_head_and_scalar_coefficients_merge_as_in_one_process(families, tmp
     recipe.write_text(families("gemma2", 2).recipe(
         "prodistill", epochs=3, lr=0.05, shots=8, batch_size=4, continue_tokens=0,
         head_epochs=2, granularity="tensor", inputs="merged"))
-    one = merge(recipe.read_text(), tmp_path / "one", random_seed=3)
+    one = merge_in_one_thread(recipe.read_text(), tmp_path / "one")
     torchrun(2, recipe, tmp_path / "two")
     a, b = load_tensors(one), load_tensors(tmp_path / "two")
     assert all(torch.equal(a[name], b[name]) for name in a)
@@ -120,7 +133,7 @@ def test_processes_that_share_an_expert_split_its_batches(families, tmp_path):
     recipe.write_text(families("llama", 2).recipe(
         "prodistill", epochs=3, lr=0.05, shots=9, batch_size=3, continue_tokens=4,
         head_epochs=2, holdout=0.33))
-    one = merge(recipe.read_text(), tmp_path / "one", random_seed=3)
+    one = merge_in_one_thread(recipe.read_text(), tmp_path / "one")
     torchrun(3, recipe, tmp_path / "three")
     a, b = load_tensors(one), load_tensors(tmp_path / "three")
     for name in a:
@@ -174,10 +187,10 @@ def test_a_killed_process_stops_every_process_and_a_rerun_continues(three_expert
     recipe, one = three_experts
     slow = tmp_path / "recipe.yml"  # more epochs: time to kill it between two blocks
     slow.write_text(recipe.read_text().replace("epochs: 3", "epochs: 60"))
-    whole = merge(slow.read_text(), tmp_path / "whole", random_seed=3)
+    whole = merge_in_one_thread(slow.read_text(), tmp_path / "whole")
 
     out, logs = tmp_path / "out", tmp_path / "logs"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **ONE_THREAD)
     launcher = subprocess.Popen([str(a) for a in _torchrun_args(2, slow, out, logs)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300

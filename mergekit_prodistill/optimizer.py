@@ -197,7 +197,10 @@ class TrainingStep:
                 chunk = slice(start, start + size)
                 g_w, g, denom, acc = (s[:min(size, out.numel() - start)] for s in scratch)
                 g_w.copy_(grad[chunk])
-                acc.copy_(base[chunk]) if leader else acc.zero_()
+                if leader:
+                    acc.copy_(base[chunk])
+                else:
+                    acc.zero_()
                 for delta, lam, m, v, scale, lr in experts:
                     torch.mul(g_w, delta[chunk], out=g).mul_(scale)
                     adam_(lam[chunk], g, m[chunk], v[chunk], lr, step, denom)

@@ -79,18 +79,21 @@ class World:
         start = self.rank * share + min(self.rank, extra)
         return range(start, start + share + (self.rank < extra))
 
+    def sharing(self, expert: int, experts: int) -> List[int]:
+        """The ranks that own ``expert`` when there are more processes than experts."""
+        return [r for r in range(self.size) if r * experts // self.size == expert]
+
     def part(self, experts: int) -> Tuple[int, int]:
         """(k, m): this process takes rows k, k + m, ... of each batch of its experts."""
         if self.size <= experts:
             return 0, 1
-        expert = self.owned(experts).start
-        peers = [r for r in range(self.size) if r * experts // self.size == expert]
+        peers = self.sharing(self.owned(experts).start, experts)
         return self.rank - peers[0], len(peers)
 
     def check_split(self, rows: List[List[int]]) -> None:
         """Refuse to split batches (``rows`` per batch, per expert) into empty parts."""
         for expert in range(len(rows)) if self.size > len(rows) else ():
-            parts = sum(1 for r in range(self.size) if r * len(rows) // self.size == expert)
+            parts = len(self.sharing(expert, len(rows)))
             if rows[expert] and min(rows[expert]) < parts:
                 raise ProDistillError(
                     f"{parts} processes share expert {expert + 1}'s batches, but one batch "
@@ -102,7 +105,7 @@ class World:
     def contributes(self) -> bool:
         """Whether this process adds its experts' lambda_i tau_i to the merged weights and
         reports them: all but the second and later processes sharing one expert."""
-        return not self.distributed or self.size <= self.experts or self.part(self.experts)[0] == 0
+        return not self.distributed or self.part(self.experts)[0] == 0
 
     # -- collectives (identities in one process) ------------------------------------------
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,10 @@ staging folder; after every block the activation streams, the random generator a
 report so far are saved too. Files are written to a temporary name and renamed, so a kill
 at any moment leaves the last finished state intact. Over several processes each saves
 its own streams, and rank 0 the units, the continuations and the state, which names the
-streams to continue from only once every process has saved them. A fingerprint of the recipe, the
-options that change results, the input files and the prompts guards against continuing a
-different merge. At the end the shards are assembled from the unit files with mergekit's
-``TensorWriter``.
+streams to continue from only once every process has saved them. A fingerprint of the
+recipe, the options that change results, the input files and the prompts guards against
+continuing a different merge. At the end the shards are assembled from the unit files
+with mergekit's ``TensorWriter``.
 """
 
 import hashlib

@@ -88,8 +88,8 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     calib = calibration.load_for_experts(recipe, ctx.trust_remote_code, ctx.seed)
     for batches in (calib.batches, calib.holdout_batches):
         vocabulary.calibration_ids(batches, calib.sources)
-        world.check_split([[len(b.input_ids) for b in bs] for bs in batches])
-    # 4. The plan, checked against the memory free now, before any weight is read.
+    # 4. The plan, checked against the memory free now, before any weight is read (and
+    #    whether batches split over processes that share an expert).
     decided = plan.check_fits(recipe, options, out_path, calib, world=world)
 
     LoaderCache().setup(options=options)

@@ -60,11 +60,12 @@ def randn(name: str, shape, seed: int) -> torch.Tensor:
 
 
 def write_family(root, config, n_experts: int, dtype=torch.bfloat16, prompts: int = 16,
-                 expert_scale: float = 0.1, seed: int = 0, tau_std=None,
+                 expert_scale: float = 0.1, seed: int = 0, tau_std=None, tau_relative=None,
                  reuse: bool = False) -> TinyFamily:
     """Base + experts + prompts. An expert is each base tensor plus noise: expert_scale x
-    the tensor's std, or, with ``tau_std``, noise of that std in every tensor (real
-    fine-tunes of 7-13B models differ from their base by ~1e-3 per element). With
+    the tensor's std, or, with ``tau_std``, noise of that std in every tensor, or, with
+    ``tau_relative`` r, r |theta| N(0, 1) per element: each weight moved by a share r of
+    its own size (small full fine-tunes move weights by ~1e-3 of their size). With
     ``reuse``, a family already complete under ``root`` is returned as it is."""
     root = Path(root)
     names = ["base"] + [f"expert_{i}" for i in range(n_experts)]
@@ -86,7 +87,8 @@ def write_family(root, config, n_experts: int, dtype=torch.bfloat16, prompts: in
                     else 0.02 * randn(n, sh, seed)).to(dtype) for n, sh in shapes.items()}
         save_file(base, root / "base" / shard, metadata={"format": "pt"})
         for i in range(n_experts):
-            expert = {n: (t.float() + (tau_std or expert_scale * (0.1 if t.dim() == 1 else 0.02))
+            expert = {n: (t.float() + (tau_relative * t.float().abs() if tau_relative else
+                                       tau_std or expert_scale * (0.1 if t.dim() == 1 else 0.02))
                           * randn(n, t.shape, seed + i + 1)).to(dtype) for n, t in base.items()}
             save_file(expert, root / f"expert_{i}" / shard, metadata={"format": "pt"})
             del expert
@@ -133,6 +135,36 @@ def merge(command, recipe, out, *flags) -> Tuple[float, Optional[Report]]:
         return wall, Report.read(str(out))
     except FileNotFoundError:
         return wall, None
+
+
+def held_out_ids(tokenizer_folder, expert: int, prompts: int = 16):
+    """Token ids of prompts of expert ``expert``'s kind that no merge trains on."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
+    return [torch.tensor([tokenizer(p)["input_ids"]]) for p in
+            make_prompts(expert, prompts, seed=4242)]
+
+
+@torch.no_grad()
+def mean_kl(expert_folder, merged_folder, prompts, dtype=torch.float64, device="cpu") -> float:
+    """Mean token KL(expert || merge), each model loaded from its files with
+    ``AutoModelForCausalLM`` and run in ``dtype`` on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    def load(folder):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+
+    expert = load(expert_folder)
+    teacher = [torch.log_softmax(expert(ids.to(device)).logits.double(), -1) for ids in prompts]
+    del expert  # one model on the device at a time
+    merged = load(merged_folder)
+    total = tokens = 0.0
+    for ids, p in zip(prompts, teacher):
+        q = torch.log_softmax(merged(ids.to(device)).logits.double(), -1)
+        total += float((p.exp() * (p - q)).sum())
+        tokens += ids.shape[1]
+    return total / tokens
 
 
 def gb(n: float) -> str:

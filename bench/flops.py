@@ -29,6 +29,7 @@ import common  # noqa: E402
 from mergekit_prodistill import distill  # noqa: E402
 from mergekit_prodistill.blocks import BlockRunner  # noqa: E402
 from mergekit_prodistill.calibration import Batch  # noqa: E402
+from mergekit_prodistill.dtypes import Precision  # noqa: E402
 from mergekit_prodistill.recipe import ProDistillParameters  # noqa: E402
 from mergekit_prodistill.memory import batch_flops  # noqa: E402
 from mergekit_prodistill.shapes import model_shape  # noqa: E402
@@ -63,8 +64,9 @@ def train(runner, layer, base, deltas, student, targets, contexts, epochs):
     params = ProDistillParameters(epochs=epochs, lr=0.01, batch_size=len(student[0][0]))
     experts = [{n: base[n] + d[n] for n in base} for d in deltas]
     streams = distill.Streams(student, targets, contexts, [len(s) for s in student])
+    dtype = student[0][0].dtype
     distill.distill_block(runner, 0, base, experts, streams, params, epochs,
-                          torch.Generator().manual_seed(0))
+                          torch.Generator().manual_seed(0), Precision(dtype, dtype, dtype))
 
 
 def matmul_rate(args) -> float:

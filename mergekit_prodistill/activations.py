@@ -21,6 +21,13 @@ Stream = List[List[torch.Tensor]]  # [expert][batch] -> [batch, length, hidden]
 PLACEMENTS = ("device", "cpu", "disk")
 
 
+def on_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A stream's batch on the compute device. From pinned CPU memory the copy is queued
+    without waiting for it (the kernels that read it follow on the same CUDA stream): no
+    host synchronisation per batch."""
+    return batch.to(device, non_blocking=batch.device.type == "cpu" and batch.is_pinned())
+
+
 class ActivationStore:
     """Allocates the streams for a given set of batch shapes, at ``placement``: "device",
     "cpu" or "disk" (files in ``directory``)."""

@@ -100,6 +100,7 @@ def plan_command(merge_options: MergeOptions, config_file: str, nproc_per_node: 
     the plan, and torchrun's --nproc-per-node and --nnodes: over several processes it
     plans process 0, which owns the most experts.
     """
+    from mergekit_prodistill import erasure
     from mergekit_prodistill.parallel import World
     from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan import make_plan
@@ -108,7 +109,10 @@ def plan_command(merge_options: MergeOptions, config_file: str, nproc_per_node: 
     world = World(rank=0, size=nproc_per_node * nnodes, local_size=nproc_per_node)
     try:
         _, config = read_recipe(config_file)
-        print(make_plan(parse_recipe(config), merge_options, world=world).render())
+        recipe = parse_recipe(config)
+        planned = make_plan(recipe, merge_options, world=world)
+        erasure.warn_if_erased(recipe, planned.dtypes["output"])
+        print(planned.render())
     except (ProDistillError, OSError) as exc:
         exit_with(exc)
 

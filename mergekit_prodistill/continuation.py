@@ -7,7 +7,7 @@ distillation matches each expert's activations where its answer is produced.
 
 Memory: one expert at a time, placed by :func:`expert_placement.place_expert` from the
 memory free at that moment (whole on the device when it fits, else partly offloaded by
-accelerate), in the dtype the merge reads its weights in; it is freed before the next one.
+accelerate), in the recipe's ``dtype`` (else the stored one); it is freed before the next one.
 """
 
 import gc
@@ -70,9 +70,8 @@ def continue_prompts(
 ) -> List[List[int]]:
     """Each token sequence followed by the expert's greedy continuation of it.
 
-    ``dtype`` is the one the merge reads the expert's weights in
-    (:func:`dtypes.read_dtype`), which the plan sizes it by; ``free`` maps ``str(device)``
-    and "cpu" to the bytes free there now.
+    ``dtype`` is :func:`dtypes.generation_dtype`, which the plan sizes it by; ``free``
+    maps ``str(device)`` and "cpu" to the bytes free there now.
     """
     pad_id = tokenizer.pad_token_id
     if pad_id is None:

@@ -5,6 +5,7 @@ a device now, and the disk space free for a folder.
 merge, and the continuation pass all see the same figure.
 """
 
+import datetime
 import os
 import shutil
 from dataclasses import dataclass
@@ -25,25 +26,32 @@ class DeviceClass:
     disk_gbps: float  # checkpoint read/write rate, GB/s
     basis: str
     link_gbps: float = 20.0  # CPU memory to device (PCIe), GB/s
+    comm_gbps: float = 1.5  # all-reduce bus bandwidth between a machine's processes, GB/s
+    decode_layer_s: float = 3e-4  # a decoding step's fixed cost per layer (launches, Python)
 
 
-def gpu(name: str, bf16: float, fp32: float, memory_gbps: float, memory_gb: float,
-        link_gbps: float, basis: str) -> DeviceClass:
-    return DeviceClass(name, "cuda", {"float32": fp32, "bfloat16": bf16, "float16": bf16},
-                       memory_gbps, memory_gb, 2.0, basis, link_gbps)
+def gpu(name: str, bf16: float, memory_gbps: float, memory_gb: float, link_gbps: float,
+        comm_gbps: float, basis: str) -> DeviceClass:
+    # float32 blocks run TF32 matmuls (dtypes.fast_float32_matmuls): half the dense bf16
+    # peak on A100 and H100. A decoding step of an eager transformers model launches ~15
+    # kernels per layer, ~0.1 ms with Python's share.
+    return DeviceClass(name, "cuda", {"float32": bf16 / 2, "bfloat16": bf16, "float16": bf16},
+                       memory_gbps, memory_gb, 2.0, basis, link_gbps, comm_gbps, 1e-4)
 
 
 DEVICE_CLASSES = (
     DeviceClass(
         "cpu-2core", "cpu", {"float32": 0.18, "bfloat16": 0.77, "float16": 0.10}, 5, 24, 1.0,
         "2-core x86: idle 2048^3 matmul rates; Adam's element-wise rate (2.6 GB/s measured "
-        "under load, 5 assumed idle)",
+        "under load, 5 assumed idle); gloo all-reduces on loopback (1.7 GB/s measured)",
     ),
-    gpu("a100-80gb", 140, 14, 1500, 80, 20,
-        "45% of peak bf16 (312), fp32 without TF32 at 70% of 19.5, 75% of 2.0 TB/s"),
-    gpu("h100-80gb", 445, 47, 2500, 80, 40,
-        "SXM: 45% of peak bf16 (989), fp32 without TF32 at 70% of 67, 75% of 3.35 TB/s"),
-    gpu("h200-141gb", 445, 47, 3600, 141, 40, "as the H100 with 75% of 4.8 TB/s"),
+    gpu("a100-80gb", 140, 1500, 80, 20, 170,
+        "45% of peak bf16 (312) and of TF32 (156) for fp32, 75% of 2.0 TB/s, NVLink "
+        "all-reduce at 170 GB/s"),
+    gpu("h100-80gb", 445, 2500, 80, 40, 340,
+        "SXM: 45% of peak bf16 (989) and of TF32 (494) for fp32, 75% of 3.35 TB/s, NVLink "
+        "all-reduce at 340 GB/s"),
+    gpu("h200-141gb", 445, 3600, 141, 40, 340, "as the H100 with 75% of 4.8 TB/s"),
 )
 
 
@@ -92,3 +100,18 @@ def free_disk(folder: str) -> Tuple[str, int]:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     return existing, shutil.disk_usage(existing).free
+
+
+# A process gives up on its peers when a tensor sum has waited this many times the plan's
+# time per block on the slowest listed device of its kind (a block's set-up and writes
+# come between two steps' sums), and never sooner than MIN_WAIT.
+WAIT_FACTOR = 20
+MIN_WAIT = datetime.timedelta(minutes=15)
+
+
+def collective_timeout(plan) -> float:
+    """Seconds a tensor sum of ``plan``'s merge waits for the other processes."""
+    kind = torch.device(plan.device).type
+    slowest = [c for c in DEVICE_CLASSES if c.kind == kind] or list(DEVICE_CLASSES)
+    per_block = max(plan.seconds(c) for c in slowest) / max(plan.shape.num_layers, 1)
+    return max(MIN_WAIT.total_seconds(), WAIT_FACTOR * per_block)

@@ -19,9 +19,11 @@ from typing import Iterable, List, Optional
 
 import torch
 
+from mergekit_prodistill.activations import on_device
 from mergekit_prodistill.blocks import BatchContext, BlockRunner
 from mergekit_prodistill.coefficients import (Weights, at_init, fit, gathered_stats,
                                               masked_mse, merged_weights)
+from mergekit_prodistill.dtypes import Precision
 from mergekit_prodistill.fidelity import Heldout
 from mergekit_prodistill.parallel import SINGLE, World
 
@@ -77,10 +79,11 @@ def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weight
         for i, (w, ctxs) in enumerate(zip(weights, contexts)):
             total, tokens = 0.0, 0
             for b, ctx in enumerate(ctxs):
-                out = runner.forward(index, layer, w, inputs[i][b].to(runner.device), ctx)
+                x = on_device(inputs[i][b], runner.device)
+                out = runner.forward(index, layer, w, x, ctx)
                 if targets is not None:
                     n = int(ctx.token_mask.sum())
-                    total += float(masked_mse(out, targets[i][b].to(runner.device),
+                    total += float(masked_mse(out, on_device(targets[i][b], runner.device),
                                               ctx.token_mask)) * n
                     tokens += n
                 if outputs is not None:
@@ -97,18 +100,28 @@ def mean_loss(per_expert: List[List[float]], world: World) -> float:
 
 def distill_block(runner: BlockRunner, index: int, base_w: Weights,
                   expert_blocks: Iterable[Weights], streams: Streams, p, epochs: int,
-                  generator: torch.Generator, world: World = SINGLE, on_epoch=None):
-    """Merge block ``index``: returns its weights as written (the weights' dtype, own
+                  generator: torch.Generator, precision: Precision, world: World = SINGLE,
+                  on_epoch=None):
+    """Merge block ``index``: returns its weights as written (the output dtype, own
     parameter names) and its report. ``expert_blocks`` yields each owned expert's block in
     turn, so that only one is in memory; the streams advance past the block."""
     started = time.time()
     layer = runner.layer(index)
-    dtype = streams.merged[0][0].dtype
+    dtype = precision.compute
     student, teacher, targets = streams.roles(p.inputs)
     contexts = streams.contexts
     n = len(contexts)
 
     held = streams.heldout
+
+    def evaluated(coeffs):
+        """The block as written (the output dtype), the same in the compute dtype, and
+        its loss on the student stream."""
+        final = {name: precision.written(t) for name, t in
+                 merged_weights(base_w, deltas, coeffs, torch.float32, world).items()}
+        block_w = cast(final, dtype)
+        return final, block_w, mean_loss(forward_batches(
+            runner, index, layer, [block_w] * n, student, contexts, targets=targets), world)
 
     # 1. The teacher outputs never change during training: compute them once.
     deltas = []
@@ -118,14 +131,14 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
         if held:
             forward_batches(runner, index, layer, [own], [held.expert[i]], [held.contexts[i]],
                             [held.expert[i]])
-        deltas.append({name: expert_w[name] - base_w[name] for name in base_w})
+        deltas.append({name: precision.task_vector(expert_w[name], base_w[name])
+                       for name in base_w})
         del expert_w, own  # the block holds its memory-mapped shard's pages
 
-    # 2. The loss to beat: task arithmetic, every coefficient at init.
+    # 2. The loss to beat: task arithmetic as written, every coefficient at init.
     init = [{name: torch.tensor(p.init) for name in base_w}] * n
-    init_w = merged_weights(base_w, deltas, init, dtype, world)
-    loss_before = mean_loss(forward_batches(runner, index, layer, [init_w] * n, student,
-                                            contexts, targets=targets), world)
+    _, init_w, loss_before = evaluated(init)
+    held_before = held_loss(runner, index, layer, init_w, held, world)
     if held:
         forward_batches(runner, index, layer, [init_w] * n, held.task_arithmetic,
                         held.contexts, held.task_arithmetic)
@@ -142,25 +155,30 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
 
     def loss_of(weights, i, b):
         ctx = contexts[i][b]
-        out = runner.forward(index, layer, weights, student[i][b].to(runner.device), ctx)
-        return masked_mse(out, targets[i][b].to(runner.device), ctx.token_mask) * ctx.share
+        out = runner.forward(index, layer, weights, on_device(student[i][b], runner.device),
+                             ctx)
+        target = on_device(targets[i][b], runner.device)
+        return masked_mse(out, target, ctx.token_mask) * ctx.share
 
     coeffs, small_share = fit(base_w, deltas, p, epochs, streams.batch_counts, loss_of,
                               dtype, generator, f"block {index}", on_epoch=record,
                               world=world)
 
-    # 4. Evaluate exactly the block that is written. A block never ends worse on its
-    #    calibration data than the task arithmetic it started from.
-    final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas, coeffs,
-                                            streams, student, targets, dtype, world)
-    if not loss_after <= loss_before:
-        LOG.warning("block %d: training raised the loss (%.4g -> %.4g); keeping task "
-                    "arithmetic for this block (lower 'lr' if this recurs)",
-                    index, loss_before, loss_after)
+    # 4. Evaluate exactly the block that is written. A block never ends worse than the
+    #    task arithmetic it started from: on the held-out prompts where there are some
+    #    (the calibration prompts are the ones it was fitted to), else on those.
+    final, block_w, loss_after = evaluated(coeffs)
+    held_after = held_loss(runner, index, layer, block_w, held, world)
+    judged = "held-out" if held else "calibration"
+    before, after = (held_before, held_after) if held else (loss_before, loss_after)
+    kept = not after <= before
+    if kept:
+        LOG.warning("block %d: training raised the loss on the %s prompts (%.4g -> %.4g); "
+                    "keeping task arithmetic for this block (lower 'lr' or raise 'shots' "
+                    "if this recurs)", index, judged, before, after)
         coeffs = at_init(coeffs, p.init)
-        final, block_w, loss_after = _evaluated(runner, index, layer, base_w, deltas,
-                                                coeffs, streams, student, targets, dtype,
-                                                world)
+        final, block_w, loss_after = evaluated(coeffs)
+        held_after = held_before
 
     # 5. Advance the merged stream through exactly the weights just written.
     if p.inputs != "expert":
@@ -170,22 +188,21 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
                         held.merged)
     streams.advance(p.inputs)
     report = {"block": index, "loss_before": loss_before, "loss_after": loss_after,
-              "epoch_losses": epoch_losses, **gathered_stats(coeffs, world),
-              "small_gradient_share": small_share}
+              "heldout_loss_before": held_before, "heldout_loss_after": held_after,
+              "kept_task_arithmetic": kept, "epoch_losses": epoch_losses,
+              **gathered_stats(coeffs, world), "small_gradient_share": small_share}
     LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
     return final, report | {"seconds": time.time() - started}
 
 
-def _evaluated(runner, index, layer, base_w, deltas, coeffs, streams, student, targets,
-               dtype, world):
-    """The block as written (the weights' dtype), the same in the compute dtype, and
-    its loss on the student stream."""
-    final = {name: t.to(base_w[name].dtype) for name, t in
-             merged_weights(base_w, deltas, coeffs, torch.float32, world).items()}
-    block_w = cast(final, dtype)
-    loss = forward_batches(runner, index, layer, [block_w] * len(deltas), student,
-                           streams.contexts, targets=targets)
-    return final, block_w, mean_loss(loss, world)
+def held_loss(runner, index, layer, block_w, held: Optional[Heldout], world) -> Optional[float]:
+    """The block's loss on the held-out prompts' merged stream against the experts'
+    outputs there (already computed), weighted as the training loss; None without
+    held-out prompts."""
+    if not held:
+        return None
+    return mean_loss(forward_batches(runner, index, layer, [block_w] * len(held.contexts),
+                                     held.merged, held.contexts, targets=held.expert), world)
 
 
 def cast(weights: Weights, dtype: torch.dtype) -> Weights:

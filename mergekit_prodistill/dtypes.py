@@ -1,18 +1,33 @@
 """Which dtype each part of a merge uses: the one place that decides.
 
-* weights: the recipe's ``dtype``, else what the base checkpoint stores (its safetensors
-  header, then its config);
+* reading: every model's block weights in the dtype its checkpoint stores (its safetensors
+  header, then its config). Casting first would round each expert and the base apart: a
+  fine-tune that moves a weight by 1e-3 of its size, cast to bfloat16 (a step of 4e-3 to
+  8e-3 of a value), keeps 0 in 75-87% of its task vector and +-1 step in the rest;
+* task vectors and sums: theta_i - theta_0 and theta_0 + sum lambda_i tau_i in the stored
+  dtype when every model stores the recipe's ``dtype`` (or it names none), as mergekit's
+  task arithmetic computes them, so that ``epochs: 0`` equals it bit for bit; otherwise
+  in float32, rounded once, to the output dtype;
+* output: the recipe's ``out_dtype``, else its ``dtype``, else what the base stores;
 * activations: the streams, every block forward and all training, in the recipe's
-  ``activation_dtype``, else the weights' dtype, but never float16. The coefficients'
-  gradients are a mean over tokens and hidden units times task vectors of ~1e-3: about
-  1e-9 at 13B widths, which float16 flushes to zero, so the coefficients would never move.
-  float16 therefore becomes bfloat16 on devices that compute in it, else float32.
+  ``activation_dtype``; ``auto`` is bfloat16 only when every model stores bfloat16 and the
+  output is bfloat16 (then bfloat16 holds the experts, and the blocks as written,
+  exactly) and the device computes in it, else float32, with TF32 matmuls on CUDA.
+  float16 never: the coefficients' gradients (~1e-9 at 13B widths) flush to zero in it,
+  and a bfloat16 forward of float16 weights rounds away task vectors as small as its
+  rounding noise.
+
+:class:`Precision` carries the decisions of one merge to the code that applies them.
 """
 
+import contextlib
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from mergekit.common import dtype_from_name
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.model_files import read_checkpoint
@@ -41,23 +56,82 @@ def stored_dtype(model, config) -> str:
     return checkpoint_dtype(model) or config_dtype(config)
 
 
-def read_dtype(recipe, model, config) -> str:
-    """The dtype a model's weights are read in: the recipe's ``dtype``, else the stored one."""
+def generation_dtype(recipe, model, config) -> str:
+    """The dtype an expert is loaded in to continue its prompts (a whole model, which
+    the recipe's ``dtype`` may halve): the recipe's ``dtype``, else the stored one."""
     return recipe.dtype or stored_dtype(model, config)
 
 
-def weights_dtype(recipe, base_config) -> str:
-    """The dtype block weights are read in: the base model's."""
-    return read_dtype(recipe, recipe.base, base_config)
+def task_vector_dtype(recipe_dtype: Optional[str], stored: Sequence[str]) -> str:
+    """The dtype task vectors and merged sums are formed in (see the module doc)."""
+    if len(set(stored)) == 1 and recipe_dtype in (None, stored[0]):
+        return stored[0]
+    return "float32"
+
+
+def output_dtype(recipe, base_stored: str) -> str:
+    """The dtype the merged weights are written in."""
+    return recipe.out_dtype or recipe.dtype or base_stored
 
 
 def bfloat16_supported(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    # Not emulated: some GPUs report bf16 support that runs in software.
+    return (device.type == "cuda" and torch.cuda.is_available()
+            and torch.cuda.is_bf16_supported(including_emulation=False))
 
 
-def activation_dtype(requested: str, weights: str, device: torch.device) -> str:
+def activation_dtype(requested: str, stored: Sequence[str], output: str,
+                     device: torch.device) -> str:
     """The streams' and the block computations' dtype (see the module doc)."""
-    dtype = weights if requested == "auto" else requested
-    if dtype != "float16":
-        return dtype
-    return "bfloat16" if bfloat16_supported(device) else "float32"
+    if requested != "auto":
+        return requested
+    exact = all(d == "bfloat16" for d in stored) and output == "bfloat16"
+    computes = device.type != "cuda" or bfloat16_supported(device)
+    return "bfloat16" if exact and computes else "float32"
+
+
+def decide(recipe, models, device: torch.device) -> Tuple[Dict[str, str], List[str]]:
+    """Every dtype of a merge by role (weights, task_vectors, compute, cache, output,
+    generation), and each model's stored dtype; ``models`` are (reference, config) pairs,
+    the base first."""
+    stored = [stored_dtype(m, c) for m, c in models]
+    out = output_dtype(recipe, stored[0])
+    compute = activation_dtype(recipe.params.activation_dtype, stored, out, device)
+    return {"weights": stored[0], "task_vectors": task_vector_dtype(recipe.dtype, stored),
+            "compute": compute, "cache": compute, "output": out,
+            "generation": generation_dtype(recipe, *models[1])}, stored
+
+
+@contextlib.contextmanager
+def fast_float32_matmuls(device: torch.device, compute: str):
+    """float32 block computations on CUDA use TF32 matmuls (10-bit mantissas, as
+    float16 weights hold) for the length of a merge."""
+    if device.type != "cuda" or compute != "float32":
+        yield
+        return
+    before = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = before
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The dtypes one merge forms task vectors in, computes in, and writes."""
+
+    task_vectors: torch.dtype
+    compute: torch.dtype
+    output: torch.dtype
+
+    @classmethod
+    def of(cls, decided: dict) -> "Precision":
+        """From the plan's ``dtypes`` (names)."""
+        return cls(*(dtype_from_name(decided[k]) for k in ("task_vectors", "compute", "output")))
+
+    def task_vector(self, expert: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return expert.to(self.task_vectors) - base.to(self.task_vectors)
+
+    def written(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.output)

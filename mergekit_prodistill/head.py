@@ -19,6 +19,7 @@ import torch
 import transformers
 from torch.func import functional_call
 
+from mergekit_prodistill.activations import on_device
 from mergekit_prodistill.blocks import family_of
 from mergekit_prodistill.coefficients import (fit, gathered_stats, init_coefficients,
                                               masked_kl, merged_weights)
@@ -80,10 +81,11 @@ class HeadForward:
         return torch.log_softmax(logits.float(), dim=-1)
 
 
-def load_norm_and_head(norm_weight, head_weight, base, experts, align):
+def load_norm_and_head(norm_weight, head_weight, base, experts, align, precision):
     """The final norm (``"weight"``) and LM head (``"head"``) of the base, and every
-    expert's task vectors of them, with vocabulary rows in the output's order (``align``,
-    as the embeddings are merged), so that every distribution ranges over the same tokens.
+    expert's task vectors of them (formed as ``precision`` says), with vocabulary rows in
+    the output's order (``align``, as the embeddings are merged), so that every
+    distribution ranges over the same tokens.
     """
     # load_all closes each shard once read, so the experts' memory-mapped pages go with
     # their tensors once the task vectors are taken.
@@ -95,13 +97,14 @@ def load_norm_and_head(norm_weight, head_weight, base, experts, align):
                                      [t[weight.name] for t in expert_t])
         for w, t in zip(expert_w, aligned):
             w[own] = t
-    return base_w, [{n: w[n] - base_w[n] for n in base_w} for w in expert_w]
+    return base_w, [{n: precision.task_vector(w[n], base_w[n]) for n in base_w}
+                    for w in expert_w]
 
 
 def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
-               generator: torch.Generator, device: torch.device,
+               generator: torch.Generator, device: torch.device, precision,
                world: World = SINGLE) -> Tuple[Dict, Dict]:
-    """The final norm and LM head as written (``"weight"``, ``"head"``; the weights'
+    """The final norm and LM head as written (``"weight"``, ``"head"``; the output
     dtype), with trained coefficients, and a report.
 
     ``streams`` holds the last block's outputs: the merged model's and every owned
@@ -109,16 +112,16 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
     (``head_trainable`` False) the head keeps task arithmetic with init.
     """
     log_probs = HeadForward(config)
-    dtype = streams.merged[0][0].dtype
+    dtype = precision.compute
     contexts = streams.contexts
 
     def teacher(i, b):
         with torch.no_grad():
             w = {n: (base_w[n] + deltas[i][n]).to(dtype) for n in base_w}
-            return log_probs(w["weight"], w["head"], streams.expert[i][b].to(device))
+            return log_probs(w["weight"], w["head"], on_device(streams.expert[i][b], device))
 
     def kl_of(w, i, b):
-        student = log_probs(w["weight"], w["head"], streams.merged[i][b].to(device))
+        student = log_probs(w["weight"], w["head"], on_device(streams.merged[i][b], device))
         return masked_kl(student, teacher(i, b), contexts[i][b].token_mask)
 
     def loss_of(w, i, b):  # a batch split over processes: each its rows' share
@@ -126,7 +129,8 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
 
     def mean_loss(coeffs) -> float:
         """The loss over every batch, averaged over experts, with the weights as written."""
-        w = merged_weights(base_w, deltas, coeffs, dtype, world)
+        w = {n: precision.written(t).to(dtype) for n, t in
+             merged_weights(base_w, deltas, coeffs, torch.float32, world).items()}
         per_expert = []
         with torch.no_grad():
             for i, batches in enumerate(contexts):
@@ -153,4 +157,4 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
     report.update(gathered_stats([{n: c[n] for n in trained} for c in coeffs], world))
     LOG.info("final norm and LM head: KL %.4g -> %.4g", report["loss_before"], report["loss_after"])
     final = merged_weights(base_w, deltas, coeffs, torch.float32, world)
-    return {n: final[n].to(base_w[n].dtype) for n in base_w}, report
+    return {n: precision.written(final[n]) for n in base_w}, report

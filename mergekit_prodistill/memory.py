@@ -113,12 +113,13 @@ def lambda_count(shape: ModelShape, experts: int, granularity: str) -> int:
     return experts * per_expert[granularity]
 
 
-def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cache_b: int,
+def phase_bytes(shape, work, p, wb: List[int], tv_b: int, cb: int, cache_b: int,
                 device_type: str, out_b: int, owned: Optional[Sequence[int]] = None,
                 processes: int = 1):
     """Bytes of every memory term in every phase of one block (see the module doc) in
     the process that owns the experts ``owned`` (default: every one) of ``processes``,
-    with ``work`` its batches (``Workload.only``, ``Workload.rows``).
+    with ``work`` its batches (``Workload.only``, ``Workload.rows``); ``wb`` are the
+    models' stored bytes per element, ``tv_b`` the task vectors'.
 
     It holds those experts' task vectors, coefficients and streams, and merges the
     embeddings of all (every process does); with several processes the fused step keeps
@@ -126,14 +127,14 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
     """
     every = wb
     if owned is not None:
-        wb, stored_b = ([b[0]] + [b[1 + i] for i in owned] for b in (wb, stored_b))
+        wb = [wb[0]] + [wb[1 + i] for i in owned]
     P, big, T = shape.block_numel, shape.largest, len(wb) - 1
     partial = 4 * big if processes > 1 and p.granularity == "element" else 0
-    # A block read in another dtype than stored is converted from the shard's memory map,
-    # whose pages stay mapped until the block is read.
-    mapped = P * max(stored_b) if stored_b != wb else 0
+    # Task vectors wider than the stored weights are formed from both promoted: the
+    # expert's block and the base's, converted, beside the result.
+    promoted = 2 * P * tv_b if tv_b > max(wb) else 0
     base = P * wb[0]
-    deltas = sum(P * max(wb[0], w) for w in wb[1:])
+    deltas = T * P * tv_b
     lam = lambda_count(shape, T, p.granularity)
     widest = max((b for bs in work.batches for b in bs), key=lambda b: b[0] * b[1])
     cache = (STREAMS * sum(work.slots(i) for i in range(T))
@@ -153,9 +154,9 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
             # The last expert block being read, or the block merged at init for the loss
             # before training, whose sums of products (scalar coefficients keep the task
             # vectors' dtype) take up to three tensors at once.
-            WEIGHTS: base + deltas + max(P * wb[-1], P * cb) + mapped,
+            WEIGHTS: base + deltas + max(P * wb[-1] + promoted, P * cb),
             CACHE: cache,
-            TRANSIENT: max(forward, (3 if T > 1 else 1) * big * max(wb)),
+            TRANSIENT: max(forward, (3 if T > 1 else 1) * big * max(tv_b, max(wb))),
         },
         "train": {
             WEIGHTS: base + deltas + 2 * P * cb,
@@ -176,7 +177,7 @@ def phase_bytes(shape, work, p, wb: List[int], stored_b: List[int], cb: int, cac
             # merge() sums the products lambda_i tau_i: two more matrices at once.
             TRANSIENT: embed * max(every) * min(2, len(every) - 1),
         },
-        "head": head_bytes(shape, widest, p, wb, cb, every, processes) | {CACHE: cache},
+        "head": head_bytes(shape, widest, p, wb, tv_b, cb, every, processes) | {CACHE: cache},
     }
 
 
@@ -204,8 +205,8 @@ def training_step_bytes(shape: ModelShape, widest: Tuple[int, int], granularity:
                forward_backward_bytes(shape, *widest, cb) + cb * big - 4 * lam)
 
 
-def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb: int,
-               every: List[int], processes: int = 1):
+def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], tv_b: int,
+               cb: int, every: List[int], processes: int = 1):
     """Training the final norm and LM head (head.py): the base head and the owned experts'
     task vectors (``every`` expert's while they are read), the merged head and a teacher's
     head in the compute dtype, lambda with its gradient and Adam state (the head's, when
@@ -221,29 +222,31 @@ def head_bytes(shape: ModelShape, widest: Tuple[int, int], p, wb: List[int], cb:
         else 0
     rows, width = widest
     return {
-        WEIGHTS: vh * (wb[0] + max(sum(max(wb[0], w) for w in every[1:]),
-                                   sum(max(wb[0], w) for w in wb[1:]) + 2 * cb)),
+        WEIGHTS: vh * (wb[0] + max(sum(max(tv_b, w) for w in every[1:]),
+                                   tv_b * (len(wb) - 1) + 2 * cb)),
         LAMBDA: 16 * T * (trained + shape.hidden),
         TRANSIENT: max(5 * 4 * rows * width * shape.vocab[0], 3 * 4 * vh) + partial,
     }
 
 
-def step_traffic(shape: ModelShape, wb: List[int], cb: int, lam: int) -> float:
+def step_traffic(shape: ModelShape, wb: List[int], cb: int, lam: int,
+                 device_type: str = "cpu") -> float:
     """Bytes read and written by one step's element-wise work (not the matmuls).
 
     Per weight element: back-propagating every expert's batch into the merged block's
     gradient, then, with element-wise lambda, one pass (optimizer.TrainingStep) that reads
     that gradient, the base and every task vector, reads and writes each coefficient's
-    value and Adam moments (24 bytes) and writes the next merged weight. Scalar lambda
-    (tensor- or task-wise) takes separate passes: the chain rule grad * tau_i in fp32
-    (about 12 + weight bytes per expert) and the next merged block built in fp32 and cast
-    (about 12 bytes per expert + the reads).
+    value and Adam moments (24 bytes) and writes the next merged weight: chunk by chunk
+    through the CPU's cache, or, on CUDA, one compiled kernel whose fp32 sum is written
+    and read back once more (8 bytes). Scalar lambda (tensor- or task-wise) takes separate
+    passes: the chain rule grad * tau_i in fp32 (about 12 + weight bytes per expert) and
+    the next merged block built in fp32 and cast (about 12 bytes per expert + the reads).
     """
     P, T = shape.block_numel, len(wb) - 1
     backward = 2 * T * P * cb
     if lam >= P:
         fused = P * (wb[0] + 2 * cb) + sum(P * max(wb[0], w) for w in wb[1:])
-        return backward + fused + 24 * lam
+        return backward + fused + 24 * lam + (8 * P if device_type == "cuda" else 0)
     merge = P * (wb[0] + 8 + cb) + sum(P * (max(wb[0], w) + 12) for w in wb[1:])
     chain = sum(P * (cb + 12 + max(wb[0], w)) for w in wb[1:])
     return merge + backward + chain + 76 * lam

@@ -9,7 +9,7 @@ trains with the experts it owns, and rank 0 alone writes.
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
 import torch
 import tqdm
@@ -19,6 +19,7 @@ from mergekit_prodistill import distill, fidelity, head, layout
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.coefficients import merged_weights
+from mergekit_prodistill.dtypes import Precision
 from mergekit_prodistill.parallel import World
 from mergekit_prodistill.progress import Progress, UnitWriter
 from mergekit_prodistill.vocab import Vocabulary
@@ -37,7 +38,7 @@ class Merger:
     experts: List[ModelTensors]
     vocabulary: Vocabulary
     units: UnitWriter
-    out_dtype: Optional[torch.dtype]
+    precision: Precision
     ctx: object  # run.Context: device, seed, trust_remote_code, quiet
     world: World
 
@@ -55,7 +56,7 @@ class Merger:
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.world.leader:
-            self.units.save_tensor(name, tensor.to(self.out_dtype) if self.out_dtype else tensor)
+            self.units.save_tensor(name, self.precision.written(tensor))
 
     def end_unit(self, unit: str) -> None:
         if self.world.leader:
@@ -65,7 +66,7 @@ class Merger:
         """One tensor by task arithmetic, written; returns it and the experts' tensors."""
         init = torch.tensor(self.recipe.params.init, dtype=torch.float32)
         merged, expert_ts = task_arithmetic(weight, self.base, self.experts,
-                                            self.vocabulary.align, init)
+                                            self.vocabulary.align, init, self.precision)
         self.write(weight.name, merged)
         return merged, expert_ts
 
@@ -96,7 +97,7 @@ class Merger:
             progress.load_streams(blocks_done, streams.saved(), generator)
         else:
             self._embeddings(runner, calib, streams)
-        dtype = streams.merged[0][0].dtype
+        dtype = self.precision.compute
         streams.contexts = self._contexts(runner, calib.batches, whole.batches, dtype)
         if streams.heldout:
             streams.heldout.contexts = self._contexts(runner, calib.holdout_batches,
@@ -111,7 +112,8 @@ class Merger:
             base_w = {names[n]: t for n, t in self.base.load_all(infos).items()}
             final, report = distill.distill_block(
                 runner, index, base_w, self._expert_blocks(infos, names, base_w), streams,
-                p, epochs, generator, self.world, on_epoch=lambda epoch, loss: bar.set_postfix(
+                p, epochs, generator, self.precision, self.world,
+                on_epoch=lambda epoch, loss: bar.set_postfix(
                     block=index, epoch=epoch + 1, loss=f"{loss:.3g}"))
             for full_name, own_name in names.items():
                 self.write(full_name, final[own_name])
@@ -205,17 +207,17 @@ class Merger:
             norm, lm_head, untied = head.find_norm_and_head(
                 self.module.pre_weights(), post, self.held)
             base_w, deltas = head.load_norm_and_head(norm, lm_head, self.base, self.experts,
-                                                     self.vocabulary.align)
+                                                     self.vocabulary.align, self.precision)
             deltas = [deltas[i] for i in self.owned]
             at_init = torch.tensor(p.init, dtype=torch.float32)
-            task_arithmetic = {n: t.to(base_w[n].dtype) for n, t in merged_weights(
+            task_arithmetic = {n: self.precision.written(t) for n, t in merged_weights(
                 base_w, deltas, [{n: at_init for n in base_w}] * len(deltas),
                 torch.float32, self.world).items()}
             final = task_arithmetic
             if p.head_epochs:
                 final, report = head.train_head(base_w, deltas, untied, streams,
                                                 self.module.config, p, generator,
-                                                self.ctx.device, self.world)
+                                                self.ctx.device, self.precision, self.world)
                 trained = {norm.name: final["weight"], **({lm_head.name: final["head"]}
                                                           if untied else {})}
             if streams.heldout:

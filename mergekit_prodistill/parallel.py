@@ -16,6 +16,15 @@ loss, and all hold the same coefficients, trained alike from the same summed gra
 only the first of them adds the expert's lambda_i tau_i and reports its coefficients.
 
 One process (no launcher) is :data:`SINGLE`, whose collectives do nothing.
+
+Two process groups carry the collectives. Waits that may be long (the continuations of a
+large expert, a leader's disk writes, barriers) and Python objects go through the
+default group, gloo over TCP, with a timeout of hours. Tensor sums, the per-step traffic,
+go through a group of their own (:meth:`World.with_timeout`), NCCL on CUDA, whose timeout
+the run sizes from the plan's time per block once the plan exists. A process whose peer
+died sees it at its next collective: gloo's connections close at once; NCCL, which
+cannot tell, gives up when that timeout passes (``TORCH_NCCL_BLOCKING_WAIT`` makes it
+raise in the waiting process), and both end in :class:`PeerStopped`'s one line.
 """
 
 import contextlib
@@ -25,7 +34,7 @@ import os
 import re
 import signal
 from dataclasses import dataclass, replace
-from typing import Callable, Dict, List, Tuple, TypeVar
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -55,6 +64,18 @@ class World:
     device: torch.device = torch.device("cpu")  # where collectives' tensors live
     local_size: int = 1  # processes on this machine, sharing its CPU memory
     experts: int = 0  # in the merge; 0: one process, which owns them all
+    tensors: Optional[object] = None  # the group of tensor sums; None: the default one
+
+    def with_timeout(self, seconds: float) -> "World":
+        """This world with its tensor sums in a group of their own (NCCL on CUDA, on this
+        process's GPU), which gives up on a peer after ``seconds``. Every process calls it."""
+        if not self.distributed:
+            return self
+        cuda = self.device.type == "cuda"
+        group = self._call(dist.new_group, backend="nccl" if cuda else "gloo",
+                           timeout=datetime.timedelta(seconds=seconds),
+                           device_id=self.device if cuda else None)
+        return replace(self, tensors=group)
 
     def for_experts(self, experts: int) -> "World":
         return replace(self, experts=experts)
@@ -111,8 +132,20 @@ class World:
     def sum_(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` over processes, in place."""
         if self.distributed:
-            self._call(dist.all_reduce, tensor)
+            self._call(dist.all_reduce, tensor, group=self.tensors)
         return tensor
+
+    def sum_later(self, tensor: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start summing ``tensor`` over processes, in place; returns the wait for it, so
+        that other work runs meanwhile."""
+        if not self.distributed:
+            return lambda: tensor
+        work = self._call(dist.all_reduce, tensor, group=self.tensors, async_op=True)
+
+        def wait() -> torch.Tensor:
+            self._call(work.wait)
+            return tensor
+        return wait
 
     def sum_floats(self, values: List[float]) -> List[float]:
         """Python floats summed over processes (float64)."""
@@ -194,10 +227,12 @@ def start(device: torch.device) -> World:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+        # A timed-out NCCL collective raises in the process that waits for it (one line),
+        # rather than in NCCL's watchdog thread, which would end the process silently.
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     if not dist.is_initialized():
-        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         try:
-            dist.init_process_group(backend, timeout=TIMEOUT)
+            dist.init_process_group("gloo", timeout=TIMEOUT)
             _joined.append(True)  # this run joined it, so this run leaves it
         except (RuntimeError, ValueError) as exc:
             raise ProDistillError(f"process {rank} of {size}: could not join the other "
@@ -219,9 +254,10 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def stop() -> None:
-    """Leave the process group (after the last collective) and restore SIGTERM."""
-    if _joined and dist.is_initialized():
+def stop(leave_group: bool = True) -> None:
+    """Leave the process group (after the last collective) and restore SIGTERM. A failed
+    run, whose process is about to end, does not wait to leave it (``leave_group``)."""
+    if _joined and dist.is_initialized() and leave_group:
         dist.destroy_process_group()
     _joined.clear()
     for signum, handler in _previous_handlers.items():

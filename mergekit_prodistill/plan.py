@@ -1,7 +1,8 @@
 """What a merge will need, and where it puts the activation streams: decided once, here.
 
 The plan reads only each model's ``config.json`` (plus the dtype in the safetensors header
-of a local checkpoint) and the calibration prompts (:mod:`workload`); it reads no weight.
+of a local checkpoint) and the calibration prompts (:mod:`workload`); of the weights, only
+a sample of one block where the output dtype is not the stored one (:mod:`erasure`).
 From their shapes (:mod:`shapes`) it counts every phase's bytes (:mod:`memory`), places
 them on the compute device and the CPU, and adds:
 
@@ -25,12 +26,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from mergekit_prodistill import (devices, dtypes, expert_placement, generation_plan, layout,
-                                 parallel, workload)
+from mergekit_prodistill import (devices, dtypes, erasure, expert_placement, generation_plan,
+                                 layout, parallel, plan_time, workload)
 from mergekit_prodistill.blocks import check_supported
 from mergekit_prodistill.devices import DeviceClass
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.formatting import GB, fmt_bytes
+from mergekit_prodistill.formatting import fmt_bytes
 from mergekit_prodistill.generation_plan import Generation
 from mergekit_prodistill.model_files import model_config
 from mergekit_prodistill.memory import (
@@ -68,7 +69,7 @@ class Plan:
     recipe: object
     shape: ModelShape
     work: Workload
-    dtypes: Dict[str, str]  # weights, compute, cache, output
+    dtypes: Dict[str, str]  # weights, task_vectors, compute, cache, output, generation
     device: str
     placement: str  # of the activation streams: "device", "cpu" or "disk"
     activation_dir: Optional[str]  # their folder on disk; None: no output named yet
@@ -76,6 +77,7 @@ class Plan:
     flops: Dict[str, float]
     moved_bytes: float  # element-wise traffic of all training steps
     io_bytes: float  # checkpoints read and output written
+    save_bytes: float  # progress written after every block, and the units read back
     cache_bytes: int  # the activation cache at its largest, wherever it is
     available: Dict[str, Optional[int]] = field(default_factory=dict)
     generation: List[expert_placement.Placement] = field(default_factory=list)  # per expert
@@ -106,27 +108,10 @@ class Plan:
         return peak_total(self.phases, device)
 
     def seconds(self, cls: DeviceClass) -> float:
-        rate = cls.tflops.get(self.dtypes["compute"], cls.tflops["float32"]) * 1e12
-        return (
-            (self.flops["training"] + self.flops["forwards"]) / rate
-            + self.moved_bytes / (cls.memory_gbps * GB)
-            + self.io_bytes / (cls.disk_gbps * GB)
-            + self.continuation_seconds(cls)
-        )
+        return plan_time.seconds(self, cls)
 
     def continuation_seconds(self, cls: DeviceClass) -> float:
-        """Generating every expert's continuations: loading it, its FLOPs, and its weights
-        read at every forward pass from where they are."""
-        if not self.generation:
-            return 0.0
-        rate = cls.tflops.get(self.dtypes["compute"], cls.tflops["float32"]) * 1e12
-        reads = self.continuation_reads
-        return (
-            self.flops["continuation"] / rate
-            + reads["device"] / (cls.memory_gbps * GB)
-            + reads["host"] / (cls.link_gbps * GB)
-            + (reads["load"] + reads["disk"]) / (cls.disk_gbps * GB)
-        )
+        return plan_time.continuation_seconds(self, cls)
 
     def render(self) -> str:
         return render(self)
@@ -177,14 +162,11 @@ def make_plan(recipe, options, calib=None,
     shape = model_shape(base_config, expert_configs)
     models = list(zip([recipe.base] + [e.model for e in recipe.experts],
                       [base_config] + expert_configs))
-    stored = [dtypes.stored_dtype(m, c) for m, c in models]
-    loaded = [dtypes.read_dtype(recipe, m, c) for m, c in models]
-    wb = [dtype_bytes(d) for d in loaded]
-    # The run's own dtypes: blocks are read in the weights' dtype; the streams are kept,
-    # and every block runs and trains, in the activation dtype.
-    weights = dtypes.weights_dtype(recipe, base_config)
-    compute = dtypes.activation_dtype(p.activation_dtype, weights, device)
-    out = recipe.out_dtype or weights
+    # The run's own dtypes; blocks are read as stored.
+    decided, stored = dtypes.decide(recipe, models, device)
+    wb = [dtype_bytes(d) for d in stored]
+    generated = [dtype_bytes(dtypes.generation_dtype(recipe, m, c)) for m, c in models]
+    task_vectors, out, compute = (decided[k] for k in ("task_vectors", "output", "compute"))
     work = workload.from_calibration(recipe, calib) if calib is not None \
         else workload.from_prompts(recipe, options, seed)
     for batches in (work.batches, work.holdout_batches):
@@ -193,7 +175,7 @@ def make_plan(recipe, options, calib=None,
     # This process's models and batches (their rows, when processes share an expert).
     mine, own = [1 + i for i in owned], work.only(owned).rows(*world.part(len(recipe.experts)))
 
-    per_phase = phase_bytes(shape, own, p, wb, [dtype_bytes(d) for d in stored],
+    per_phase = phase_bytes(shape, own, p, wb, dtype_bytes(task_vectors),
                             dtype_bytes(compute), dtype_bytes(compute), device.type,
                             dtype_bytes(out), owned, world.size)
     if not p.epochs:
@@ -220,7 +202,7 @@ def make_plan(recipe, options, calib=None,
         "disk": peak_total(split["disk"], dev)}, available)
     phases = split[placement]
     generating = generation_plan.generations(
-        recipe, [expert_configs[i] for i in owned], [wb[m] for m in mine], own, device,
+        recipe, [expert_configs[i] for i in owned], [generated[m] for m in mine], own, device,
         available, trust) if world.contributes else []
     if generating:
         generation_plan.add_phase(phases, dev, max(generating, key=Generation.device_total),
@@ -235,9 +217,11 @@ def make_plan(recipe, options, calib=None,
     checkpoint = [shape.num_layers * shape.block_numel
                   + shape.hidden * v * (1 if shape.tied else 2) for v in shape.vocab]
     read = [n * dtype_bytes(d) for n, d in zip(checkpoint, stored)]  # bytes, per model
+    cache = max(t.get(CACHE, 0) for t in per_phase.values())
+    unit = shape.block_numel * dtype_bytes(out)
     return Plan(
         recipe=recipe, shape=shape, work=work, device=dev, placement=placement, phases=phases,
-        dtypes={"weights": weights, "compute": compute, "cache": compute, "output": out},
+        dtypes=decided,
         activation_dir=p.activation_dir or (layout.scratch_dir(out_path) if out_path else None),
         flops={
             "training": shape.num_layers * epochs * steps * per_step
@@ -250,11 +234,15 @@ def make_plan(recipe, options, calib=None,
             "epochs": epochs,
         },
         moved_bytes=shape.num_layers * epochs * steps
-        * step_traffic(shape, [wb[0]] + [wb[m] for m in mine], dtype_bytes(compute), lam),
+        * step_traffic(shape, [wb[0]] + [dtype_bytes(task_vectors)] * len(mine),
+                       dtype_bytes(compute), lam, device.type),
         # The base and the owned experts are read; rank 0 alone writes the output.
         io_bytes=sum(read[m] for m in [0, *mine])
         + (checkpoint[0] * dtype_bytes(out) if world.leader else 0),
-        cache_bytes=max(t.get(CACHE, 0) for t in per_phase.values()),
+        # Streams saved after every block; rank 0's unit files, read back at the end.
+        save_bytes=shape.num_layers * (cache + (unit if world.leader else 0))
+        + (checkpoint[0] * dtype_bytes(out) if world.leader else 0) if p.epochs else 0.0,
+        cache_bytes=cache,
         available=available, generation=[g.placement for g in generating],
         # Generating reads each expert's checkpoint once more to load it.
         continuation_reads={
@@ -274,6 +262,8 @@ def check_fits(recipe, options, out_path: str, calib=None,
     space; return the plan the merge runs.
     """
     plan = make_plan(recipe, options, calib, out_path=out_path, world=world)
+    if world.leader:
+        erasure.warn_if_erased(recipe, plan.dtypes["output"])
     who = f"process {world.rank} of {world.size}" if world.distributed else "the merge"
     for device, free in plan.available.items():
         if device not in plan.phases or free is None or plan.total(device) <= free:

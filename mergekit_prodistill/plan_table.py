@@ -25,7 +25,8 @@ def render(plan) -> str:
         + ", ".join(f"{n} prompts/{t} tokens" for n, t in zip(
             (sum(r for r, _ in b) for b in plan.work.batches), plan.work.tokens))
         + f"; batch_size {p.batch_size}, max_length {p.max_length}",
-        f"  dtypes: weights {plan.dtypes['weights']}, compute {plan.dtypes['compute']}, "
+        f"  dtypes: weights {plan.dtypes['weights']}, task vectors "
+        f"{plan.dtypes['task_vectors']}, compute {plan.dtypes['compute']}, "
         f"lambda float32 ({p.granularity}), cache {plan.dtypes['cache']} on "
         f"{plan.cache_at}, output {plan.dtypes['output']}",
     ]
@@ -75,7 +76,7 @@ def render(plan) -> str:
         f"{f['forwards']:.3g} FLOPs (teacher outputs, losses, stream updates), "
         f"continuation {f['continuation']:.3g} FLOPs, "
         f"element-wise traffic {fmt_bytes(plan.moved_bytes)}, checkpoint I/O "
-        f"{fmt_bytes(plan.io_bytes)}"
+        f"{fmt_bytes(plan.io_bytes)}, progress saves {fmt_bytes(plan.save_bytes)}"
         + "".join(f", continuation reads {fmt_bytes(plan.continuation_reads[k])} from {k}"
                   for k in ("host", "disk") if plan.continuation_reads.get(k)),
     ]
@@ -86,7 +87,7 @@ def render(plan) -> str:
             f"{plan.dtypes['compute']}, the next weights' float32 partial sum): "
             f"{fmt_bytes(plan.comm_bytes_per_step)} sent per step by each process, "
             f"{fmt_bytes(plan.comm_bytes_per_block)} per block, {fmt_bytes(blocks)} in all "
-            "(not in the time estimate)")
+            "(in the time estimate, as if not overlapped)")
     lines += ["", "time estimate (achievable rates, see docs/planning.md)"]
     for cls in DEVICE_CLASSES:
         fits = ""

@@ -82,8 +82,9 @@ class ProDistillParameters(BaseModel):
     activation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="dtype of the cached activation streams, the block forward passes and "
-        "training; auto: the weights' dtype, with float16 (whose range cannot hold the "
-        "coefficients' gradients) becoming bfloat16 on GPUs that have it, else float32",
+        "training; auto: bfloat16 when every checkpoint stores it and the output is "
+        "bfloat16, else float32 (TF32 matmuls on CUDA), so that the experts and the merge "
+        "as written are computed without rounding their task vectors away",
     )
     activation_placement: Literal["auto", "device", "cpu", "disk"] = Field(
         "auto",

@@ -68,6 +68,11 @@ class BlockReport(Training):
 
     block: int
     seconds: float
+    # The same loss on the held-out prompts, which decides whether the trained block or
+    # task arithmetic is written (None without held-out prompts).
+    heldout_loss_before: Optional[float] = None
+    heldout_loss_after: Optional[float] = None
+    kept_task_arithmetic: bool = False
 
     def to_dict(self) -> dict:
         return {"block": self.block, **asdict(self)}  # the block first, for a reader
@@ -113,7 +118,8 @@ class Report:
     fidelity: Optional[List[Fidelity]] = None  # with held-out prompts and training
     seconds: float
     peak_rss_bytes: int
-    peak_device_bytes: Optional[int] = None
+    peak_device_bytes: Optional[int] = None  # allocated by tensors
+    peak_device_reserved_bytes: Optional[int] = None  # held by the caching allocator
     versions: Dict[str, str]
     recipe: Optional[str] = None  # the recipe's text, as given
     files: Optional[List[str]] = None  # every file of the finished merge, set when written
@@ -184,13 +190,15 @@ class Report:
 
 
 def peak_memory(device) -> dict:
-    """``peak_rss_bytes`` of this process, and ``peak_device_bytes`` on CUDA."""
+    """``peak_rss_bytes`` of this process, and on CUDA ``peak_device_bytes`` (allocated)
+    and ``peak_device_reserved_bytes``."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak = {"peak_rss_bytes": rss * (1 if sys.platform == "darwin" else 1024)}
     if device.type == "cuda":
         import torch
 
         peak["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+        peak["peak_device_reserved_bytes"] = torch.cuda.max_memory_reserved(device)
     return peak
 
 

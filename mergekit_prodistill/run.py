@@ -25,7 +25,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from mergekit.common import dtype_from_name
 from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 
@@ -67,8 +66,11 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
         options = options.model_copy(update={"quiet": True})
     try:
         _merge(merge_config, out_path, options, config_source, world)
-    finally:
-        parallel.stop()
+    except BaseException:
+        # Leaving the group waits for its unfinished sums, which a dead peer never ends.
+        parallel.stop(leave_group=False)
+        raise
+    parallel.stop()
 
 
 @honours_quiet
@@ -91,12 +93,14 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     # 4. The plan, checked against the memory free now, before any weight is read (and
     #    whether batches split over processes that share an expert).
     decided = plan.check_fits(recipe, options, out_path, calib, world=world)
+    world = world.with_timeout(devices.collective_timeout(decided))
 
     LoaderCache().setup(options=options)
     module = checked.module
-    base = ModelTensors(recipe.base, recipe.dtype, str(ctx.device))
-    experts = [ModelTensors(e.model, recipe.dtype, str(ctx.device)) for e in recipe.experts]
-    out_dtype = recipe.out_dtype or recipe.dtype
+    # Every model is read in the dtype it stores (dtypes.py).
+    base = ModelTensors(recipe.base, None, str(ctx.device))
+    experts = [ModelTensors(e.model, None, str(ctx.device)) for e in recipe.experts]
+    precision = dtypes.Precision.of(decided.dtypes)
     facts = {"activation_dtype": decided.dtypes["cache"],
              "epochs": p.epochs_for(max(len(b) for b in calib.batches))} if p.epochs else {}
 
@@ -119,8 +123,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
         ), world)
     resumed = progress.restore_or_reset() if progress else None
     units = UnitWriter(writer, progress)
-    merger = Merger(recipe, module, base, experts, vocabulary, units,
-                    dtype_from_name(out_dtype) if out_dtype else None, ctx, world)
+    merger = Merger(recipe, module, base, experts, vocabulary, units, precision, ctx, world)
     try:
         # 6. Each expert's continuation of its prompts, generated once and saved.
         if progress is not None and p.continue_tokens:
@@ -128,7 +131,8 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
             calib = _continued(recipe, checked, calib, ctx, progress, world)
             facts["continuation_seconds"] = time.time() - continued
         # 7. The embeddings, every decoder block, the final norm and LM head.
-        with distill.denormals_flushed(bool(p.epochs)):
+        with distill.denormals_flushed(bool(p.epochs)), dtypes.fast_float32_matmuls(
+                ctx.device, decided.dtypes["compute"]):
             if p.epochs:
                 report_blocks, head_report, kept = merger.trained(
                     calib, decided, resumed, progress)
@@ -185,7 +189,7 @@ def _continued(recipe, checked, calib, ctx: Context, progress: Progress,
         for i in world.owned(len(recipe.experts)) if world.contributes else ():
             expert = recipe.experts[i]
             files = checked.models[expert.model]
-            dtype = dtypes.read_dtype(recipe, expert.model, files.config)
+            dtype = dtypes.generation_dtype(recipe, expert.model, files.config)
             own.append(continuation.continue_prompts(
                 files.folder, calib.sequences[i] + calib.holdout[i],
                 recipe.params.continue_tokens, calib.tokenizers[i], dtype=dtype,

@@ -8,6 +8,7 @@ from mergekit.common import ModelReference
 from mergekit.io.tasks import LoadTensor, LoaderCache
 
 from mergekit_prodistill.coefficients import combine
+from mergekit_prodistill.dtypes import Precision
 from mergekit_prodistill.errors import ProDistillError
 
 
@@ -53,14 +54,15 @@ def check_shape(name: str, base: torch.Tensor, other: torch.Tensor, model) -> No
 
 
 def task_arithmetic(weight: WeightInfo, base: ModelTensors, experts: List[ModelTensors],
-                    align, init: torch.Tensor):
-    """One tensor merged with every coefficient at ``init``, in the base's dtype, and the
-    experts' tensors as read. ``align`` puts vocabulary-indexed tensors in the output's
-    row order (:meth:`vocab.Vocabulary.align`)."""
+                    align, init: torch.Tensor, precision: Precision):
+    """One tensor merged with every coefficient at ``init``, in the output dtype (formed
+    as :class:`dtypes.Precision` says), and the experts' tensors as read. ``align`` puts
+    vocabulary-indexed tensors in the output's row order (:meth:`vocab.Vocabulary.align`)."""
     base_t = base.load(weight)
     expert_ts = [e.load(weight) for e in experts]
     base_a, aligned = align(weight, base_t, expert_ts)
     for e, t in zip(experts, aligned):
         check_shape(weight.name, base_a, t, e.model)
-    merged = combine(base_a, [t - base_a for t in aligned], [init] * len(experts))
-    return merged.to(base_t.dtype), expert_ts
+    merged = combine(base_a.to(precision.task_vectors),
+                     [precision.task_vector(t, base_a) for t in aligned], [init] * len(experts))
+    return precision.written(merged), expert_ts

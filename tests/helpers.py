@@ -1,5 +1,6 @@
 """What tests share besides fixtures: running recipes in-process and commands in a child."""
 
+import json
 import os
 import subprocess
 import sys
@@ -10,10 +11,22 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
+from safetensors.torch import load_file
 
 from mergekit_prodistill.errors import ProDistillError
 
 BIN = Path(sys.executable).parent
+
+
+def load_tensors(path: Path) -> dict:
+    """Every tensor of the checkpoint in ``path`` (one file or an index of shards)."""
+    index = path / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    out = {}
+    for name in files:
+        out.update(load_file(path / name))
+    return out
 
 
 def merge(recipe_text: str, out: Path, **options) -> Path:

@@ -2,6 +2,7 @@
 (`fit`) that the decoder blocks and the head share, with its policy on non-finite losses."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -155,3 +156,48 @@ def test_the_fused_step_takes_the_steps_of_the_separate_passes(monkeypatch):
         runs.append([*step.weights.values(), *(t for c in coeffs for t in c.values())])
     assert not torch.equal(runs[0][-1], torch.full_like(runs[0][-1], 0.5))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def _steps_of(compiled, monkeypatch, steps=4):
+    """Weights and coefficients after ``steps`` fused steps, by the compiled pass or the
+    chunked one."""
+    monkeypatch.setattr(optimizer, "COMPILED_ON", ("cpu",) if compiled else ())
+    torch.manual_seed(0)
+    base = {"w": torch.randn(6, 5).bfloat16(), "b": torch.randn(6).bfloat16()}
+    deltas = [{n: (0.1 * torch.randn(t.shape)).bfloat16() for n, t in base.items()}
+              for _ in range(2)]
+    target = torch.randn(6, 5)
+    coeffs = init_coefficients(base, 2, ProDistillParameters())
+    step = TrainingStep(base, deltas, coeffs, torch.float32,
+                        Optimizer(unique_parameters(coeffs), lr=0.05))
+    assert step.compiled == compiled
+    for _ in range(steps):
+        w = step.weights
+        ((w["w"] * w["b"][:, None] - target).pow(2).mean()).backward()
+        step.update()
+    return [*step.weights.values(), *(t for c in coeffs for t in c.values())]
+
+
+def test_the_compiled_pass_takes_the_steps_of_the_chunked_one(monkeypatch):
+    # One compiled kernel per tensor (as on CUDA) against the chunked pass: the same
+    # steps, up to the rounding of fused multiply-adds.
+    compiled, chunked = _steps_of(True, monkeypatch), _steps_of(False, monkeypatch)
+    assert not torch.equal(chunked[-1], torch.full_like(chunked[-1], 0.5))
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(compiled, chunked))
+
+
+def test_a_pass_that_cannot_compile_falls_back_once_with_a_warning(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no working C++ compiler\nfound")
+
+    monkeypatch.setattr(optimizer, "_compiled", {"step": broken})
+    with caplog.at_level(logging.WARNING, logger="mergekit_prodistill"):
+        fallen = _steps_of(True, monkeypatch)
+        assert optimizer.compiled_elementwise_step() is None
+        assert not TrainingStep({"w": torch.ones(2)}, [{"w": torch.ones(2)}],
+                                init_coefficients({"w": torch.ones(2)}, 1,
+                                                  ProDistillParameters()),
+                                torch.float32, Optimizer([], 0.1)).compiled
+    assert caplog.text.count("could not compile") == 1
+    assert "no working C++ compiler found" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(fallen, _steps_of(False, monkeypatch)))

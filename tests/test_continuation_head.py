@@ -12,7 +12,7 @@ from mergekit_prodistill import continuation, expert_placement
 from mergekit_prodistill.calibration import tokenize
 from mergekit_prodistill.sources import read_prompts
 from mergekit_prodistill.errors import ProDistillError
-from test_merge import load_tensors
+from helpers import load_tensors
 
 
 def test_cut_at_stop_keeps_tokens_before_end_or_padding():

@@ -21,7 +21,7 @@ DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 def test_flagship_recipe_validates_offline():
     config = MergeConfiguration.model_validate(yaml.safe_load(FLAGSHIP.read_text()))
     recipe = parse_recipe(config)
-    assert str(recipe.base) == "meta-llama/Llama-2-13b-hf" and recipe.dtype == "bfloat16"
+    assert str(recipe.base) == "meta-llama/Llama-2-13b-hf" and recipe.dtype == "float16"
     experts = {str(e.model): e.params for e in recipe.experts}
     assert list(experts) == ["WizardLMTeam/WizardLM-13B-V1.2", "WizardLMTeam/WizardMath-13B-V1.0",
                              "layoric/llama-2-13b-code-alpaca"]

@@ -1,5 +1,6 @@
 """Several processes merge as one: torchrun, the gloo backend, tiny models on CPU."""
 
+import datetime
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import torch
 
 from helpers import BIN, merge, run_cli
 from mergekit_prodistill.parallel import World
-from test_merge import load_tensors
+from helpers import load_tensors
 
 STATE = Path(".prodistill-staging") / ".progress" / "state.json"
 # Results depend on the threads a process computes with, as in any torch program: the
@@ -208,3 +209,62 @@ def test_a_killed_process_stops_every_process_and_a_rerun_continues(three_expert
     torchrun(2, slow, out)
     a, b = load_tensors(whole), load_tensors(out)
     assert all(torch.equal(a[name], b[name]) for name in a)
+
+
+def test_on_cuda_tensor_sums_get_their_own_nccl_group_that_gives_up(monkeypatch):
+    # No GPU here: the calls torch.distributed receives are what is checked.
+    from mergekit_prodistill import parallel
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")  # other ranks log errors only, for the whole process
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel.dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw)))
+    monkeypatch.setattr(parallel.dist, "new_group",
+                        lambda **kw: calls.append(("group", kw)) or "nccl-group")
+    try:
+        world = parallel.start(torch.device("cuda"))
+        # Long waits and objects: gloo, hours; a dead NCCL peer raises where it is awaited.
+        assert calls[1] == ("init", "gloo", {"timeout": parallel.TIMEOUT})
+        assert os.environ["TORCH_NCCL_BLOCKING_WAIT"] == "1"
+        assert world.device == torch.device("cuda", 1) and world.tensors is None
+        sized = world.with_timeout(1200.0)
+        assert sized.tensors == "nccl-group"
+        assert calls[2] == ("group", {"backend": "nccl", "timeout": datetime.timedelta(
+            seconds=1200), "device_id": torch.device("cuda", 1)})
+    finally:
+        parallel._joined.clear()
+        parallel.stop()
+
+
+def test_the_wait_for_peers_is_sized_from_the_plan(families):
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_prodistill import devices, plan
+    from mergekit_prodistill.recipe import parse_recipe
+
+    config = MergeConfiguration.model_validate(yaml.safe_load(
+        families("llama", 2).recipe("prodistill", shots=4)))
+    small = plan.make_plan(parse_recipe(config), MergeOptions(), available={"cpu": None})
+    assert devices.collective_timeout(small) == devices.MIN_WAIT.total_seconds()
+
+    class Slow:  # a plan whose blocks take an hour each on the slowest CPU class
+        device, shape = "cpu", type("Shape", (), {"num_layers": 40})
+
+        @staticmethod
+        def seconds(cls):
+            return 40 * 3600.0
+
+    assert devices.collective_timeout(Slow) == devices.WAIT_FACTOR * 3600
+
+
+def test_one_process_sums_at_once():
+    tensor = torch.ones(3)
+    assert World().sum_later(tensor)() is tensor
+    assert World().with_timeout(1.0) == World()

@@ -65,19 +65,23 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     width = 512 + 64
     assert [b for bs in p.work.batches for b in bs] == [(16, width)] * 12
     train = p.phases["cuda"]["train"]
-    bf16, experts, slots = 2, 3, 64 * width
+    # float16 checkpoints merged as float16: the base and task vectors as stored, the merged
+    # block and its gradient in float32, which float16 never trains in (dtypes.py).
+    fp16, fp32, experts, slots = 2, 4, 3, 64 * width
+    assert p.dtypes["weights"] == p.dtypes["task_vectors"] == "float16"
+    assert p.dtypes["compute"] == "float32"
     assert train[memory.LAMBDA] == 16 * experts * BLOCK_13B  # lambda, grad, Adam m and v
-    assert train[memory.WEIGHTS] == (1 + experts) * BLOCK_13B * bf16 + 2 * BLOCK_13B * bf16
+    assert train[memory.WEIGHTS] == (1 + experts) * BLOCK_13B * fp16 + 2 * BLOCK_13B * fp32
     assert p.cache_at == "cuda"
     held = 8 * width  # holdout 1/8 of 64 shots, from the prompts beyond them
     assert p.work.holdout_batches == (((8, width),),) * experts
     # The merged and expert streams; the held-out prompts' merged, task-arithmetic and
     # expert streams.
-    assert train[memory.CACHE] == (2 * slots + 3 * held) * experts * HIDDEN * bf16
+    assert train[memory.CACHE] == (2 * slots + 3 * held) * experts * HIDDEN * fp32
     # Finished units go to their own files; one shard (mergekit's default) is held only
     # while the shards are assembled, at the end.
     assert p.phases["cpu"]["train"][memory.OUTPUT] == 0
-    assert p.phases["cpu"]["write"][memory.OUTPUT] == BLOCK_13B * bf16  # the block being saved
+    assert p.phases["cpu"]["write"][memory.OUTPUT] == BLOCK_13B * fp16  # the block being saved
     assert p.phases["cpu"]["assemble"][memory.OUTPUT] == 5_000_000_000
     # 13B tensors are mapped by the C allocator and returned at once: next to no slack.
     assert p.phases["cpu"]["train"][memory.SLACK] < 10**6 and p.shape.heap_share < 1e-4
@@ -332,16 +336,18 @@ def test_a_merge_plans_from_its_own_calibration_set(families, monkeypatch):
 
 
 def test_the_plan_counts_blocks_in_the_dtype_they_run_in(wizard_13b):
-    # bfloat16 weights trained in float32: the merged block and its gradient are float32.
+    # float16 weights merged as float16 (task vectors as stored, as mergekit forms them)
+    # and trained in bfloat16 by request: the merged block and its gradient are bfloat16.
     recipe = yaml.safe_load(wizard_13b.read_text())
-    recipe["parameters"]["activation_dtype"] = "float32"
+    recipe["dtype"] = "float16"
+    recipe["parameters"]["activation_dtype"] = "bfloat16"
     wizard_13b.write_text(yaml.safe_dump(recipe, sort_keys=False))
     p = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
-    assert p.dtypes == {"weights": "bfloat16", "compute": "float32", "cache": "float32",
-                        "output": "bfloat16"}
+    assert p.dtypes == {"weights": "float16", "task_vectors": "float16", "compute": "bfloat16",
+                        "cache": "bfloat16", "output": "float16", "generation": "float16"}
     experts = 3
     assert p.phases["cuda"]["train"][memory.WEIGHTS] == \
-        (1 + experts) * BLOCK_13B * 2 + 2 * BLOCK_13B * 4
+        (1 + experts) * BLOCK_13B * 2 + 2 * BLOCK_13B * 2
 
 
 def tiny_plan(fam, world=parallel.SINGLE, available=None, **params):
@@ -385,7 +391,7 @@ def test_each_process_plans_the_experts_it_owns(families):
     widest = max((b for i in second.owned for b in work.batches[i]), key=lambda b: b[0] * b[1])
     assert transient == memory.training_step_bytes(second.shape, widest, "element", 4, P) \
         + 4 * one.shape.largest
-    head = [memory.head_bytes(one.shape, widest, one.recipe.params, [4, 4], 4, [4] * 4,
+    head = [memory.head_bytes(one.shape, widest, one.recipe.params, [4, 4], 4, 4, [4] * 4,
                               processes)[memory.TRANSIENT] for processes in (1, 2)]
     assert head[1] - head[0] == 4 * one.shape.hidden * one.shape.vocab[0]  # untied head
 

@@ -308,7 +308,7 @@ def test_pickled_weights_only_with_explicit_trust(families, tmp_path, no_weight_
 
 
 def test_pickled_weights_merge_the_same_when_trusted(families, tmp_path):
-    from test_merge import load_tensors
+    from helpers import load_tensors
 
     fam = families("llama", 2)
     pickled = _pickled_copy(fam.experts[0], tmp_path / "pickled")
@@ -385,7 +385,7 @@ def test_not_enough_disk(families, tmp_path, no_weight_reads, monkeypatch):
     checked = preflight.check_before_merge(parse_recipe(config), config, MergeOptions(),
                                            str(tmp_path / "out"))
     # The estimate is exactly the merged tensors' bytes (float32 like the base).
-    from test_merge import load_tensors
+    from helpers import load_tensors
 
     base = load_tensors(fam.base)
     assert checked.output_bytes == sum(t.numel() * 4 for t in base.values())

@@ -14,7 +14,7 @@ from helpers import BIN, merge, nan_on_first_training_call, run_cli
 from mergekit_prodistill import continuation, distill
 from mergekit_prodistill.progress import Progress
 from mergekit_prodistill.errors import Interrupted, ProDistillError
-from test_merge import load_tensors
+from helpers import load_tensors
 
 STAGING = ".prodistill-staging"
 

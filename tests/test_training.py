@@ -6,19 +6,6 @@ import pytest
 import torch
 
 from helpers import merge
-from mergekit_prodistill import dtypes
-
-
-@pytest.mark.parametrize("weights, device, bf16, expected", [
-    ("float16", "cuda", True, "bfloat16"),
-    ("float16", "cuda", False, "float32"),
-    ("float16", "cpu", False, "float32"),
-    ("bfloat16", "cuda", True, "bfloat16"),
-    ("float32", "cuda", True, "float32"),
-])
-def test_float16_weights_never_train_in_float16(monkeypatch, weights, device, bf16, expected):
-    monkeypatch.setattr(dtypes, "bfloat16_supported", lambda d: bf16)
-    assert dtypes.activation_dtype("auto", weights, torch.device(device)) == expected
 
 
 def test_float16_checkpoint_trains_and_reports_its_dtype(families, tmp_path):

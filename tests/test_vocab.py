@@ -13,7 +13,7 @@ from mergekit_prodistill import calibration
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.vocab import build_vocabulary
-from test_merge import load_tensors
+from helpers import load_tensors
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 

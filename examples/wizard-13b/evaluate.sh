@@ -11,21 +11,21 @@
 #   bash examples/wizard-13b/evaluate.sh ./wizard-prodistill-13b [RESULTS_DIR]
 #
 # Task names and flags are those of lm-evaluation-harness v0.4.12. Each model is scored
-# in turn on one GPU (a 13B model in bfloat16 takes about 26 GB); the first run downloads
+# in turn on one GPU (a 13B model in float16 takes about 26 GB); the first run downloads
 # the experts and the four test sets. The merge is scored on every run; an expert whose
 # folder under RESULTS_DIR already holds results is skipped, so each expert is scored once
 # (delete its folder to score it again). At the end a table of every model's scores is
 # printed and written to RESULTS_DIR/summary.md.
 #
 # HumanEval and MBPP execute the code the models write: run this in a container or VM
-# you do not mind losing. Environment overrides: DTYPE (bfloat16), BATCH_SIZE (auto),
+# you do not mind losing. Environment overrides: DTYPE (float16), BATCH_SIZE (auto),
 # DEVICE (cuda:0), TASKS (gsm8k,minerva_math,humaneval,mbpp), LIMIT (unset; e.g. 20
 # scores only the first 20 problems of each task, for a quick check of the setup; those
 # results go to RESULTS_DIR-limit20, apart from full runs).
 set -euo pipefail
 merged="${1:?usage: bash examples/wizard-13b/evaluate.sh MERGED_MODEL_DIR [RESULTS_DIR]}"
 results="${2:-wizard-13b-eval}${LIMIT:+-limit$LIMIT}"
-dtype="${DTYPE:-bfloat16}"
+dtype="${DTYPE:-float16}"
 batch_size="${BATCH_SIZE:-auto}"
 device="${DEVICE:-cuda:0}"
 tasks="${TASKS:-gsm8k,minerva_math,humaneval,mbpp}"

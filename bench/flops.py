@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from mergekit_prodistill import distill  # noqa: E402
+from mergekit_prodistill import distill, optimizer  # noqa: E402
 from mergekit_prodistill.blocks import BlockRunner  # noqa: E402
 from mergekit_prodistill.calibration import Batch  # noqa: E402
 from mergekit_prodistill.dtypes import Precision  # noqa: E402
@@ -93,10 +93,14 @@ def main():
     ap.add_argument("--steps", type=int, default=2, help="extra epochs (= steps) timed")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--compiled", action="store_true",
+                    help="the element-wise pass as CUDA runs it: one compiled kernel per "
+                    "tensor (compiled in the warm-up)")
     args = ap.parse_args()
+    optimizer.COMPILED_ON = ("cpu",) if args.compiled else ()
     torch.manual_seed(0)
     *block, step_flops = build(args)
-    train(*block, epochs=1)  # warm-up
+    train(*block, epochs=2)  # warm-up (its second step compiles the compiled pass)
 
     def seconds(epochs):
         started = time.perf_counter()
@@ -111,7 +115,8 @@ def main():
     rate, mm = statistics.median(step_rates), statistics.median(mm_rates)
     print(f"block: hidden {args.hidden}, intermediate {args.intermediate}, {args.experts} "
           f"experts, batch {args.batch} x {args.tokens} tokens, {args.dtype}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, "
+          f"{'compiled' if args.compiled else 'chunked'} element-wise pass")
     print(f"training step: {step_flops / 1e9:.1f} GFLOP, {step_flops / rate:.2f} s at the "
           f"median rate {rate / 1e9:.1f} GFLOP/s "
           f"(runs: {', '.join(f'{r / 1e9:.1f}' for r in step_rates)})")

@@ -192,8 +192,9 @@ def main():
         reduction = [1 - b.loss_after / b.loss_before for b in blocks]
         print(f"\n== {name} (models written in {r['written']:.0f} s)", flush=True)
         reserved = r["reserved_peak"]
+        measured = "allocated" if reserved else "process RSS, runtime included"
         print(f"  peak memory on {args.device}: planned {common.gb(plan['peak'])}, measured "
-              f"{common.gb(r['measured_peak'])} allocated (ratio "
+              f"{common.gb(r['measured_peak'])} {measured} (ratio "
               f"{r['measured_peak'] / plan['peak']:.2f})"
               + (f", {common.gb(reserved)} reserved (ratio {reserved / plan['peak']:.2f})"
                  if reserved else ""))

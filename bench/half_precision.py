@@ -15,6 +15,7 @@ KL(expert || merge) of task arithmetic, and trained / task arithmetic per expert
 trains when that ratio is <= 0.9 for every expert.
 
     PYTHONPATH=. python bench/half_precision.py [--shots 32] [--only float16/bfloat16]
+                                                [--rates 0.001] [--activation-dtype float32]
 """
 
 import argparse
@@ -127,6 +128,8 @@ def main():
     parser.add_argument("--rates", default=",".join(map(str, RATES)))
     parser.add_argument("--work", help="folder for the models (default: a temporary one)")
     parser.add_argument("--json", help="write the rows here too")
+    parser.add_argument("--activation-dtype", default="auto",
+                        help="the trained merges' activation_dtype (default: auto)")
     args = parser.parse_args()
     from transformers.utils import logging as hf_logging
 
@@ -153,7 +156,8 @@ def main():
                 for out in (ta, tr):
                     shutil.rmtree(out, ignore_errors=True)
                 warned = merge(folder, fam, recipe, ta, epochs=0, shots=args.shots)
-                warned += merge(folder, fam, recipe, tr, shots=args.shots, holdout=holdout)
+                warned += merge(folder, fam, recipe, tr, shots=args.shots, holdout=holdout,
+                                activation_dtype=args.activation_dtype)
                 erases = any("erases" in w for w in warned)
                 kl_ta = [common.mean_kl(folder / f"expert_{i}", ta, prompts[i]) for i in range(2)]
                 kl_tr = [common.mean_kl(folder / f"expert_{i}", tr, prompts[i]) for i in range(2)]

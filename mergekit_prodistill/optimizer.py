@@ -46,9 +46,11 @@ CHUNK_DEVICE = 1 << 24
 # Where the pass is one compiled kernel (:func:`compiled_elementwise_step`) instead. On
 # CUDA each operation of the chunked pass is a kernel that reads and writes GPU memory
 # (about 36 per chunk, 354 bytes per element with 3 experts); compiled, each input is read
-# once and each output written once. On 2 CPU cores the compiled pass is no faster than
-# the chunked one (0.47-0.74 s against 0.67 s for a 13824 x 5120 tensor, 2 experts, one
-# thread) and takes ~30 s to compile, so the CPU keeps the chunked pass.
+# once and each output written once. On 2 CPU cores the compiled pass alone is faster
+# (bench/fused_update.py: 0.19 s against 0.27 s for a 13824 x 5120 tensor, 2 experts), yet
+# a whole 13B-shaped step is not (bench/flops.py: 0.81 of the matmul rate against 0.90),
+# compiling takes ~30 s cold, and its fused multiply-adds would end the bit-for-bit match
+# of several processes with one: the CPU keeps the chunked pass.
 COMPILED_ON = ("cuda",)
 
 Weights = Dict[str, torch.Tensor]

@@ -82,9 +82,8 @@ class ProDistillParameters(BaseModel):
     activation_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="dtype of the cached activation streams, the block forward passes and "
-        "training; auto: bfloat16 when every checkpoint stores it and the output is "
-        "bfloat16, else float32 (TF32 matmuls on CUDA), so that the experts and the merge "
-        "as written are computed without rounding their task vectors away",
+        "training; auto: float32 (TF32 matmuls on CUDA), whose rounding, unlike "
+        "bfloat16's, is far below what real fine-tunes' task vectors change",
     )
     activation_placement: Literal["auto", "device", "cpu", "disk"] = Field(
         "auto",

@@ -8,6 +8,7 @@ closest valid key suggested), lists and filters are rejected, ranges are checked
 
 import difflib
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Union
 
@@ -128,6 +129,14 @@ class ProDistillParameters(BaseModel):
                 "bfloat16 on GPUs that have it)")
         return value
 
+    @field_validator("activation_dir")
+    @classmethod
+    def _a_folder(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and os.path.exists(value) and not os.path.isdir(value):
+            raise ValueError(f"{value} is a file, not a folder; name a folder (it is created "
+                             "if missing)")
+        return value
+
     @field_validator("init")
     @classmethod
     def _finite(cls, value: float) -> float:
@@ -137,6 +146,11 @@ class ProDistillParameters(BaseModel):
 
     @model_validator(mode="after")
     def _head_reads_the_merged_stream(self):
+        if self.head_epochs and self.epochs == 0:
+            raise ValueError(
+                "head_epochs trains the head on the streams the block loop leaves, and "
+                "'epochs: 0' runs no block loop (plain task arithmetic); set epochs above 0, "
+                "or head_epochs: 0")
         if self.head_epochs and self.inputs == "expert":
             raise ValueError(
                 "head_epochs trains the head on the merged model's last hidden states, "

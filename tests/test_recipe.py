@@ -71,6 +71,22 @@ def test_head_training_needs_the_merged_stream(families):
     parsed(families, inputs="merged", head_epochs=5)
 
 
+def test_head_training_needs_the_block_loop(families):
+    with pytest.raises(ProDistillError, match="'epochs: 0' runs no block loop") as err:
+        parsed(families, epochs=0, head_epochs=5)
+    assert "\n" not in str(err.value)
+    parsed(families, epochs=0)
+
+
+def test_an_activation_dir_that_is_a_file_is_refused(families, tmp_path):
+    taken = tmp_path / "streams"
+    taken.write_text("")
+    with pytest.raises(ProDistillError, match="is a file, not a folder") as err:
+        parsed(families, activation_placement="disk", activation_dir=str(taken))
+    assert "\n" not in str(err.value)
+    parsed(families, activation_placement="disk", activation_dir=str(tmp_path / "new"))
+
+
 def test_auto_epochs_give_few_shots_as_many_steps_as_64(families):
     assert parsed(families).params.epochs_for(4) == 50  # 64 shots, batch_size 16
     assert parsed(families).params.epochs_for(1) == 200  # 16 shots

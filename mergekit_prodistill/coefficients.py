@@ -110,6 +110,13 @@ def merged_weights(base_w, deltas, coeffs, dtype, world: World = SINGLE):
         }
 
 
+def written_weights(base_w, deltas, coeffs, precision, world: World = SINGLE):
+    """The weights as written: merged (:func:`merged_weights`, in float32), then rounded
+    once, to ``precision``'s output dtype (:class:`dtypes.Precision`)."""
+    return {name: precision.written(t) for name, t in
+            merged_weights(base_w, deltas, coeffs, torch.float32, world).items()}
+
+
 def gathered_stats(coeffs, world: World) -> Dict[str, List]:
     """:func:`coefficient_stats` of every process's experts, in expert order."""
     return {key: world.gather(values) for key, values in coefficient_stats(coeffs).items()}

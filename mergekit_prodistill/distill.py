@@ -22,7 +22,7 @@ import torch
 from mergekit_prodistill.activations import on_device
 from mergekit_prodistill.blocks import BatchContext, BlockRunner
 from mergekit_prodistill.coefficients import (Weights, at_init, fit, gathered_stats,
-                                              masked_mse, merged_weights)
+                                              masked_mse, written_weights)
 from mergekit_prodistill.dtypes import Precision
 from mergekit_prodistill.fidelity import Heldout
 from mergekit_prodistill.parallel import SINGLE, World
@@ -117,8 +117,7 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
     def evaluated(coeffs):
         """The block as written (the output dtype), the same in the compute dtype, and
         its loss on the student stream."""
-        final = {name: precision.written(t) for name, t in
-                 merged_weights(base_w, deltas, coeffs, torch.float32, world).items()}
+        final = written_weights(base_w, deltas, coeffs, precision, world)
         block_w = cast(final, dtype)
         return final, block_w, mean_loss(forward_batches(
             runner, index, layer, [block_w] * n, student, contexts, targets=targets), world)

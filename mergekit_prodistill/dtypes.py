@@ -56,10 +56,11 @@ def stored_dtype(model, config) -> str:
     return checkpoint_dtype(model) or config_dtype(config)
 
 
-def generation_dtype(recipe, model, config) -> str:
-    """The dtype an expert is loaded in to continue its prompts (a whole model, which
-    the recipe's ``dtype`` may halve): the recipe's ``dtype``, else the stored one."""
-    return recipe.dtype or stored_dtype(model, config)
+def generation_dtype(recipe, stored: str) -> str:
+    """The dtype an expert that stores ``stored`` is loaded in to continue its prompts (a
+    whole model, which the recipe's ``dtype`` may halve): the recipe's ``dtype``, else the
+    stored one."""
+    return recipe.dtype or stored
 
 
 def task_vector_dtype(recipe_dtype: Optional[str], stored: Sequence[str]) -> str:
@@ -98,7 +99,7 @@ def decide(recipe, models, device: torch.device) -> Tuple[Dict[str, str], List[s
     compute = activation_dtype(recipe.params.activation_dtype, device)
     return {"weights": stored[0], "task_vectors": task_vector_dtype(recipe.dtype, stored),
             "compute": compute, "cache": compute, "output": output_dtype(recipe, stored[0]),
-            "generation": generation_dtype(recipe, *models[1])}, stored
+            "generation": generation_dtype(recipe, stored[1])}, stored
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from torch.func import functional_call
 from mergekit_prodistill.activations import on_device
 from mergekit_prodistill.blocks import family_of
 from mergekit_prodistill.coefficients import (fit, gathered_stats, init_coefficients,
-                                              masked_kl, merged_weights)
+                                              masked_kl, written_weights)
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.parallel import SINGLE, World
 
@@ -129,8 +129,8 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
 
     def mean_loss(coeffs) -> float:
         """The loss over every batch, averaged over experts, with the weights as written."""
-        w = {n: precision.written(t).to(dtype) for n, t in
-             merged_weights(base_w, deltas, coeffs, torch.float32, world).items()}
+        w = {n: t.to(dtype) for n, t in
+             written_weights(base_w, deltas, coeffs, precision, world).items()}
         per_expert = []
         with torch.no_grad():
             for i, batches in enumerate(contexts):
@@ -156,5 +156,4 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
     trained = ["weight", "head"] if head_trainable else ["weight"]
     report.update(gathered_stats([{n: c[n] for n in trained} for c in coeffs], world))
     LOG.info("final norm and LM head: KL %.4g -> %.4g", report["loss_before"], report["loss_after"])
-    final = merged_weights(base_w, deltas, coeffs, torch.float32, world)
-    return {n: precision.written(final[n]) for n in base_w}, report
+    return written_weights(base_w, deltas, coeffs, precision, world), report

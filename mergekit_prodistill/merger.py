@@ -18,7 +18,7 @@ from mergekit.common import dtype_from_name
 from mergekit_prodistill import distill, fidelity, head, layout
 from mergekit_prodistill.activations import ActivationStore
 from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
-from mergekit_prodistill.coefficients import merged_weights
+from mergekit_prodistill.coefficients import written_weights
 from mergekit_prodistill.dtypes import Precision
 from mergekit_prodistill.parallel import World
 from mergekit_prodistill.progress import Progress, UnitWriter
@@ -210,9 +210,9 @@ class Merger:
                                                      self.vocabulary.align, self.precision)
             deltas = [deltas[i] for i in self.owned]
             at_init = torch.tensor(p.init, dtype=torch.float32)
-            task_arithmetic = {n: self.precision.written(t) for n, t in merged_weights(
-                base_w, deltas, [{n: at_init for n in base_w}] * len(deltas),
-                torch.float32, self.world).items()}
+            task_arithmetic = written_weights(
+                base_w, deltas, [{n: at_init for n in base_w}] * len(deltas), self.precision,
+                self.world)
             final = task_arithmetic
             if p.head_epochs:
                 final, report = head.train_head(base_w, deltas, untied, streams,

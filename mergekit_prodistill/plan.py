@@ -165,7 +165,7 @@ def make_plan(recipe, options, calib=None,
     # The run's own dtypes; blocks are read as stored.
     decided, stored = dtypes.decide(recipe, models, device)
     wb = [dtype_bytes(d) for d in stored]
-    generated = [dtype_bytes(dtypes.generation_dtype(recipe, m, c)) for m, c in models]
+    generated = [dtype_bytes(dtypes.generation_dtype(recipe, d)) for d in stored]
     task_vectors, out, compute = (decided[k] for k in ("task_vectors", "output", "compute"))
     work = workload.from_calibration(recipe, calib) if calib is not None \
         else workload.from_prompts(recipe, options, seed)

@@ -189,7 +189,8 @@ def _continued(recipe, checked, calib, ctx: Context, progress: Progress,
         for i in world.owned(len(recipe.experts)) if world.contributes else ():
             expert = recipe.experts[i]
             files = checked.models[expert.model]
-            dtype = dtypes.generation_dtype(recipe, expert.model, files.config)
+            dtype = dtypes.generation_dtype(recipe,
+                                            dtypes.stored_dtype(expert.model, files.config))
             own.append(continuation.continue_prompts(
                 files.folder, calib.sequences[i] + calib.holdout[i],
                 recipe.params.continue_tokens, calib.tokenizers[i], dtype=dtype,

@@ -11,13 +11,17 @@ from mergekit_prodistill.tiny.skills import held_out_sets, score_model
 from mergekit_prodistill.tiny.skills.quickstart import kept, plot, table, write_recipes
 
 
-def test_each_expert_has_a_skill_the_base_lacks(skill_family):
+def test_the_base_is_fair_at_every_task_and_each_expert_masters_its_own(skill_family):
+    # What the quick start says of its family: a base fair at every task (>= 35%: it adds
+    # only sums below 1000, about 40% of the test sums), and experts that master theirs
+    # (>= 95%), well above the base.
     tokenizer = AutoTokenizer.from_pretrained(skill_family.base)
     tests = held_out_sets(skill_family.settings)
     base = score_model(skill_family.base, tokenizer, tests)
     for task, path in skill_family.experts.items():
         expert = score_model(path, tokenizer, {task: tests[task]})[task]["exact"]
-        assert expert >= 0.9, (task, expert)
+        assert expert >= 0.95, (task, expert)
+        assert base[task]["exact"] >= 0.35, (task, base[task])
         assert base[task]["exact"] <= expert - 0.15, (task, base[task], expert)
 
 

@@ -11,9 +11,10 @@ out="$(mkdir -p "${1:-tiny-example}" && cd "${1:-tiny-example}" && pwd)"
 bash "$repo/scripts/bootstrap.sh"
 py="$repo/.venv/bin/python"
 export HF_HUB_OFFLINE=1
-# One thread: the models, and so the table, come out the same on any machine, and a busy
-# CPU does not slow training down several times over.
-export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# One thread and the kernels the build pins (mergekit_prodistill.tiny.skills.family.PINNED):
+# the merges and the scores, like the models, come out the same on any x86-64 CPU, and a
+# busy CPU does not slow training down several times over.
+export OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default MKL_CBWR=AVX2
 
 "$py" -m mergekit_prodistill.tiny.skills build "$out"
 for method in task_arithmetic prodistill; do

@@ -7,13 +7,23 @@ it is fair at each. Each expert is the base fully fine-tuned on one task. Everyt
 saved as sharded safetensors with the tokenizer, as real checkpoints are, together with
 one unlabeled calibration prompt file per task. A fingerprint of the settings names the cache folder, so
 changing a setting rebuilds and an unchanged one reuses.
+
+Training a model is chaotic: a last-bit difference in one matmul grows into a different
+model within a few hundred steps. Which kernels torch picks depends on the CPU (ATen's
+AVX2 or AVX-512 code, MKL's code path for the CPU's maker), so the build runs in a child
+process with those choices pinned (:data:`PINNED`): the same models, bit for bit, on any
+x86-64 CPU with the same torch, whatever thread count the caller uses.
 """
 
 import hashlib
 import json
+import os
+import platform
 import shutil
+import subprocess
+import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -26,6 +36,7 @@ from . import tasks, training
 @dataclass(frozen=True)
 class BuildSettings:
     suite: str = "novel"
+    architecture: str = "LlamaForCausalLM"  # or Qwen2ForCausalLM: attention biases
     hidden_size: int = 64
     intermediate_size: int = 256
     layers: int = 4
@@ -36,6 +47,8 @@ class BuildSettings:
     pretrain_lr: float = 3e-3
     finetune_steps: int = 300
     finetune_lr: float = 3e-4
+    # Fine-tuning steps of the experts that need more than finetune_steps (task -> steps).
+    finetune_steps_of: Dict[str, int] = field(default_factory=dict)
     batch_size: int = 64
     train_examples: int = 20000
     calibration_prompts: int = 128
@@ -44,14 +57,26 @@ class BuildSettings:
     shard_size: str = "200KB"
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        """Names the cache: the settings and what else fixes the bits (torch, the CPU
+        architecture)."""
+        import torch
+
+        key = {**asdict(self), "torch": torch.__version__.split("+")[0],
+               "machine": platform.machine(), "pinned": PINNED}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# Set before torch starts in the building process: one thread, ATen's portable kernels and
+# MKL's AVX2 code path on every CPU (the last two cost about 10% of the build's time).
+PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
+          "MKL_CBWR": "AVX2"}
 
 
 # The quick start's family: suite ``competent``'s recipe (a base stopped early, so fair at
 # every task; experts a small, low learning-rate step from it) on three of its four tasks,
 # with shorter fine-tuning and fewer test prompts, so that it builds in about a minute and
 # a half on two CPU cores.
-QUICK = BuildSettings(suite="quick", pretrain_steps=1200, pretrain_stop=900,
+QUICK = BuildSettings(suite="quick", pretrain_steps=1200, pretrain_stop=800,
                       finetune_steps=300, finetune_lr=1e-4, test_examples=200)
 
 
@@ -93,15 +118,16 @@ class Checkpoints:
 
 
 def _config(s: BuildSettings, tokenizer):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig, Qwen2Config
 
-    return LlamaConfig(
+    config_class = {"LlamaForCausalLM": LlamaConfig, "Qwen2ForCausalLM": Qwen2Config}
+    return config_class[s.architecture](
         vocab_size=len(tokenizer), hidden_size=s.hidden_size,
         intermediate_size=s.intermediate_size, num_hidden_layers=s.layers,
         num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
         max_position_embeddings=64, tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, architectures=["LlamaForCausalLM"],
+        pad_token_id=tokenizer.pad_token_id, architectures=[s.architecture],
     )
 
 
@@ -114,21 +140,40 @@ def _save(model, tokenizer, path: Path, shard_size: str) -> None:
 
 
 def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpoints:
-    """The checkpoints for settings ``s``, built under ``cache`` unless already there."""
-    from transformers import AutoModelForCausalLM
-
+    """The checkpoints for settings ``s``, built under ``cache`` unless already there
+    (in a child process with the kernels pinned, see :data:`PINNED`)."""
     root = Path(cache) / f"models-{s.fingerprint()}"
     done = root / "build.json"
-    suite = tasks.SUITES[s.suite]
-    names = [t.name for t in suite.tasks]
-    ckpt = lambda secs, reused: Checkpoints(  # noqa: E731
+    names = [t.name for t in tasks.SUITES[s.suite].tasks]
+    ckpt = lambda reused: Checkpoints(  # noqa: E731
         root, root / "base", {n: root / f"expert-{n}" for n in names},
-        {n: root / "calibration" / f"{n}.jsonl" for n in names}, s, secs, reused,
+        {n: root / "calibration" / f"{n}.jsonl" for n in names}, s,
+        json.loads(done.read_text())["seconds"], reused,
     )
     if done.exists():
         log(f"reusing checkpoints in {root}")
-        return ckpt(json.loads(done.read_text())["seconds"], True)
+        return ckpt(True)
+    package_root = str(Path(__file__).resolve().parents[3])
+    env = {**os.environ, **PINNED, "PYTHONPATH": os.pathsep.join(
+        filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "mergekit_prodistill.tiny.skills.family", str(root),
+         json.dumps(asdict(s))], env=env, stdout=subprocess.PIPE, text=True)
+    for line in child.stdout:
+        log(line.rstrip("\n"))
+    if child.wait() != 0 or not done.exists():
+        raise RuntimeError(f"building the skill family in {root} failed (exit {child.returncode})")
+    return ckpt(False)
 
+
+def _build_here(root: Path, s: BuildSettings, log=print) -> None:
+    """Train and save the family into ``root``; run by :func:`build`'s child process."""
+    from transformers import AutoModelForCausalLM
+
+    assert all(os.environ.get(k) == v for k, v in PINNED.items()), "run through build()"
+    torch.use_deterministic_algorithms(True)
+    suite = tasks.SUITES[s.suite]
+    done = root / "build.json"
     started = time.time()
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
@@ -147,7 +192,8 @@ def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpo
         log(f"fine-tuning the {task.name} expert")
         model.load_state_dict(base_state)
         training.train(model, tokenizer, tasks.examples(task, splits[task.name].train),
-                       steps=s.finetune_steps, lr=s.finetune_lr, batch_size=s.batch_size,
+                       steps=s.finetune_steps_of.get(task.name, s.finetune_steps),
+                       lr=s.finetune_lr, batch_size=s.batch_size,
                        seed=s.seed + 1 + i, log=log, name=task.name)
         _save(model, tokenizer, root / f"expert-{task.name}", s.shard_size)
 
@@ -158,7 +204,6 @@ def build(cache: Path, s: BuildSettings = BuildSettings(), log=print) -> Checkpo
                 f.write(json.dumps({"text": task.prompt(inputs)}) + "\n")
     seconds = time.time() - started
     done.write_text(json.dumps({"settings": asdict(s), "seconds": seconds}, indent=2))
-    return ckpt(seconds, False)
 
 
 def held_out_sets(s: BuildSettings) -> Dict[str, list]:
@@ -167,3 +212,11 @@ def held_out_sets(s: BuildSettings) -> Dict[str, list]:
     splits = tasks.make_splits(suite, s.train_examples, s.calibration_prompts, s.test_examples,
                                s.seed)
     return {t.name: tasks.examples(t, splits[t.name].test) for t in suite.tasks}
+
+
+if __name__ == "__main__":
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    _build_here(Path(sys.argv[1]), BuildSettings(**json.loads(sys.argv[2])),
+                log=lambda message: print(message, flush=True))

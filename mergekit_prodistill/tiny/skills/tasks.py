@@ -27,6 +27,15 @@ number is written least significant digit first (here 485 + 937 = 1422):
 
     add:584+739=  -> 2241
 
+Suite ``hard``: four experts on a base with attention biases (Qwen2-style). The base is
+briefly pretrained on two of the string tasks among neighbouring skills, so it is poor
+but not hopeless at them and knows rot only by its neighbour ``inc``, and it reads numbers (``max`` writes the larger of two) without ever
+adding them. Addition, new to it, takes its expert four times the fine-tuning of the
+others, so its task vector is the largest, as a math expert's is among instruction and
+code experts.
+
+    max:584+739=  -> 937
+
 Suite ``quick`` (the quick start's): ``competent``'s base, with experts for three of its
 tasks: rev, rot and add.
 
@@ -87,6 +96,7 @@ class Suite:
     pretrain: Tuple[Task, ...]  # the base model's skills
     tasks: Tuple[Task, ...]  # one expert each
     characters: str  # every character any prompt or answer can hold
+    bos: bool = True  # prompts start with a BOS token
 
     @property
     def names(self) -> List[str]:
@@ -106,6 +116,13 @@ def random_short_sum(rng: random.Random) -> str:
 # digit: it is right on those, about a third of the test sums, and wrong on the rest.
 SHORT_ADD = Task("add", _add, random_short_sum)
 
+def _larger(s: str) -> str:
+    a, b = s.split("+")
+    return max(a, b, key=lambda n: int(n[::-1]))
+
+
+MAX = Task("max", _larger, random_sum)
+
 SUITES = {
     "novel": Suite(
         "novel",
@@ -120,17 +137,26 @@ SUITES = {
     ),
     "competent": Suite(
         "competent",
-        # Shares of the base's pretraining data, set so that the string tasks are half
-        # learned when addition (of short sums) is learned: rot is learned fastest, and
-        # addition only after some 600 steps.
-        pretrain=(REV,) * 2 + (SORT,) * 3 + (ROT,) + (SHORT_ADD,) * 10,
+        # Shares of the base's pretraining data, set so that every task is fair, none
+        # mastered, at step 800 of the schedule: the string tasks are learned after some
+        # 600 steps, addition (of short sums) after some 700.
+        pretrain=(REV,) * 3 + (SORT,) * 3 + (ROT,) * 2 + (SHORT_ADD,) * 8,
         tasks=(REV, SORT, ROT, ADD),
         characters=ALPHABET + DIGITS + ":=+",
+    ),
+    "hard": Suite(
+        "hard",
+        pretrain=(Task("copy", lambda s: s), Task("back", lambda s: _rot(s[::-1], 1)),
+                  Task("dsc", lambda s: "".join(sorted(s, reverse=True))),
+                  Task("inc", lambda s: _rot(s, 1)), MAX) * 2 + (REV, SORT),
+        tasks=(ADD, REV, SORT, ROT),
+        characters=ALPHABET + DIGITS + ":=+",
+        bos=False,
     ),
     "quick": Suite(
         "quick",
         # competent's base, to the step: drawn first, its data do not depend on the tasks.
-        pretrain=(REV,) * 2 + (SORT,) * 3 + (ROT,) + (SHORT_ADD,) * 10,
+        pretrain=(REV,) * 3 + (SORT,) * 3 + (ROT,) * 2 + (SHORT_ADD,) * 8,
         tasks=(REV, ROT, ADD),
         characters=ALPHABET + DIGITS + ":=+",
     ),
@@ -181,20 +207,27 @@ def pretraining_examples(suite: Suite, splits: Dict[str, Splits]) -> List[Tuple[
 
 
 def build_tokenizer(suite: Suite):
-    """A character-level Hugging Face fast tokenizer that prepends BOS to every prompt."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    """A character-level Hugging Face fast tokenizer; each task name is one token.
+
+    The names are added tokens that match only as whole words, so that they never split
+    an input (``sort:haddk=`` keeps ``add`` as letters) and so that the tokenizer class a
+    family's ``AutoTokenizer`` substitutes (Qwen2's rebuilds the pre-tokenizer from its
+    own rules) tokenizes exactly the same. A BOS token is prepended unless the suite's
+    family has none (Qwen2's tokenizer adds none, and would drop it).
+    """
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
 
-    names, characters = suite.names, sorted(set(suite.characters))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + names + characters)}
+    characters = sorted(set(suite.characters))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + characters)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    # A task name is one token; everything else is one token per character.
-    pattern = "|".join(names) + "|."
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(pattern), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.add_tokens([AddedToken(n, single_word=True, normalized=False) for n in suite.names])
     tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])]
-    )
+    if suite.bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token=BOS, eos_token=EOS, pad_token=PAD,
         model_max_length=64,

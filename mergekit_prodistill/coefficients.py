@@ -125,7 +125,8 @@ def gathered_stats(coeffs, world: World) -> Dict[str, List]:
 def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequence[int],
         loss_of: Callable[[Weights, int, int], torch.Tensor], dtype: torch.dtype,
         generator: torch.Generator, where: str, frozen: Sequence[str] = (),
-        on_epoch: Optional[Callable[[int, float], None]] = None, world: World = SINGLE):
+        on_epoch: Optional[Callable[[int, float], None]] = None, world: World = SINGLE,
+        stop: Optional[Callable[[int, Weights], bool]] = None):
     """Train the coefficients of theta_0 + sum_i lambda_i tau_i; return them and the share
     of coefficients whose first gradient was below Adam's eps (see :class:`Optimizer`).
 
@@ -136,7 +137,8 @@ def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequenc
     the merged weights, then :class:`TrainingStep` applies the chain rule
     d merged / d lambda_i = tau_i, Adam and the next merged weights. A non-finite loss
     trains again from ``init`` with a smaller learning rate (no saved copy of lambda
-    needed); losses are read once per epoch (no synchronisation per step).
+    needed); losses are read once per epoch (no synchronisation per step). ``stop(epoch,
+    weights)``, asked after every epoch with the merged weights, ends training early.
     """
     lr, retries, epoch = p.lr, 0, 0
     owned = world.owned(len(batches))
@@ -179,5 +181,7 @@ def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequenc
         if on_epoch:
             on_epoch(epoch, epoch_loss / steps)
         epoch += 1
+        if stop and epoch < epochs and stop(epoch, training.weights):
+            break
     small, total = world.sum_floats(optimizer.small_gradients() if world.contributes else [0, 0])
     return [{n: t.detach() for n, t in c.items()} for c in coeffs], small / max(total, 1)

@@ -159,9 +159,11 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
         target = on_device(targets[i][b], runner.device)
         return masked_mse(out, target, ctx.token_mask) * ctx.share
 
+    early = EarlyStop(p.patience, max(streams.batch_counts),
+                      lambda weights: held_loss(runner, index, layer, weights, held, world))
     coeffs, small_share = fit(base_w, deltas, p, epochs, streams.batch_counts, loss_of,
                               dtype, generator, f"block {index}", on_epoch=record,
-                              world=world)
+                              world=world, stop=early if held and p.patience else None)
 
     # 4. Evaluate exactly the block that is written. A block never ends worse than the
     #    task arithmetic it started from: on the held-out prompts where there are some
@@ -189,9 +191,36 @@ def distill_block(runner: BlockRunner, index: int, base_w: Weights,
     report = {"block": index, "loss_before": loss_before, "loss_after": loss_after,
               "heldout_loss_before": held_before, "heldout_loss_after": held_after,
               "kept_task_arithmetic": kept, "epoch_losses": epoch_losses,
+              "heldout_checks": early.losses,
               **gathered_stats(coeffs, world), "small_gradient_share": small_share}
     LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
     return final, report | {"seconds": time.time() - started}
+
+
+class EarlyStop:
+    """Ends a block's training once its loss on the held-out prompts has not improved by
+    MIN_GAIN for ``patience`` checks in a row; it is checked every CHECK_STEPS optimiser
+    steps (rounded to whole epochs of ``steps_per_epoch``)."""
+
+    CHECK_STEPS = 10
+    MIN_GAIN = 0.01  # relative
+
+    def __init__(self, patience: int, steps_per_epoch: int, loss_of):
+        self.patience, self.loss_of = patience, loss_of
+        self.every = max(1, round(self.CHECK_STEPS / steps_per_epoch))
+        self.losses: List[float] = []  # every check's held-out loss
+        self.best, self.waited = float("inf"), 0
+
+    def __call__(self, epoch: int, weights) -> bool:
+        if epoch % self.every:
+            return False
+        loss = self.loss_of(weights)
+        self.losses.append(loss)
+        if loss < self.best * (1 - self.MIN_GAIN):
+            self.best, self.waited = loss, 0
+        else:
+            self.waited += 1
+        return self.waited >= self.patience
 
 
 def held_loss(runner, index, layer, block_w, held: Optional[Heldout], world) -> Optional[float]:

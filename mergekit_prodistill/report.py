@@ -12,7 +12,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata
 from typing import Any, Dict, List, Optional
 
@@ -73,6 +73,8 @@ class BlockReport(Training):
     heldout_loss_before: Optional[float] = None
     heldout_loss_after: Optional[float] = None
     kept_task_arithmetic: bool = False
+    # The held-out loss at each early-stopping check (none without ``patience``).
+    heldout_checks: List[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"block": self.block, **asdict(self)}  # the block first, for a reader

@@ -63,7 +63,7 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     assert p.work.source.startswith("estimated")  # no tokenizer shipped
     # 3 x 64 prompts of max_length 512, plus room for continue_tokens 64 (the default)
     width = 512 + 64
-    assert [b for bs in p.work.batches for b in bs] == [(16, width)] * 12
+    assert [b for bs in p.work.batches for b in bs] == [(4, width)] * 48
     train = p.phases["cuda"]["train"]
     # float16 checkpoints merged as float16: the base and task vectors as stored, the merged
     # block and its gradient in float32, which float16 never trains in (dtypes.py).
@@ -74,7 +74,7 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     assert train[memory.WEIGHTS] == (1 + experts) * BLOCK_13B * fp16 + 2 * BLOCK_13B * fp32
     assert p.cache_at == "cuda"
     held = 8 * width  # holdout 1/8 of 64 shots, from the prompts beyond them
-    assert p.work.holdout_batches == (((8, width),),) * experts
+    assert p.work.holdout_batches == (((4, width),) * 2,) * experts
     # The merged and expert streams; the held-out prompts' merged, task-arithmetic and
     # expert streams.
     assert train[memory.CACHE] == (2 * slots + 3 * held) * experts * HIDDEN * fp32
@@ -87,9 +87,12 @@ def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     assert p.phases["cpu"]["train"][memory.SLACK] < 10**6 and p.shape.heap_share < 1e-4
 
     matmuls = 4 * HIDDEN * HIDDEN + 3 * HIDDEN * INTERMEDIATE
-    batch = 16 * width * (2 * matmuls + 4 * width * HEADS * 128)
-    assert p.flops["training"] == 40 * 50 * 4 * 3 * experts * batch  # 50 epochs (default)
-    assert p.flops["forwards"] == 40 * 3 * experts * 4 * batch
+    batch = 4 * width * (2 * matmuls + 4 * width * HEADS * 128)  # batch_size 4 (default)
+    # 30 epochs of 16 steps (the defaults): 0.6 of the 50 epochs of 4 steps of 16 prompts
+    # that the defaults planned before.
+    assert p.flops["training"] == 40 * 30 * 16 * 3 * experts * batch
+    assert p.flops["training"] == 0.6 * 40 * 50 * 4 * 3 * experts * (4 * batch)
+    assert p.flops["forwards"] == 40 * 3 * experts * 16 * batch
 
 
 def test_plan_command_prints_the_table(wizard_13b):

@@ -88,6 +88,7 @@ def test_an_activation_dir_that_is_a_file_is_refused(families, tmp_path):
 
 
 def test_auto_epochs_give_few_shots_as_many_steps_as_64(families):
-    assert parsed(families).params.epochs_for(4) == 50  # 64 shots, batch_size 16
-    assert parsed(families).params.epochs_for(1) == 200  # 16 shots
+    assert parsed(families).params.epochs_for(16) == 30  # 64 shots, batch_size 4
+    assert parsed(families).params.epochs_for(4) == 120  # 16 shots: 480 steps too
+    assert parsed(families).params.epochs_for(1) == 480  # 4 shots
     assert parsed(families, epochs=7).params.epochs_for(1) == 7

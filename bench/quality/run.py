@@ -31,19 +31,25 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The kernels the skill families are built with (family.PINNED), set before torch starts,
+# here and so in every mergekit-yaml: the merges and the scores, like the checkpoints, come
+# out the same on any x86-64 CPU.
+KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX2"}
+os.environ.update(KERNELS)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
 from mergekit_prodistill.report import Report  # noqa: E402
-from mergekit_prodistill.tiny.skills import scoring  # noqa: E402
+from mergekit_prodistill.tiny.skills import family, scoring  # noqa: E402
 
 import diagnose  # noqa: E402
 import merges  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
 
-RESULTS = {"novel": HERE / "results", "competent": HERE / "results" / "competent"}
+RESULTS = {"novel": HERE / "results", "competent": HERE / "results" / "competent",
+           "hard": HERE / "results" / "hard"}
 # The merges whose errors are traced position by position.
 DIAGNOSED = ("prodistill-paper", "prodistill")
 
@@ -57,8 +63,12 @@ def prodistill_report(path: Path):
     keep = ("block", "loss_before", "loss_after", "coefficient_mean", "coefficient_std",
             "coefficient_range", "seconds")
     head = data.head.to_dict() if data.head else {}
+    tokens = sum(c.tokens for c in data.calibration)
     return {
         "blocks": [{k: getattr(b, k) for k in keep} for b in data.blocks],
+        # Every block's epochs times the calibration tokens: the training's FLOPs, up to a
+        # constant factor.
+        "token_passes": sum(len(b.epoch_losses) for b in data.blocks) * tokens,
         "head": {k: v for k, v in head.items() if k != "epoch_losses"} or None,
         "calibration_tokens": [c.tokens for c in data.calibration],
         "seconds": data.seconds,
@@ -108,6 +118,7 @@ def main(argv=None) -> dict:
                                    else RESULTS[args.suite])
 
     started = time.time()
+    assert KERNELS.items() <= family.PINNED.items()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
@@ -119,6 +130,10 @@ def main(argv=None) -> dict:
     print("scoring the base model and the experts")
     own = {name: scoring.score_model(path, tokenizer, tests)
            for name, path in [("base", ckpt.base), *ckpt.experts.items()]}
+    broken = models.broken_claims(args.suite, {n: {t: s["exact"] for t, s in scores.items()}
+                                               for n, scores in own.items()})
+    for line in broken:
+        print(f"WARNING: the {args.suite} suite's models are not what it says: {line}")
     plan = [m for m in merges.plan(args.suite) if args.only is None or m.name in args.only]
     if args.set:
         plan.append(merges.overridden(dict(args.set)))
@@ -132,6 +147,7 @@ def main(argv=None) -> dict:
             rows[i] = row(plan[i], done.result(), tokenizer, tests)
 
     results = report.assemble(settings, ckpt, own, rows, args.threads)
+    results["broken_claims"] = broken
 
     print("tracing errors by position")
     experts = {t: transformers.AutoModelForCausalLM.from_pretrained(p).eval()

@@ -209,9 +209,13 @@ class EarlyStop:
         self.patience, self.loss_of = patience, loss_of
         self.every = max(1, round(self.CHECK_STEPS / steps_per_epoch))
         self.losses: List[float] = []  # every check's held-out loss
-        self.best, self.waited = float("inf"), 0
+        self.best, self.waited, self.epoch = float("inf"), 0, 0
 
     def __call__(self, epoch: int, weights) -> bool:
+        if epoch <= self.epoch:  # a retry after a non-finite loss trains from the start
+            self.losses.clear()
+            self.best, self.waited = float("inf"), 0
+        self.epoch = epoch
         if epoch % self.every:
             return False
         loss = self.loss_of(weights)

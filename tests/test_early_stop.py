@@ -24,6 +24,14 @@ def test_it_stops_after_patience_checks_without_a_one_percent_gain():
     assert stop.losses == [1.0, 0.5, 0.499, 0.3, 0.2999, 0.2998]
 
 
+def test_a_retry_from_the_first_epoch_starts_the_checks_again():
+    stop = stopper([1.0, 2.0, 0.9, 0.8], patience=1, steps_per_epoch=10)
+    assert [stop(epoch, None) for epoch in (1, 2)] == [False, True]  # 2.0: no gain
+    # Training starts again (a non-finite loss): the earlier best no longer counts.
+    assert [stop(epoch, None) for epoch in (1, 2)] == [False, False]
+    assert stop.losses == [0.9, 0.8]
+
+
 def test_one_check_per_ten_steps_at_least_one_per_epoch():
     assert stopper([], steps_per_epoch=1).every == 10
     assert stopper([], steps_per_epoch=16).every == 1

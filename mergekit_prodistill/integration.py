@@ -47,6 +47,26 @@ def _route(run_merge, exit_on_error: bool):
     return routed
 
 
+class _ValidatedOrOneLine:
+    """``mergekit-yaml``'s ``MergeConfiguration``: validates as mergekit does, but a
+    prodistill recipe that mergekit refuses (``models: []``, say) ends in one line on
+    stderr, as under ``mergekit-prodistill``, instead of mergekit's traceback."""
+
+    @staticmethod
+    def model_validate(data, *args, **kwargs):
+        from mergekit.config import MergeConfiguration
+
+        try:
+            return MergeConfiguration.model_validate(data, *args, **kwargs)
+        except (ValueError, RuntimeError) as exc:
+            if not (isinstance(data, dict) and data.get("merge_method") == METHOD_NAME):
+                raise
+            from mergekit_prodistill.errors import ProDistillError, exit_with, one_line
+
+            exit_with(ProDistillError(
+                f"the recipe is not a valid mergekit recipe: {one_line(exc)}"))
+
+
 def _register_method():
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import TensorGroup
@@ -82,4 +102,5 @@ def install(module=None):
         inner = getattr(run_yaml.run_merge, "__wrapped__", run_yaml.run_merge)
         if not getattr(run_yaml, _PATCHED, False):
             run_yaml.run_merge = _route(inner, exit_on_error=True)
+            run_yaml.MergeConfiguration = _ValidatedOrOneLine  # read by name in main()
             setattr(run_yaml, _PATCHED, True)

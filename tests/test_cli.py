@@ -76,3 +76,22 @@ def test_recipe_error_is_one_clear_line_and_writes_nothing(families, tmp_path, c
         "mean 'epochs'?); valid keys: init, lr, epochs, "
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["mergekit-yaml", "mergekit-prodistill"])
+def test_a_prodistill_recipe_mergekit_refuses_is_one_line(tmp_path, command):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("merge_method: prodistill\nbase_model: /models/base\nmodels: []\n")
+    proc = run_cli(BIN / command, recipe, tmp_path / "out", check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "not a valid mergekit recipe" in line and "'models'" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_methods_keep_mergekits_own_validation(tmp_path):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text("merge_method: linear\nmodels: []\n")
+    proc = run_cli(BIN / "mergekit-yaml", recipe, tmp_path / "out", check=False)
+    assert proc.returncode != 0 and "RuntimeError: Exactly one of" in proc.stderr

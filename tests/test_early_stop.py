@@ -3,12 +3,8 @@ every 10 optimiser steps, and the report lists each check's loss."""
 
 import json
 
-import pytest
-
 from helpers import merge
 from mergekit_prodistill.distill import EarlyStop
-from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.recipe import parse_recipe
 
 
 def stopper(losses, patience=2, steps_per_epoch=5):
@@ -50,13 +46,3 @@ def test_a_merge_with_patience_stops_blocks_early_and_reports_the_checks(familie
         assert checks[-1] >= 0.99 * min(checks[:-1])
         assert all(later < 0.99 * min(checks[:i + 1])
                    for i, later in enumerate(checks[1:-1]))
-
-
-def test_patience_without_held_out_prompts_is_refused(families):
-    import yaml
-    from mergekit.config import MergeConfiguration
-
-    doc = yaml.safe_load(families("llama", 2).recipe("prodistill", patience=3, holdout=0))
-    with pytest.raises(ProDistillError, match="'holdout: 0' holds none out") as err:
-        parse_recipe(MergeConfiguration.model_validate(doc))
-    assert "\n" not in str(err.value)

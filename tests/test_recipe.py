@@ -78,6 +78,13 @@ def test_head_training_needs_the_block_loop(families):
     parsed(families, epochs=0)
 
 
+def test_patience_needs_held_out_prompts(families):
+    with pytest.raises(ProDistillError, match="'holdout: 0' holds none out") as err:
+        parsed(families, patience=3, holdout=0)
+    assert "\n" not in str(err.value)
+    parsed(families, patience=3)
+
+
 def test_an_activation_dir_that_is_a_file_is_refused(families, tmp_path):
     taken = tmp_path / "streams"
     taken.write_text("")

@@ -29,8 +29,8 @@ number is written least significant digit first (here 485 + 937 = 1422):
 
 Suite ``hard``: four experts on a base with attention biases (Qwen2-style). The base is
 briefly pretrained on two of the string tasks among neighbouring skills, so it is poor
-but not hopeless at them and knows rot only by its neighbour ``inc``, and it reads numbers (``max`` writes the larger of two) without ever
-adding them. Addition, new to it, takes its expert four times the fine-tuning of the
+but not hopeless at them and knows rot only by its neighbour ``inc``, and it reads
+numbers (``max`` writes the larger of two) without ever adding them. Addition, new to it, takes its expert four times the fine-tuning of the
 others, so its task vector is the largest, as a math expert's is among instruction and
 code experts.
 
@@ -115,6 +115,10 @@ def random_short_sum(rng: random.Random) -> str:
 # The competent suite's base reads only sums below 1000, so it never writes a fourth
 # digit: it is right on those, about a third of the test sums, and wrong on the rest.
 SHORT_ADD = Task("add", _add, random_short_sum)
+# Shares of the competent (and quick) base's pretraining data, set so that every task is
+# fair, none mastered, at step 800 of the schedule: the string tasks are learned after
+# some 600 steps, addition (of short sums) after some 700.
+COMPETENT_PRETRAIN = (REV,) * 3 + (SORT,) * 3 + (ROT,) * 2 + (SHORT_ADD,) * 8
 
 def _larger(s: str) -> str:
     a, b = s.split("+")
@@ -122,33 +126,31 @@ def _larger(s: str) -> str:
 
 
 MAX = Task("max", _larger, random_sum)
+# The string tasks' neighbours under other names: copying, reversing while moving each
+# letter one place on, sorting in descending order, moving letters one place on.
+NEIGHBOURS = (
+    Task("copy", lambda s: s),
+    Task("back", lambda s: _rot(s[::-1], 1)),
+    Task("dsc", lambda s: "".join(sorted(s, reverse=True))),
+    Task("inc", lambda s: _rot(s, 1)),
+)
 
 SUITES = {
     "novel": Suite(
         "novel",
-        pretrain=(
-            Task("copy", lambda s: s),
-            Task("back", lambda s: _rot(s[::-1], 1)),
-            Task("dsc", lambda s: "".join(sorted(s, reverse=True))),
-            Task("inc", lambda s: _rot(s, 1)),
-        ),
+        pretrain=NEIGHBOURS,
         tasks=(REV, SORT, ROT),
         characters=ALPHABET + ":=",
     ),
     "competent": Suite(
         "competent",
-        # Shares of the base's pretraining data, set so that every task is fair, none
-        # mastered, at step 800 of the schedule: the string tasks are learned after some
-        # 600 steps, addition (of short sums) after some 700.
-        pretrain=(REV,) * 3 + (SORT,) * 3 + (ROT,) * 2 + (SHORT_ADD,) * 8,
+        pretrain=COMPETENT_PRETRAIN,
         tasks=(REV, SORT, ROT, ADD),
         characters=ALPHABET + DIGITS + ":=+",
     ),
     "hard": Suite(
         "hard",
-        pretrain=(Task("copy", lambda s: s), Task("back", lambda s: _rot(s[::-1], 1)),
-                  Task("dsc", lambda s: "".join(sorted(s, reverse=True))),
-                  Task("inc", lambda s: _rot(s, 1)), MAX) * 2 + (REV, SORT),
+        pretrain=(*NEIGHBOURS, MAX) * 2 + (REV, SORT),
         tasks=(ADD, REV, SORT, ROT),
         characters=ALPHABET + DIGITS + ":=+",
         bos=False,
@@ -156,7 +158,7 @@ SUITES = {
     "quick": Suite(
         "quick",
         # competent's base, to the step: drawn first, its data do not depend on the tasks.
-        pretrain=(REV,) * 3 + (SORT,) * 3 + (ROT,) * 2 + (SHORT_ADD,) * 8,
+        pretrain=COMPETENT_PRETRAIN,
         tasks=(REV, ROT, ADD),
         characters=ALPHABET + DIGITS + ":=+",
     ),

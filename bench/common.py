@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from safetensors.torch import save_file
 
-from mergekit_prodistill.report import Report
+from mergekit_prodistill.output.report import Report
 from mergekit_prodistill.tiny import TinyFamily, build_tokenizer, make_prompts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -178,7 +178,7 @@ def planned_peak(recipe, **options) -> int:
     from mergekit.options import MergeOptions
 
     from mergekit_prodistill.recipe import parse_recipe
-    from mergekit_prodistill.plan import make_plan
+    from mergekit_prodistill.plan.planner import make_plan
 
     config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text()))
     return make_plan(parse_recipe(config), MergeOptions(**options)).total("cpu")

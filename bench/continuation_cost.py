@@ -50,8 +50,9 @@ def main():
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill import calibration, continuation, expert_placement, preflight, run
-    from mergekit_prodistill.progress import Progress
+    from mergekit_prodistill import preflight, run
+    from mergekit_prodistill.inputs import calibration, continuation, expert_placement
+    from mergekit_prodistill.output.progress import Progress
     from mergekit_prodistill.parallel import SINGLE
     from mergekit_prodistill.recipe import parse_recipe
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 import transformers
 
-from mergekit_prodistill.blocks import BlockRunner, attention_implementation, layer_weight_names
-from mergekit_prodistill.calibration import make_batches, tokenize
-from mergekit_prodistill.sources import read_prompts
-from mergekit_prodistill.head import HeadForward
+from mergekit_prodistill.models.blocks import BlockRunner, attention_implementation, layer_weight_names
+from mergekit_prodistill.inputs.calibration import make_batches, tokenize
+from mergekit_prodistill.inputs.sources import read_prompts
+from mergekit_prodistill.training.head import HeadForward
 from mergekit_prodistill.tiny import ARCHITECTURES, build_tiny_family
 
 
@@ -38,7 +38,7 @@ def errors(base: Path, batch, dtype: torch.dtype):
     runner = BlockRunner(model.config, torch.device("cpu"))
     state = dict(model.model.named_parameters())
     hidden = runner.embed(state["embed_tokens.weight"], batch.input_ids)
-    ctx = runner.context(batch, dtype)
+    ctx = runner.context(batch.attention_mask, dtype)
     real = batch.attention_mask.bool()
     block_error, rms = 0.0, 0.0
     for index, expected in enumerate(outputs):

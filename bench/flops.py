@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from mergekit_prodistill import distill, optimizer  # noqa: E402
-from mergekit_prodistill.blocks import BlockRunner  # noqa: E402
-from mergekit_prodistill.calibration import Batch  # noqa: E402
-from mergekit_prodistill.dtypes import Precision  # noqa: E402
+from mergekit_prodistill.training import distill, optimizer  # noqa: E402
+from mergekit_prodistill.models.blocks import BlockRunner  # noqa: E402
+from mergekit_prodistill.inputs.calibration import Batch  # noqa: E402
+from mergekit_prodistill.models.dtypes import Precision  # noqa: E402
 from mergekit_prodistill.recipe import ProDistillParameters  # noqa: E402
-from mergekit_prodistill.memory import batch_flops  # noqa: E402
-from mergekit_prodistill.shapes import model_shape  # noqa: E402
+from mergekit_prodistill.plan.memory import batch_flops  # noqa: E402
+from mergekit_prodistill.models.shapes import model_shape  # noqa: E402
 
 
 def build(args):
@@ -53,7 +53,7 @@ def build(args):
         x = torch.randn(args.batch, args.tokens, args.hidden, dtype=dtype)
         student.append([x])
         targets.append([x + 0.01 * torch.randn_like(x)])
-        contexts.append([runner.context(batch, x.dtype)])
+        contexts.append([runner.context(batch.attention_mask, x.dtype)])
         batches.append(batch)
     shape = model_shape(config, [config] * args.experts)
     step_flops = 3 * args.experts * batch_flops(shape, args.batch, args.tokens)

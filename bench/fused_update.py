@@ -18,8 +18,8 @@ import time
 
 import torch
 
-from mergekit_prodistill import optimizer
-from mergekit_prodistill.optimizer import Optimizer, TrainingStep
+from mergekit_prodistill.training import optimizer
+from mergekit_prodistill.training.optimizer import Optimizer, TrainingStep
 
 
 def main():

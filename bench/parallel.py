@@ -48,7 +48,9 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill import memory, optimizer, parallel, plan
+    from mergekit_prodistill import parallel
+    from mergekit_prodistill.plan import memory, planner
+    from mergekit_prodistill.training import optimizer
     from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.run import run_prodistill
 
@@ -70,7 +72,7 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
         dist.init_process_group("gloo")
     run_prodistill(configs[0], out + "-warmup", options)
     held["lambda_state"] = 0
-    planned = plan.make_plan(parse_recipe(configs[1]), options,
+    planned = planner.make_plan(parse_recipe(configs[1]), options,
                              world=parallel.World(rank, size, local_size=size))
     exchange = allreduce_seconds(planned) if size > 1 else 0.0
     phases = PhasePeaks(status("VmRSS"))

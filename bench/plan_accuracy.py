@@ -71,7 +71,7 @@ class PhasePeaks:
 
     def watch(self):
         """Mark the phase boundaries by wrapping the functions that start them."""
-        from mergekit_prodistill import distill, head, weights
+        from mergekit_prodistill.training import distill, head, weights
 
         load_all = weights.ModelTensors.load_all
         fit, train_head = distill.fit, head.train_head
@@ -102,8 +102,8 @@ def child(warmup: str, recipe: str, out: str) -> dict:
 
     from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.run import run_prodistill
-    from mergekit_prodistill.devices import DEVICE_CLASSES
-    from mergekit_prodistill.plan import make_plan
+    from mergekit_prodistill.plan.devices import DEVICE_CLASSES
+    from mergekit_prodistill.plan.planner import make_plan
 
     options = MergeOptions(quiet=True)
 
@@ -135,7 +135,7 @@ def measured_class(config_dtype: str):
     """This machine's matmul and element-wise rates right now (other load included)."""
     import torch
 
-    from mergekit_prodistill.devices import DeviceClass
+    from mergekit_prodistill.plan.devices import DeviceClass
 
     dtype = getattr(torch, config_dtype)
     a, b = torch.randn(512, 1024, dtype=dtype), torch.randn(1024, 2816, dtype=dtype)

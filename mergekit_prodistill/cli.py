@@ -66,7 +66,8 @@ class MergeOrPlan(PrettyPrintHelp):
 def main(merge_options: MergeOptions, config_file: str, out_path: str,
          push_to_hub: str, private: bool, revision: str):
     """Merge the experts of a prodistill recipe into its base model."""
-    from mergekit_prodistill import hub, integration
+    from mergekit_prodistill import integration
+    from mergekit_prodistill.output import hub
     from mergekit_prodistill.run import run_prodistill
 
     integration.install()  # as under mergekit-yaml: the method is known by name (card link)
@@ -100,10 +101,10 @@ def plan_command(merge_options: MergeOptions, config_file: str, nproc_per_node: 
     the plan, and torchrun's --nproc-per-node and --nnodes: over several processes it
     plans process 0, which owns the most experts.
     """
-    from mergekit_prodistill import erasure
+    from mergekit_prodistill.models import erasure
     from mergekit_prodistill.parallel import World
     from mergekit_prodistill.recipe import parse_recipe
-    from mergekit_prodistill.plan import make_plan
+    from mergekit_prodistill.plan.planner import make_plan
 
     merge_options.apply_global_options()
     world = World(rank=0, size=nproc_per_node * nnodes, local_size=nproc_per_node)

@@ -11,7 +11,7 @@ block training, and ``mergekit-yaml`` has no plugin discovery. So:
   work; that entry refuses to run through mergekit's per-tensor planner.
 
 The private helpers of ``mergekit.merge`` that the output reuses are re-exported by
-:mod:`mergekit_prodistill.mergekit_internals`.
+:mod:`mergekit_prodistill.output.mergekit_internals`.
 """
 
 import functools

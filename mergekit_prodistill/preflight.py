@@ -20,10 +20,10 @@ from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill.blocks import check_supported
+from mergekit_prodistill.models.blocks import check_supported
 from mergekit_prodistill.errors import ProDistillError, one_line
-from mergekit_prodistill.model_files import ModelFiles, TensorInfo, arch_name, read_model
-from mergekit_prodistill.output_folder import check_free_disk, check_output_folder
+from mergekit_prodistill.models.model_files import ModelFiles, TensorInfo, arch_name, read_model
+from mergekit_prodistill.output.output_folder import check_free_disk, check_output_folder
 from mergekit_prodistill.recipe import ProDistillRecipe
 
 

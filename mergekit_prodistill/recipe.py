@@ -200,7 +200,7 @@ class ExpertParameters(BaseModel):
     @field_validator("template")
     @classmethod
     def _known_template(cls, value: str) -> str:
-        from mergekit_prodistill.templates import resolve_template
+        from mergekit_prodistill.inputs.templates import resolve_template
 
         resolve_template(value)  # raises on an unknown preset; the name is kept for the card
         return value

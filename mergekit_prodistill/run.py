@@ -28,16 +28,20 @@ import torch
 from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 
-from mergekit_prodistill import (calibration, continuation, devices, distill, dtypes, output,
-                                 parallel, plan, preflight)
+from mergekit_prodistill import parallel, preflight
+from mergekit_prodistill.inputs import calibration, continuation
+from mergekit_prodistill.models import dtypes
+from mergekit_prodistill.output import staging
+from mergekit_prodistill.plan import devices, planner
+from mergekit_prodistill.training import distill
 from mergekit_prodistill.errors import Interrupted
-from mergekit_prodistill.merger import Merger
-from mergekit_prodistill.progress import Progress, UnitWriter, fingerprint
+from mergekit_prodistill.training.merger import Merger
+from mergekit_prodistill.output.progress import Progress, UnitWriter, fingerprint
 from mergekit_prodistill.quiet import honours_quiet
 from mergekit_prodistill.recipe import parse_recipe
-from mergekit_prodistill.report import Report
-from mergekit_prodistill.vocab import build_vocabulary
-from mergekit_prodistill.weights import ModelTensors
+from mergekit_prodistill.output.report import Report
+from mergekit_prodistill.models.vocab import build_vocabulary
+from mergekit_prodistill.training.weights import ModelTensors
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -92,7 +96,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
         vocabulary.calibration_ids(batches, calib.sources)
     # 4. The plan, checked against the memory free now, before any weight is read (and
     #    whether batches split over processes that share an expert).
-    decided = plan.check_fits(recipe, options, out_path, calib, world=world)
+    decided = planner.check_fits(recipe, options, out_path, calib, world=world)
     world = world.with_timeout(devices.collective_timeout(decided))
 
     LoaderCache().setup(options=options)
@@ -108,15 +112,15 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     # Without training the merge is streaming task arithmetic: nothing worth resuming.
     # Rank 0 alone writes the output; the others save their own streams beside it.
     created_out = not os.path.exists(out_path)
-    staging = world.from_leader(lambda: output.start_staging(out_path))
-    writer = TensorWriter(staging, max_shard_size=options.out_shard_size,
+    staging_dir = world.from_leader(lambda: staging.start_staging(out_path))
+    writer = TensorWriter(staging_dir, max_shard_size=options.out_shard_size,
                           safe_serialization=options.safe_serialization) if world.leader else None
     progress = None
     if p.epochs:
         settings = {"seed": ctx.seed, "device": ctx.device.type, "dtype": recipe.dtype}
         if world.distributed:
             settings["processes"] = world.size
-        progress = Progress(staging, fingerprint(
+        progress = Progress(staging_dir, fingerprint(
             repr(merge_config),  # to_yaml() refuses recipes that share YAML anchors
             settings, [f for files in checked.models.values() for f in files.shards],
             [*calib.batches, *calib.holdout_batches],
@@ -146,7 +150,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
                                    vocabulary.summary, report_blocks, head_report,
                                    seed=ctx.seed, device=ctx.device, started=started,
                                    fidelity=kept, processes=world.size, **facts)
-            output.finish(staging, out_path, merge_config, checked.arch_info, options,
+            staging.finish(staging_dir, out_path, merge_config, checked.arch_info, options,
                           vocabulary, report)
         world.barrier()  # every process keeps its streams until the output is complete
     except BaseException as exc:
@@ -157,19 +161,19 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
         resumable = progress is not None and (progress.has_progress() or (
             stopped and progress.has_continuations()))
         if not resumable and world.leader:  # nothing worth keeping: leave no trace
-            output.discard(staging, out_path, created_out)
+            staging.discard(staging_dir, out_path, created_out)
         if isinstance(exc, KeyboardInterrupt):
             raise Interrupted(
                 "interrupted; run the same command again to continue from the last "
-                f"finished block (progress is kept in {staging})" if resumable else
+                f"finished block (progress is kept in {staging_dir})" if resumable else
                 "interrupted; nothing was written"
             ) from None
         raise
     if world.leader:
-        shutil.rmtree(staging)
+        shutil.rmtree(staging_dir)
     world.barrier()
     # Nodes that do not share rank 0's disk hold their own processes' streams here.
-    shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(staging_dir, ignore_errors=True)
 
 
 def _continued(recipe, checked, calib, ctx: Context, progress: Progress,

@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from mergekit_prodistill import integration  # noqa: E402
 from mergekit_prodistill.tiny import build_tiny_family  # noqa: E402
 from mergekit_prodistill.tiny.skills import build_skill_family  # noqa: E402
-from mergekit_prodistill.weights import ModelTensors  # noqa: E402
+from mergekit_prodistill.training.weights import ModelTensors  # noqa: E402
 
 integration.install()  # what the start-up hook does once mergekit is imported
 

@@ -13,8 +13,8 @@ from huggingface_hub.utils import validate_repo_id
 from mergekit.config import MergeConfiguration
 
 from helpers import merge, with_expert_parameters
-from mergekit_prodistill import card
-from mergekit_prodistill.report import Report
+from mergekit_prodistill.output import card
+from mergekit_prodistill.output.report import Report
 from mergekit_prodistill.tiny import build_tiny_family
 from test_sources import cache_hub_dataset
 

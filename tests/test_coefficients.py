@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from helpers import merge, nan_on_first_training_call
-from mergekit_prodistill import coefficients, head, optimizer
-from mergekit_prodistill.coefficients import (Optimizer, coefficient_stats, fit, combine,
+from mergekit_prodistill.training import coefficients, head, optimizer
+from mergekit_prodistill.training.coefficients import (Optimizer, coefficient_stats, fit, combine,
                                               init_coefficients, merged_weights,
                                               unique_parameters)
-from mergekit_prodistill.optimizer import TrainingStep, chain_rule, training_weights
+from mergekit_prodistill.training.optimizer import TrainingStep, chain_rule, training_weights
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.recipe import ProDistillParameters
 

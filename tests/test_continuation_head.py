@@ -8,9 +8,9 @@ import torch
 import transformers
 
 from helpers import merge
-from mergekit_prodistill import continuation, expert_placement
-from mergekit_prodistill.calibration import tokenize
-from mergekit_prodistill.sources import read_prompts
+from mergekit_prodistill.inputs import continuation, expert_placement
+from mergekit_prodistill.inputs.calibration import tokenize
+from mergekit_prodistill.inputs.sources import read_prompts
 from mergekit_prodistill.errors import ProDistillError
 from helpers import load_tensors
 

@@ -4,7 +4,7 @@ every 10 optimiser steps, and the report lists each check's loss."""
 import json
 
 from helpers import merge
-from mergekit_prodistill.distill import EarlyStop
+from mergekit_prodistill.training.distill import EarlyStop
 
 
 def stopper(losses, patience=2, steps_per_epoch=5):

@@ -6,7 +6,7 @@ import shutil
 import yaml
 
 from helpers import merge
-from mergekit_prodistill.calibration import sample_prompts
+from mergekit_prodistill.inputs.calibration import sample_prompts
 
 
 def test_held_out_prompts_are_never_trained_on_and_leave_training_unchanged():

@@ -11,7 +11,8 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from helpers import BIN, load_tensors, merge, run_cli
-from mergekit_prodistill import distill, dtypes
+from mergekit_prodistill.models import dtypes
+from mergekit_prodistill.training import distill
 
 BIN_PLAN = BIN / "mergekit-prodistill"
 

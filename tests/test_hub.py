@@ -17,7 +17,8 @@ from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 
 from helpers import BIN, merge
-from mergekit_prodistill import cli, hub
+from mergekit_prodistill import cli
+from mergekit_prodistill.output import hub
 from mergekit_prodistill.errors import ProDistillError
 
 REPO = "someuser/tiny-prodistill"
@@ -130,7 +131,7 @@ def test_refused_token_is_one_line_and_keeps_the_merge(folder, online):
     message = str(err.value)
     assert "\n" not in message
     assert message.startswith(f"upload to {REPO} failed: the token was refused (HTTP 401)")
-    assert message.endswith(f"retry with: python -m mergekit_prodistill.hub {folder} {REPO}")
+    assert message.endswith(f"retry with: python -m mergekit_prodistill.output.hub {folder} {REPO}")
     assert digest(folder) == before
 
 

@@ -8,10 +8,10 @@ import transformers
 from safetensors.torch import load_file
 
 from helpers import load_tensors, merge
-from mergekit_prodistill.blocks import BlockRunner, attention_implementation, layer_weight_names
-from mergekit_prodistill.calibration import make_batches, tokenize
-from mergekit_prodistill.sources import read_prompts
-from mergekit_prodistill.head import HeadForward
+from mergekit_prodistill.models.blocks import BlockRunner, attention_implementation, layer_weight_names
+from mergekit_prodistill.inputs.calibration import make_batches, tokenize
+from mergekit_prodistill.inputs.sources import read_prompts
+from mergekit_prodistill.training.head import HeadForward
 from mergekit_prodistill.tiny import ARCHITECTURES, make_prompts
 
 
@@ -19,7 +19,7 @@ def test_supported_families_are_the_tested_ones_and_mergekit_knows_them():
     from mergekit.architecture.json_definitions import NAME_TO_ARCH
 
     from mergekit_prodistill import tiny
-    from mergekit_prodistill.blocks import FAMILIES
+    from mergekit_prodistill.models.blocks import FAMILIES
 
     # The equality tests below run on every tiny family: exactly the accepted ones.
     assert set(FAMILIES) == {tiny._ARCH_CLASS[arch] for arch in ARCHITECTURES}
@@ -74,7 +74,7 @@ def test_block_by_block_forward_equals_full_model(families, arch):
     state = dict(model.model.named_parameters())
     with torch.no_grad():
         hidden = runner.embed(state["embed_tokens.weight"], batch.input_ids)
-    ctx = runner.context(batch, hidden.dtype)
+    ctx = runner.context(batch.attention_mask, hidden.dtype)
     real = batch.attention_mask.bool()
     for index, expected in enumerate(captured):
         layer = runner.layer(index)

@@ -246,12 +246,12 @@ def test_the_wait_for_peers_is_sized_from_the_plan(families):
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill import devices, plan
+    from mergekit_prodistill.plan import devices, planner
     from mergekit_prodistill.recipe import parse_recipe
 
     config = MergeConfiguration.model_validate(yaml.safe_load(
         families("llama", 2).recipe("prodistill", shots=4)))
-    small = plan.make_plan(parse_recipe(config), MergeOptions(), available={"cpu": None})
+    small = planner.make_plan(parse_recipe(config), MergeOptions(), available={"cpu": None})
     assert devices.collective_timeout(small) == devices.MIN_WAIT.total_seconds()
 
     class Slow:  # a plan whose blocks take an hour each on the slowest CPU class

@@ -14,10 +14,12 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from helpers import merge, run_cli
-from mergekit_prodistill import (calibration, cli, continuation, devices, expert_placement,
-                                 memory, parallel, plan, preflight, run, shapes, tiny)
-from mergekit_prodistill.blocks import BlockRunner
-from mergekit_prodistill.calibration import Batch
+from mergekit_prodistill import cli, parallel, preflight, run, tiny
+from mergekit_prodistill.inputs import calibration, continuation, expert_placement
+from mergekit_prodistill.models import shapes
+from mergekit_prodistill.plan import devices, memory, planner
+from mergekit_prodistill.models.blocks import BlockRunner
+from mergekit_prodistill.inputs.calibration import Batch
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
 
@@ -54,7 +56,7 @@ def wizard_13b(tmp_path):
 
 def plan_for(recipe_path, available=None, **options):
     config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe_path).read_text()))
-    return plan.make_plan(parse_recipe(config), MergeOptions(**options), available=available)
+    return planner.make_plan(parse_recipe(config), MergeOptions(**options), available=available)
 
 
 def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
@@ -199,7 +201,7 @@ def test_real_run_refuses_a_13b_merge_with_16gb_free(wizard_13b, tmp_path, monke
     # here are configs only, which that check would refuse first); the tiny-model test
     # below goes through a whole merge.
     with pytest.raises(ProDistillError) as err:
-        plan.check_fits(parse_recipe(config), MergeOptions(), str(tmp_path / "out"))
+        planner.check_fits(parse_recipe(config), MergeOptions(), str(tmp_path / "out"))
     message = str(err.value)
     assert message.startswith("plan: the merge needs ") and "on cpu while training a block" in message
     assert "the largest part is the lambda + grads + Adam" in message and "--device" in message
@@ -231,7 +233,7 @@ def tiny_block_runner(arch, dtype):
     mask = torch.ones(4, 96, dtype=torch.long)
     mask[1:, 70:] = 0
     batch = Batch(torch.zeros_like(mask), mask)
-    return config, runner, batch, runner.context(batch, dtype)
+    return config, runner, batch, runner.context(batch.attention_mask, dtype)
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHITECTURES)
@@ -298,7 +300,7 @@ def test_an_explicit_placement_that_cannot_fit_is_refused(wizard_13b, tmp_path, 
     config = MergeConfiguration.model_validate(yaml.safe_load(wizard_13b.read_text()))
     with pytest.raises(ProDistillError, match=r"^plan: the merge needs .* on cuda while "
                        r"training a block \(.*activation cache"):
-        plan.check_fits(parse_recipe(config), MergeOptions(device="cuda"), str(tmp_path / "out"))
+        planner.check_fits(parse_recipe(config), MergeOptions(device="cuda"), str(tmp_path / "out"))
     with_parameters(wizard_13b, activation_placement="auto")  # the same memory is enough
     assert plan_for(wizard_13b, free, device="cuda").placement == "cpu"
 
@@ -307,7 +309,7 @@ def test_the_disk_check_looks_at_the_folder_the_streams_use(families, tmp_path, 
     fam = families("llama", 2)
     recipe = fam.recipe("prodistill", epochs=1, shots=32, batch_size=32, continue_tokens=0)
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe))
-    roomy = plan.make_plan(parse_recipe(config), MergeOptions(), available={"cpu": None})
+    roomy = planner.make_plan(parse_recipe(config), MergeOptions(), available={"cpu": None})
     # Room for everything but the streams, which therefore go to disk.
     monkeypatch.setattr(devices, "available_memory", lambda device: roomy.total("cpu") - 1)
     monkeypatch.setattr(preflight, "check_free_disk", lambda out_path, needed: None)
@@ -327,11 +329,11 @@ def test_a_merge_plans_from_its_own_calibration_set(families, monkeypatch):
     fam = families("llama", 2)
     recipe = MergeConfiguration.model_validate(yaml.safe_load(fam.recipe("prodistill", shots=8)))
     recipe, options = parse_recipe(recipe), MergeOptions()
-    read = plan.make_plan(recipe, options, available={"cpu": None})
+    read = planner.make_plan(recipe, options, available={"cpu": None})
     calib = calibration.load_for_experts(recipe, options.trust_remote_code, 0)
     monkeypatch.setattr(calibration, "load_tokenizer", None)  # nothing is read again
     monkeypatch.setattr(calibration, "expert_prompts", None)
-    given = plan.make_plan(recipe, options, calib, available={"cpu": None})
+    given = planner.make_plan(recipe, options, calib, available={"cpu": None})
     assert given.work == read.work and given.phases == read.phases
     # Room for continue_tokens (64) after every prompt, as without the set.
     widths = [w for bs in given.work.batches for _, w in bs]
@@ -355,7 +357,7 @@ def test_the_plan_counts_blocks_in_the_dtype_they_run_in(wizard_13b):
 
 def tiny_plan(fam, world=parallel.SINGLE, available=None, **params):
     config = MergeConfiguration.model_validate(yaml.safe_load(fam.recipe("prodistill", **params)))
-    return plan.make_plan(parse_recipe(config), MergeOptions(),
+    return planner.make_plan(parse_recipe(config), MergeOptions(),
                           available={"cpu": None} if available is None else available,
                           world=world)
 
@@ -403,12 +405,12 @@ def test_processes_on_one_machine_share_its_cpu_memory(families, monkeypatch):
     monkeypatch.setattr(devices, "available_memory", lambda device: 10**12)
     config = MergeConfiguration.model_validate(yaml.safe_load(
         families("llama", 3).recipe("prodistill", shots=8)))
-    shared = plan.make_plan(parse_recipe(config), MergeOptions(),
+    shared = planner.make_plan(parse_recipe(config), MergeOptions(),
                             world=parallel.World(0, 2, local_size=2))
     assert shared.available["cpu"] == 10**12 // 2
     monkeypatch.setattr(devices, "available_memory", lambda device: 100_000)
     with pytest.raises(ProDistillError, match=r"^plan: process 1 of 2 needs .* on cpu while "):
-        plan.check_fits(parse_recipe(config), MergeOptions(), "out",
+        planner.check_fits(parse_recipe(config), MergeOptions(), "out",
                         world=parallel.World(1, 2, local_size=2))
 
 
@@ -468,7 +470,7 @@ def test_a_merge_checks_the_plan_of_its_own_process(families, tmp_path, monkeypa
         seen.append(world)
         raise ProDistillError("stopped after the plan")
 
-    monkeypatch.setattr(plan, "check_fits", stop_after_the_plan)
+    monkeypatch.setattr(planner, "check_fits", stop_after_the_plan)
     config = MergeConfiguration.model_validate(yaml.safe_load(
         families("llama", 3).recipe("prodistill", shots=8)))
     # Nothing before the plan talks to the other processes: one process stands for them.

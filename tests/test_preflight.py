@@ -11,9 +11,11 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from helpers import BIN, merge, recipe, refused, run_cli
-from mergekit_prodistill import calibration, output_folder, preflight, sources
+from mergekit_prodistill import preflight
+from mergekit_prodistill.inputs import calibration, sources
+from mergekit_prodistill.output import output_folder
 from mergekit_prodistill.recipe import parse_recipe
-from mergekit_prodistill.report import Report
+from mergekit_prodistill.output.report import Report
 from mergekit_prodistill.errors import ProDistillError
 
 

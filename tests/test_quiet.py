@@ -12,8 +12,8 @@ from mergekit.config import MergeConfiguration
 from transformers.utils import logging as transformers_logging
 
 from helpers import BIN, run_cli
-from mergekit_prodistill import blocks, dtypes, mergekit_internals
-from mergekit_prodistill.calibration import Batch
+from mergekit_prodistill.models import blocks, dtypes
+from mergekit_prodistill.output import mergekit_internals
 from mergekit_prodistill.quiet import progress_bars_hidden
 
 BAR = re.compile(r"\d+%\|")  # tqdm's "100%|" wherever a bar was drawn
@@ -62,7 +62,7 @@ def test_block_context_warns_nothing(recwarn):
     runner = blocks.BlockRunner(config, torch.device("cpu"))
     assert set(runner.attention_types) == set(blocks.MASK_FUNCTIONS)  # both mask functions
     ones = torch.ones(2, 5, dtype=torch.long)
-    runner.context(Batch(ones, ones), torch.float32)
+    runner.context(ones, torch.float32)
     assert not [w for w in recwarn if issubclass(w.category, (FutureWarning, DeprecationWarning))]
 
 

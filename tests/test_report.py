@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from mergekit_prodistill.report import BlockReport, CalibrationEntry, HeadReport, Report
+from mergekit_prodistill.output.report import BlockReport, CalibrationEntry, HeadReport, Report
 
 TRAINED = dict(loss_before=0.5, loss_after=0.25, epoch_losses=[0.4, 0.3],
                coefficient_mean=[0.31, 0.29], coefficient_std=[0.02, 0.03],

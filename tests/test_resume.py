@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from helpers import BIN, merge, nan_on_first_training_call, run_cli
-from mergekit_prodistill import continuation, distill
-from mergekit_prodistill.progress import Progress
+from mergekit_prodistill.inputs import continuation
+from mergekit_prodistill.training import distill
+from mergekit_prodistill.output.progress import Progress
 from mergekit_prodistill.errors import Interrupted, ProDistillError
 from helpers import load_tensors
 

@@ -2,7 +2,7 @@
 the one the merge uses."""
 
 from helpers import merge
-from mergekit_prodistill import calibration, sources
+from mergekit_prodistill.inputs import calibration, sources
 
 
 def count_calls(monkeypatch, module, name):

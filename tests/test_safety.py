@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from helpers import BIN, run_cli
 from mergekit_prodistill import cli
-from mergekit_prodistill.sources import read_prompts
-from mergekit_prodistill.templates import apply_template, resolve_template
+from mergekit_prodistill.inputs.sources import read_prompts
+from mergekit_prodistill.inputs.templates import apply_template, resolve_template
 
 HOSTILE = [
     "{__import__('os').system('touch PWNED')}",

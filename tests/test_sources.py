@@ -9,7 +9,7 @@ import pytest
 
 from mergekit_prodistill.recipe import ExpertParameters
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.sources import read_expert_prompts
+from mergekit_prodistill.inputs.sources import read_expert_prompts
 
 QUESTIONS = ["What is 2 + 3?", "Name a prime above 10.", "How many legs has a cat?"]
 

@@ -9,10 +9,10 @@ import yaml
 from mergekit.config import MergeConfiguration
 
 from helpers import merge
-from mergekit_prodistill import calibration
+from mergekit_prodistill.inputs import calibration
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.vocab import build_vocabulary
+from mergekit_prodistill.models.vocab import build_vocabulary
 from helpers import load_tensors
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -141,7 +141,7 @@ def test_calibration_ids_follow_the_merged_vocabulary(families, tmp_path):
 
 
 def test_unusable_token_setting_is_refused_before_reading_weights(families, tmp_path, monkeypatch):
-    from mergekit_prodistill.weights import ModelTensors
+    from mergekit_prodistill.training.weights import ModelTensors
 
     monkeypatch.setattr(ModelTensors, "load", lambda *a: pytest.fail("a weight was read"))
     fam = pad_family(families)

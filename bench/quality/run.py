@@ -40,7 +40,7 @@ os.environ.update(KERNELS)
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
-from mergekit_prodistill.report import Report  # noqa: E402
+from mergekit_prodistill.output.report import Report  # noqa: E402
 from mergekit_prodistill.tiny.skills import family, scoring  # noqa: E402
 
 import diagnose  # noqa: E402

@@ -26,20 +26,22 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from mergekit_prodistill import (devices, dtypes, erasure, expert_placement, generation_plan,
-                                 layout, parallel, plan_time, workload)
-from mergekit_prodistill.blocks import check_supported
-from mergekit_prodistill.devices import DeviceClass
+from mergekit_prodistill import layout, parallel
+from mergekit_prodistill.inputs import expert_placement
+from mergekit_prodistill.models import dtypes, erasure
+from mergekit_prodistill.plan import devices, generation_plan, plan_time, workload
+from mergekit_prodistill.models.blocks import check_supported
+from mergekit_prodistill.plan.devices import DeviceClass
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.formatting import fmt_bytes
-from mergekit_prodistill.generation_plan import Generation
-from mergekit_prodistill.model_files import model_config
-from mergekit_prodistill.memory import (
+from mergekit_prodistill.plan.generation_plan import Generation
+from mergekit_prodistill.models.model_files import model_config
+from mergekit_prodistill.plan.memory import (
     CACHE, CONTEXTS, EXPERT, GENERATION, LAMBDA, OUTPUT, SLACK, TRANSIENT, WEIGHTS,
     allreduce_bytes, batch_flops, context_bytes, lambda_count, output_buffer, peak_total,
     phase_bytes, place, step_traffic)
-from mergekit_prodistill.plan_table import render
-from mergekit_prodistill.shapes import ModelShape, Workload, dtype_bytes, model_shape
+from mergekit_prodistill.plan.plan_table import render
+from mergekit_prodistill.models.shapes import ModelShape, Workload, dtype_bytes, model_shape
 
 PHASES = {"load": "reading a block", "train": "training a block",
           "write": "writing a block", "embed": "merging the embeddings",
@@ -146,7 +148,7 @@ def make_plan(recipe, options, calib=None,
     """Plan ``recipe`` under ``options`` from configs and prompts alone, for the process
     ``world`` describes (default: one process that owns every expert).
 
-    ``calib`` is the merge's :class:`~mergekit_prodistill.calibration.CalibrationSet`
+    ``calib`` is the merge's :class:`~mergekit_prodistill.inputs.calibration.CalibrationSet`
     (default: the prompts are read here). ``available`` maps a device name to the bytes
     free on it (default: what this machine shows, CPU memory split among its processes);
     the streams are placed according to it. ``out_path`` is the output folder, whose

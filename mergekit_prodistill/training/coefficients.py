@@ -2,7 +2,7 @@
 loop (:func:`fit`) for the decoder blocks and the head alike, and statistics.
 
 A merged tensor is theta_0 + sum_i lambda_i * tau_i with lambda in fp32 (element-wise by
-default), trained by the scale-free Adam of :mod:`mergekit_prodistill.optimizer`.
+default), trained by the scale-free Adam of :mod:`mergekit_prodistill.training.optimizer`.
 """
 
 import logging
@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.optimizer import Optimizer, TrainingStep
+from mergekit_prodistill.training.optimizer import Optimizer, TrainingStep
 from mergekit_prodistill.parallel import SINGLE, World
 
 LOG = logging.getLogger("mergekit_prodistill")

@@ -19,8 +19,8 @@ import yaml
 from mergekit.card import generate_card
 
 from mergekit_prodistill.layout import CARD, PLOT
-from mergekit_prodistill.report import BlockReport, CalibrationEntry, Fidelity, Report
-from mergekit_prodistill.model_files import hub_id
+from mergekit_prodistill.output.report import BlockReport, CalibrationEntry, Fidelity, Report
+from mergekit_prodistill.models.model_files import hub_id
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -163,7 +163,7 @@ def _source_md(calibration: CalibrationEntry) -> str:
 
 
 def _template_md(template: str) -> str:
-    from mergekit_prodistill.templates import CHAT, PRESETS
+    from mergekit_prodistill.inputs.templates import CHAT, PRESETS
 
     if template in PRESETS or template == CHAT:
         return template

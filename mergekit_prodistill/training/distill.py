@@ -19,12 +19,12 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from mergekit_prodistill.activations import on_device
-from mergekit_prodistill.blocks import BatchContext, BlockRunner
-from mergekit_prodistill.coefficients import (Weights, at_init, fit, gathered_stats,
+from mergekit_prodistill.training.activations import on_device
+from mergekit_prodistill.models.blocks import BatchContext, BlockRunner
+from mergekit_prodistill.training.coefficients import (Weights, at_init, fit, gathered_stats,
                                               masked_mse, written_weights)
-from mergekit_prodistill.dtypes import Precision
-from mergekit_prodistill.fidelity import Heldout
+from mergekit_prodistill.models.dtypes import Precision
+from mergekit_prodistill.training.fidelity import Heldout
 from mergekit_prodistill.parallel import SINGLE, World
 
 LOG = logging.getLogger("mergekit_prodistill")

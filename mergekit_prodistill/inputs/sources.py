@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from mergekit_prodistill.errors import ProDistillError, one_line
-from mergekit_prodistill.model_files import hub_id
+from mergekit_prodistill.models.model_files import hub_id
 
 PROMPT_FIELDS = ("text", "prompt", "instruction", "question", "problem")
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".json": "json", ".arrow": "arrow"}

@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.model_files import ModelFiles, read_checkpoint
+from mergekit_prodistill.models.model_files import ModelFiles, read_checkpoint
 
 LOG = logging.getLogger("mergekit_prodistill")
 

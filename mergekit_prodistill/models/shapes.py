@@ -7,7 +7,7 @@ from typing import Sequence, Tuple
 import torch
 from mergekit.common import dtype_from_name
 
-from mergekit_prodistill.blocks import BlockRunner, model_class
+from mergekit_prodistill.models.blocks import BlockRunner, model_class
 
 # A tensor under this many bytes comes from the C heap, which keeps freed blocks (see
 # memory.SLACK_FRACTION); larger ones are mapped and returned at once.

@@ -10,7 +10,7 @@ by ``hf auth login``. What can be checked without the network (the repo id, offl
 a token) is checked before the merge starts; a failure of the upload itself leaves the
 merged folder complete and says how to retry:
 
-    python -m mergekit_prodistill.hub ./merged user/model [--private] [--revision BRANCH]
+    python -m mergekit_prodistill.output.hub ./merged user/model [--private] [--revision BRANCH]
 """
 
 import argparse
@@ -21,7 +21,7 @@ from typing import List, Optional
 
 from mergekit_prodistill.errors import ProDistillError, exit_with, one_line
 from mergekit_prodistill.layout import REPORT, STAGING, WEIGHT_PREFIXES
-from mergekit_prodistill.report import Report
+from mergekit_prodistill.output.report import Report
 
 NEVER_UPLOADED = (f"{STAGING}/**", ".*", "**/.*")
 
@@ -84,7 +84,7 @@ def push(folder: str, repo_id: str, *, private: bool = False, revision: Optional
             commit_message="Upload ProDistill merge",
         )
     except Exception as exc:  # the network boundary: whatever failed, nothing is lost
-        retry = shlex.join(["python", "-m", "mergekit_prodistill.hub", folder, repo_id,
+        retry = shlex.join(["python", "-m", "mergekit_prodistill.output.hub", folder, repo_id,
                             *(["--private"] if private else []),
                             *(["--revision", revision] if revision else [])])
         raise ProDistillError(
@@ -116,7 +116,7 @@ def failure_reason(exc: BaseException) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m mergekit_prodistill.hub",
+        prog="python -m mergekit_prodistill.output.hub",
         description="Upload a finished mergekit-prodistill merge to the Hugging Face Hub.",
     )
     parser.add_argument("folder", help="the merge's output folder")

@@ -15,15 +15,16 @@ import torch
 import tqdm
 from mergekit.common import dtype_from_name
 
-from mergekit_prodistill import distill, fidelity, head, layout
-from mergekit_prodistill.activations import ActivationStore
-from mergekit_prodistill.blocks import BlockRunner, layer_weight_names
-from mergekit_prodistill.coefficients import written_weights
-from mergekit_prodistill.dtypes import Precision
+from mergekit_prodistill import layout
+from mergekit_prodistill.training import distill, fidelity, head
+from mergekit_prodistill.training.activations import ActivationStore
+from mergekit_prodistill.models.blocks import BlockRunner, layer_weight_names
+from mergekit_prodistill.training.coefficients import written_weights
+from mergekit_prodistill.models.dtypes import Precision
 from mergekit_prodistill.parallel import World
-from mergekit_prodistill.progress import Progress, UnitWriter
-from mergekit_prodistill.vocab import Vocabulary
-from mergekit_prodistill.weights import ModelTensors, check_shape, task_arithmetic
+from mergekit_prodistill.output.progress import Progress, UnitWriter
+from mergekit_prodistill.models.vocab import Vocabulary
+from mergekit_prodistill.training.weights import ModelTensors, check_shape, task_arithmetic
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -137,7 +138,7 @@ class Merger:
         for i in self.owned:
             contexts.append([])
             for batch, full in zip(batches[i], whole[i]):
-                ctx = runner.context(batch, dtype)
+                ctx = runner.context(batch.attention_mask, dtype)
                 ctx.share = batch.num_tokens / full.num_tokens
                 contexts[-1].append(ctx)
         return contexts

@@ -17,9 +17,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from mergekit_prodistill import expert_placement
-from mergekit_prodistill.expert_placement import Placement
-from mergekit_prodistill.model_files import model_config
+from mergekit_prodistill.inputs import expert_placement
+from mergekit_prodistill.inputs.expert_placement import Placement
+from mergekit_prodistill.models.model_files import model_config
 
 LOG = logging.getLogger("mergekit_prodistill")
 

@@ -14,7 +14,7 @@
   launches and Python, :attr:`DeviceClass.decode_layer_s`).
 """
 
-from mergekit_prodistill.devices import DeviceClass
+from mergekit_prodistill.plan.devices import DeviceClass
 from mergekit_prodistill.formatting import GB
 
 # Between machines: 400 Gb/s InfiniBand or RoCE at 80%.

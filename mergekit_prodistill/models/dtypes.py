@@ -30,7 +30,7 @@ import torch
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.model_files import read_checkpoint
+from mergekit_prodistill.models.model_files import read_checkpoint
 
 
 def checkpoint_dtype(model) -> Optional[str]:

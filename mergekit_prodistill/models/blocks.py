@@ -22,7 +22,6 @@ import transformers
 from torch.func import functional_call
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from mergekit_prodistill.calibration import Batch
 from mergekit_prodistill.errors import ProDistillError
 
 MASK_FUNCTIONS = {
@@ -177,9 +176,10 @@ class BlockRunner:
             layer = self.layer_class(self.config, layer_idx=index)
         return layer.eval()
 
-    def context(self, batch: Batch, dtype: torch.dtype) -> BatchContext:
-        """Positions, rotary embeddings and masks for ``batch``, computed in ``dtype``."""
-        mask = batch.attention_mask.to(self.device)
+    def context(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> BatchContext:
+        """Positions, rotary embeddings and masks for a batch with ``attention_mask``
+        ([batch, length], 1 at real tokens), computed in ``dtype``."""
+        mask = attention_mask.to(self.device)
         # Mask and rotary code read only the shape, dtype and device of the hidden states.
         hidden = torch.empty(*mask.shape, 0, dtype=dtype, device=self.device)
         position_ids = torch.arange(mask.shape[1], device=self.device).unsqueeze(0)

@@ -1,7 +1,7 @@
 """Every expert's calibration batches as the plan counts them.
 
 A merge hands the plan the prompts it has already read and tokenised (its
-:class:`~mergekit_prodistill.calibration.CalibrationSet`): nothing is read twice. The
+:class:`~mergekit_prodistill.inputs.calibration.CalibrationSet`): nothing is read twice. The
 ``plan`` command reads the prompts itself and tokenises them with each expert's tokenizer
 when one is at hand, else estimates their length. Either way, a training run counts every
 prompt with room for ``continue_tokens`` more, and batches them as the merge will.
@@ -10,9 +10,9 @@ prompt with room for ``continue_tokens`` more, and batches them as the merge wil
 import math
 from typing import List, Sequence
 
-from mergekit_prodistill import calibration
+from mergekit_prodistill.inputs import calibration
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.shapes import Workload
+from mergekit_prodistill.models.shapes import Workload
 
 # Without a tokenizer, count one token per this many characters: a deliberately high
 # count for English prose and code under Llama-style tokenizers (they average 3.5-4.5).

@@ -23,7 +23,7 @@ gives the formulas and the measured error.
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mergekit_prodistill.shapes import ModelShape, Workload
+from mergekit_prodistill.models.shapes import ModelShape, Workload
 
 # Memory terms, in the order the table prints them.
 WEIGHTS = "block weights"

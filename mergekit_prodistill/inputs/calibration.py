@@ -1,7 +1,7 @@
 """Calibration prompts: read, sample, template, tokenise, and batch them by length.
 
-Where prompts come from (files, folders, datasets) is :mod:`mergekit_prodistill.sources`;
-the prompt formats are :mod:`mergekit_prodistill.templates`.
+Where prompts come from (files, folders, datasets) is :mod:`mergekit_prodistill.inputs.sources`;
+the prompt formats are :mod:`mergekit_prodistill.inputs.templates`.
 """
 
 import logging
@@ -12,8 +12,8 @@ from typing import List, Optional, Tuple
 import torch
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.sources import read_expert_prompts
-from mergekit_prodistill.templates import PLACEHOLDER, format_prompts, resolve_template
+from mergekit_prodistill.inputs.sources import read_expert_prompts
+from mergekit_prodistill.inputs.templates import PLACEHOLDER, format_prompts, resolve_template
 
 LOG = logging.getLogger("mergekit_prodistill")
 

@@ -19,9 +19,9 @@ import torch
 import transformers
 from torch.func import functional_call
 
-from mergekit_prodistill.activations import on_device
-from mergekit_prodistill.blocks import family_of
-from mergekit_prodistill.coefficients import (fit, gathered_stats, init_coefficients,
+from mergekit_prodistill.training.activations import on_device
+from mergekit_prodistill.models.blocks import family_of
+from mergekit_prodistill.training.coefficients import (fit, gathered_stats, init_coefficients,
                                               masked_kl, written_weights)
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.parallel import SINGLE, World

@@ -1,13 +1,13 @@
 """The plan as a table: what ``mergekit-prodistill plan`` prints.
 
-It reads a :class:`~mergekit_prodistill.plan.Plan` and decides nothing.
+It reads a :class:`~mergekit_prodistill.plan.planner.Plan` and decides nothing.
 """
 
 import torch
 
-from mergekit_prodistill.devices import DEVICE_CLASSES
+from mergekit_prodistill.plan.devices import DEVICE_CLASSES
 from mergekit_prodistill.formatting import GB, fmt_bytes, fmt_seconds
-from mergekit_prodistill.memory import CACHE, TERMS
+from mergekit_prodistill.plan.memory import CACHE, TERMS
 
 
 def cell(n: float) -> str:

@@ -13,10 +13,10 @@ from typing import Optional
 import yaml
 from mergekit.config import MergeConfiguration
 
-from mergekit_prodistill.devices import free_disk
+from mergekit_prodistill.plan.devices import free_disk
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.layout import OUTPUT_FILES, RECIPE, REPORT, WEIGHT_PREFIXES
-from mergekit_prodistill.report import Report
+from mergekit_prodistill.output.report import Report
 
 # Room for config, tokenizer, card and report on top of the weights.
 DISK_MARGIN_BYTES = 64 * 2**20

@@ -7,8 +7,8 @@ from mergekit.architecture import WeightInfo
 from mergekit.common import ModelReference
 from mergekit.io.tasks import LoadTensor, LoaderCache
 
-from mergekit_prodistill.coefficients import combine
-from mergekit_prodistill.dtypes import Precision
+from mergekit_prodistill.training.coefficients import combine
+from mergekit_prodistill.models.dtypes import Precision
 from mergekit_prodistill.errors import ProDistillError
 
 

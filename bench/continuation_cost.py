@@ -54,6 +54,7 @@ def main():
     from mergekit_prodistill.inputs import calibration, continuation, expert_placement
     from mergekit_prodistill.output.progress import Progress
     from mergekit_prodistill.parallel import SINGLE
+    from mergekit_prodistill.plan.context import RunContext
     from mergekit_prodistill.recipe import parse_recipe
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="bench-continuation-"))
@@ -68,7 +69,7 @@ def main():
     options = MergeOptions(quiet=True)
     checked = preflight.check_before_merge(recipe, config, options, str(root / "out"))
     calib = calibration.load_for_experts(recipe, False, seed=0)
-    ctx = run.Context.of(options, SINGLE)
+    ctx = RunContext.of(options)
 
     placements = []
     place = expert_placement.place_expert

@@ -22,7 +22,6 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
 
 import torch
 from mergekit.io import TensorWriter
@@ -33,6 +32,7 @@ from mergekit_prodistill.inputs import calibration, continuation
 from mergekit_prodistill.models import dtypes
 from mergekit_prodistill.output import staging
 from mergekit_prodistill.plan import devices, planner
+from mergekit_prodistill.plan.context import RunContext
 from mergekit_prodistill.training import distill
 from mergekit_prodistill.errors import Interrupted
 from mergekit_prodistill.training.merger import Merger
@@ -46,26 +46,10 @@ from mergekit_prodistill.training.weights import ModelTensors
 LOG = logging.getLogger("mergekit_prodistill")
 
 
-@dataclass(frozen=True)
-class Context:
-    """What the run takes from the command line besides the recipe."""
-
-    device: torch.device
-    seed: int
-    trust_remote_code: bool
-    quiet: bool
-
-    @classmethod
-    def of(cls, options, world: parallel.World) -> "Context":
-        seed = options.random_seed if options.random_seed is not None else 0
-        device = world.device if world.distributed else torch.device(options.device or "cpu")
-        return cls(device, seed, options.trust_remote_code, options.quiet)
-
-
 def run_prodistill(merge_config, out_path: str, options, config_source: str = None):
     """Merge the recipe's experts into its base with ProDistill and write ``out_path``;
     under ``torchrun``, together with the other processes."""
-    world = parallel.start(torch.device(options.device or "cpu"))
+    world = parallel.start(RunContext.of(options).device)
     if not world.leader:  # one set of progress bars: rank 0's
         options = options.model_copy(update={"quiet": True})
     try:
@@ -80,7 +64,7 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
 @honours_quiet
 def _merge(merge_config, out_path: str, options, config_source, world: parallel.World):
     started = time.time()
-    ctx = Context.of(options, world)
+    ctx = RunContext.of(options).in_world(world)
     # 1. The recipe, and every check that reads no weight.
     recipe = parse_recipe(merge_config)
     p = recipe.params
@@ -176,7 +160,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     shutil.rmtree(staging_dir, ignore_errors=True)
 
 
-def _continued(recipe, checked, calib, ctx: Context, progress: Progress,
+def _continued(recipe, checked, calib, ctx: RunContext, progress: Progress,
                world: parallel.World):
     """Every expert's prompts, each followed by its greedy continuation, generated in the
     dtype the merge reads the expert in.

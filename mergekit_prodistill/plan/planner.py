@@ -29,6 +29,7 @@ import torch
 from mergekit_prodistill import layout, parallel
 from mergekit_prodistill.inputs import expert_placement
 from mergekit_prodistill.models import dtypes, erasure
+from mergekit_prodistill.plan.context import RunContext
 from mergekit_prodistill.plan import devices, generation_plan, plan_time, workload
 from mergekit_prodistill.models.blocks import check_supported
 from mergekit_prodistill.plan.devices import DeviceClass
@@ -155,9 +156,8 @@ def make_plan(recipe, options, calib=None,
     staging folder holds disk-backed streams unless the recipe names an ``activation_dir``.
     """
     p, world = recipe.params, world.for_experts(len(recipe.experts))
-    device = torch.device(options.device or "cpu")
-    seed = options.random_seed if options.random_seed is not None else 0
-    trust = options.trust_remote_code
+    ctx = RunContext.of(options)
+    device, seed, trust = ctx.device, ctx.seed, ctx.trust_remote_code
     base_config = model_config(recipe.base, trust)
     check_supported(base_config.architectures, base_config.to_dict(), f"model {recipe.base}")
     expert_configs = [model_config(e.model, trust) for e in recipe.experts]

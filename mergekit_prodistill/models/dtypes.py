@@ -23,14 +23,14 @@
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence
 
 import torch
 
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.models.model_files import read_checkpoint
+from mergekit_prodistill.models.model_files import ModelFiles, read_checkpoint
 
 
 def checkpoint_dtype(model) -> Optional[str]:
@@ -51,9 +51,10 @@ def config_dtype(config) -> str:
     return str(value).replace("torch.", "") if value else "float32"
 
 
-def stored_dtype(model, config) -> str:
-    """What a model's checkpoint holds: its header's dtype, else its config's."""
-    return checkpoint_dtype(model) or config_dtype(config)
+def stored_dtype(model, config, files: Optional[ModelFiles] = None) -> str:
+    """What a model's checkpoint holds: its header's dtype (from ``files`` where they
+    were read already), else its config's."""
+    return (files.dtype if files else checkpoint_dtype(model)) or config_dtype(config)
 
 
 def generation_dtype(recipe, stored: str) -> str:
@@ -91,15 +92,13 @@ def activation_dtype(requested: str, device: torch.device) -> str:
     return "float32"
 
 
-def decide(recipe, models, device: torch.device) -> Tuple[Dict[str, str], List[str]]:
+def decide(recipe, stored: Sequence[str], device: torch.device) -> Dict[str, str]:
     """Every dtype of a merge by role (weights, task_vectors, compute, cache, output,
-    generation), and each model's stored dtype; ``models`` are (reference, config) pairs,
-    the base first."""
-    stored = [stored_dtype(m, c) for m, c in models]
+    generation), from each model's stored dtype (the base first)."""
     compute = activation_dtype(recipe.params.activation_dtype, device)
     return {"weights": stored[0], "task_vectors": task_vector_dtype(recipe.dtype, stored),
             "compute": compute, "cache": compute, "output": output_dtype(recipe, stored[0]),
-            "generation": generation_dtype(recipe, stored[1])}, stored
+            "generation": generation_dtype(recipe, stored[1])}
 
 
 @contextlib.contextmanager

@@ -36,7 +36,7 @@ from mergekit_prodistill.plan.devices import DeviceClass
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.formatting import fmt_bytes
 from mergekit_prodistill.plan.generation_plan import Generation
-from mergekit_prodistill.models.model_files import model_config
+from mergekit_prodistill.models.model_files import ModelFiles, model_config
 from mergekit_prodistill.plan.memory import (
     CACHE, CONTEXTS, EXPERT, GENERATION, LAMBDA, OUTPUT, SLACK, TRANSIENT, WEIGHTS,
     allreduce_bytes, batch_flops, context_bytes, lambda_count, output_buffer, peak_total,
@@ -143,9 +143,143 @@ def stream_placement(requested: str, device: torch.device, totals: Dict[str, int
     return "disk" if totals["disk"] <= free[dev] else "device"
 
 
+@dataclass
+class _Basis:
+    """What a plan is counted from: the models' shapes and dtypes, and the prompts."""
+
+    recipe: object
+    ctx: RunContext
+    world: parallel.World
+    configs: list  # transformers configs: the base's, then each expert's
+    shape: ModelShape
+    stored: List[str]  # each model's stored dtype, the base first
+    decided: Dict[str, str]  # the merge's dtypes by role (dtypes.decide)
+    work: Workload  # every expert's batches, as every process steps through them
+    own: Workload  # this process's experts' batches (its rows of them)
+
+    @property
+    def owned(self) -> range:
+        return self.world.owned(len(self.recipe.experts))
+
+    @property
+    def mine(self) -> List[int]:
+        """This process's models among the base (0) and the experts (1, 2, ...)."""
+        return [1 + i for i in self.owned]
+
+    def bytes_of(self, role: str) -> int:
+        return dtype_bytes(self.decided[role])
+
+
+def _basis(recipe, options, calib, world: parallel.World, models) -> _Basis:
+    """Configs (already read by the preflight checks, where given as ``models``), shapes,
+    dtypes and batches; the base's family is checked before any expert is read."""
+    ctx, world = RunContext.of(options), world.for_experts(len(recipe.experts))
+    refs = [recipe.base] + [e.model for e in recipe.experts]
+
+    def config(ref):
+        return models[ref].config if models else model_config(ref, ctx.trust_remote_code)
+
+    base_config = config(recipe.base)
+    check_supported(base_config.architectures, base_config.to_dict(), f"model {recipe.base}")
+    configs = [base_config] + [config(ref) for ref in refs[1:]]
+    stored = [dtypes.stored_dtype(ref, c, models[ref] if models else None)
+              for ref, c in zip(refs, configs)]
+    work = workload.from_calibration(recipe, calib) if calib is not None \
+        else workload.from_prompts(recipe, options, ctx.seed)
+    for batches in (work.batches, work.holdout_batches):
+        world.check_split([[rows for rows, _ in bs] for bs in batches])
+    owned = world.owned(len(recipe.experts))
+    return _Basis(recipe, ctx, world, configs, model_shape(base_config, configs[1:]), stored,
+                  dtypes.decide(recipe, stored, ctx.device), work,
+                  work.only(owned).rows(*world.part(len(recipe.experts))))
+
+
+def _memory(b: _Basis, available: Dict[str, Optional[int]], out_shard_size: int):
+    """Every phase's bytes on each device, with the streams placed; returns them, the
+    placement, the continuation pass of every owned expert, and the cache's bytes."""
+    p, shape, dev = b.recipe.params, b.shape, str(b.ctx.device)
+    per_phase = phase_bytes(shape, b.own, p, [dtype_bytes(d) for d in b.stored],
+                            b.bytes_of("task_vectors"), b.bytes_of("compute"),
+                            b.bytes_of("compute"), b.ctx.device.type, b.bytes_of("output"),
+                            b.owned, b.world.size)
+    if not p.epochs:
+        del per_phase["train"]  # no merged block, gradients or Adam state
+    if not (p.epochs and p.head_epochs):
+        del per_phase["head"]
+    buffer = output_buffer(shape, b.bytes_of("output"), out_shard_size)
+    if p.epochs:
+        # Each finished unit goes to its own file (progress.py): only the block being
+        # written is held; the shards are assembled from those files at the very end.
+        per_phase["assemble"] = {OUTPUT: buffer}
+    else:
+        for terms in per_phase.values():  # streamed: the writer holds up to a shard
+            terms[OUTPUT] = buffer
+    contexts = context_bytes(shape, b.own, b.bytes_of("compute"))
+    split = {at: place(per_phase, contexts, dev, where, shape.heap_share)
+             for at, where in (("device", dev), ("cpu", "cpu"), ("disk", None))}
+    placement = stream_placement(p.activation_placement, b.ctx.device, {
+        "device": peak_total(split["device"], dev), "cpu": peak_total(split["cpu"], "cpu"),
+        "disk": peak_total(split["disk"], dev)}, available)
+    phases = split[placement]
+    generating = generation_plan.generations(
+        b.recipe, [b.configs[m] for m in b.mine],
+        [dtype_bytes(dtypes.generation_dtype(b.recipe, b.stored[m])) for m in b.mine], b.own,
+        b.ctx.device, available, b.ctx.trust_remote_code) if b.world.contributes else []
+    if generating:
+        generation_plan.add_phase(phases, dev, max(generating, key=Generation.device_total),
+                                  shape.heap_share)
+    return phases, placement, generating, max(t.get(CACHE, 0) for t in per_phase.values())
+
+
+def _costs(b: _Basis, generating: List[Generation], cache: int) -> dict:
+    """FLOPs, bytes moved, read, written, saved and sent: the plan's time estimate."""
+    p, shape, leader = b.recipe.params, b.shape, b.world.leader
+    fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in b.own.batches]
+    steps = max(len(bs) for bs in b.work.batches)  # every process steps with the others
+    epochs = p.epochs_for(steps)
+    per_step = 3 * sum(sum(f) / len(f) for f in fwd)  # forward + backward = 3 forwards
+    evals = 3 if p.epochs else 2  # teacher outputs, loss before training, new stream
+    lam = lambda_count(shape, len(b.owned), p.granularity)
+    checkpoint = [shape.num_layers * shape.block_numel
+                  + shape.hidden * v * (1 if shape.tied else 2) for v in shape.vocab]
+    read = [n * dtype_bytes(d) for n, d in zip(checkpoint, b.stored)]  # bytes, per model
+    written = checkpoint[0] * b.bytes_of("output") if leader else 0
+    unit = shape.block_numel * b.bytes_of("output")
+    compute = b.bytes_of("compute")
+    return dict(
+        flops={
+            "training": shape.num_layers * epochs * steps * per_step
+            # the head: forward + backward of a hidden x vocabulary matmul per token
+            + (p.head_epochs * 3 * 2 * shape.hidden * shape.vocab[0] * sum(b.own.tokens)
+               if p.epochs else 0),
+            "forwards": shape.num_layers * evals * sum(sum(f) for f in fwd),
+            "continuation": sum(g.flops for g in generating),
+            "steps": steps,
+            "epochs": epochs,
+        },
+        moved_bytes=shape.num_layers * epochs * steps * step_traffic(
+            shape, [dtype_bytes(b.stored[0])] + [b.bytes_of("task_vectors")] * len(b.mine),
+            compute, lam, b.ctx.device.type),
+        # The base and the owned experts are read; rank 0 alone writes the output.
+        io_bytes=sum(read[m] for m in [0, *b.mine]) + written,
+        # Streams saved after every block; rank 0's unit files, read back at the end.
+        save_bytes=shape.num_layers * (cache + (unit if leader else 0)) + written
+        if p.epochs else 0.0,
+        # Generating reads each expert's checkpoint once more to load it.
+        continuation_reads={
+            "load": sum(read[m] for m in b.mine),
+            **{k: sum(g.reads[k] for g in generating) for k in ("device", "host", "disk")},
+        } if generating else {},
+        # Two all-reduces of one block per step: dL/dW and the fp32 partial sum.
+        comm_bytes_per_step=allreduce_bytes(b.world.size, shape.block_numel, compute)
+        + allreduce_bytes(b.world.size, shape.block_numel, 4) if p.epochs else 0.0,
+    )
+
+
 def make_plan(recipe, options, calib=None,
               available: Optional[Dict[str, Optional[int]]] = None,
-              out_path: Optional[str] = None, world: parallel.World = parallel.SINGLE) -> Plan:
+              out_path: Optional[str] = None, world: parallel.World = parallel.SINGLE,
+              models: Optional[Dict[object, ModelFiles]] = None) -> Plan:
     """Plan ``recipe`` under ``options`` from configs and prompts alone, for the process
     ``world`` describes (default: one process that owns every expert).
 
@@ -154,116 +288,28 @@ def make_plan(recipe, options, calib=None,
     free on it (default: what this machine shows, CPU memory split among its processes);
     the streams are placed according to it. ``out_path`` is the output folder, whose
     staging folder holds disk-backed streams unless the recipe names an ``activation_dir``.
+    ``models`` are the model files the preflight checks read (default: configs read here).
     """
-    p, world = recipe.params, world.for_experts(len(recipe.experts))
-    ctx = RunContext.of(options)
-    device, seed, trust = ctx.device, ctx.seed, ctx.trust_remote_code
-    base_config = model_config(recipe.base, trust)
-    check_supported(base_config.architectures, base_config.to_dict(), f"model {recipe.base}")
-    expert_configs = [model_config(e.model, trust) for e in recipe.experts]
-    shape = model_shape(base_config, expert_configs)
-    models = list(zip([recipe.base] + [e.model for e in recipe.experts],
-                      [base_config] + expert_configs))
-    # The run's own dtypes; blocks are read as stored.
-    decided, stored = dtypes.decide(recipe, models, device)
-    wb = [dtype_bytes(d) for d in stored]
-    generated = [dtype_bytes(dtypes.generation_dtype(recipe, d)) for d in stored]
-    task_vectors, out, compute = (decided[k] for k in ("task_vectors", "output", "compute"))
-    work = workload.from_calibration(recipe, calib) if calib is not None \
-        else workload.from_prompts(recipe, options, seed)
-    for batches in (work.batches, work.holdout_batches):
-        world.check_split([[rows for rows, _ in bs] for bs in batches])
-    owned = world.owned(len(recipe.experts))
-    # This process's models and batches (their rows, when processes share an expert).
-    mine, own = [1 + i for i in owned], work.only(owned).rows(*world.part(len(recipe.experts)))
-
-    per_phase = phase_bytes(shape, own, p, wb, dtype_bytes(task_vectors),
-                            dtype_bytes(compute), dtype_bytes(compute), device.type,
-                            dtype_bytes(out), owned, world.size)
-    if not p.epochs:
-        del per_phase["train"]  # no merged block, gradients or Adam state
-    if not (p.epochs and p.head_epochs):
-        del per_phase["head"]
-    contexts = context_bytes(shape, own, dtype_bytes(compute))
-    buffer = output_buffer(shape, dtype_bytes(out), options.out_shard_size)
-    if p.epochs:
-        # Each finished unit goes to its own file (progress.py): only the block being
-        # written is held; the shards are assembled from those files at the very end.
-        per_phase["assemble"] = {OUTPUT: buffer}
-    else:
-        for terms in per_phase.values():  # streamed: the writer holds up to a shard
-            terms[OUTPUT] = buffer
-
-    dev = str(device)
+    b = _basis(recipe, options, calib, world, models)
     if available is None:
-        available = devices.free_memory(device, sharing=world.local_size)
-    split = {at: place(per_phase, contexts, dev, where, shape.heap_share)
-             for at, where in (("device", dev), ("cpu", "cpu"), ("disk", None))}
-    placement = stream_placement(p.activation_placement, device, {
-        "device": peak_total(split["device"], dev), "cpu": peak_total(split["cpu"], "cpu"),
-        "disk": peak_total(split["disk"], dev)}, available)
-    phases = split[placement]
-    generating = generation_plan.generations(
-        recipe, [expert_configs[i] for i in owned], [generated[m] for m in mine], own, device,
-        available, trust) if world.contributes else []
-    if generating:
-        generation_plan.add_phase(phases, dev, max(generating, key=Generation.device_total),
-                                  shape.heap_share)
-
-    fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in own.batches]
-    steps = max(len(bs) for bs in work.batches)  # every process steps with the others
-    epochs = p.epochs_for(steps)
-    per_step = 3 * sum(sum(f) / len(f) for f in fwd)  # forward + backward = 3 forwards
-    evals = 3 if p.epochs else 2  # teacher outputs, loss before training, new stream
-    lam = lambda_count(shape, len(owned), p.granularity)
-    checkpoint = [shape.num_layers * shape.block_numel
-                  + shape.hidden * v * (1 if shape.tied else 2) for v in shape.vocab]
-    read = [n * dtype_bytes(d) for n, d in zip(checkpoint, stored)]  # bytes, per model
-    cache = max(t.get(CACHE, 0) for t in per_phase.values())
-    unit = shape.block_numel * dtype_bytes(out)
+        available = devices.free_memory(b.ctx.device, sharing=b.world.local_size)
+    phases, placement, generating, cache = _memory(b, available, options.out_shard_size)
+    p = recipe.params
     return Plan(
-        recipe=recipe, shape=shape, work=work, device=dev, placement=placement, phases=phases,
-        dtypes=decided,
+        recipe=recipe, shape=b.shape, work=b.work, device=str(b.ctx.device),
+        placement=placement, phases=phases, dtypes=b.decided,
         activation_dir=p.activation_dir or (layout.scratch_dir(out_path) if out_path else None),
-        flops={
-            "training": shape.num_layers * epochs * steps * per_step
-            # the head: forward + backward of a hidden x vocabulary matmul per token
-            + (p.head_epochs * 3 * 2 * shape.hidden * shape.vocab[0] * sum(own.tokens)
-               if p.epochs else 0),
-            "forwards": shape.num_layers * evals * sum(sum(f) for f in fwd),
-            "continuation": sum(g.flops for g in generating),
-            "steps": steps,
-            "epochs": epochs,
-        },
-        moved_bytes=shape.num_layers * epochs * steps
-        * step_traffic(shape, [wb[0]] + [dtype_bytes(task_vectors)] * len(mine),
-                       dtype_bytes(compute), lam, device.type),
-        # The base and the owned experts are read; rank 0 alone writes the output.
-        io_bytes=sum(read[m] for m in [0, *mine])
-        + (checkpoint[0] * dtype_bytes(out) if world.leader else 0),
-        # Streams saved after every block; rank 0's unit files, read back at the end.
-        save_bytes=shape.num_layers * (cache + (unit if world.leader else 0))
-        + (checkpoint[0] * dtype_bytes(out) if world.leader else 0) if p.epochs else 0.0,
-        cache_bytes=cache,
-        available=available, generation=[g.placement for g in generating],
-        # Generating reads each expert's checkpoint once more to load it.
-        continuation_reads={
-            "load": sum(read[m] for m in mine),
-            **{k: sum(g.reads[k] for g in generating) for k in ("device", "host", "disk")},
-        } if generating else {}, world=world,
-        # Two all-reduces of one block per step: dL/dW and the fp32 partial sum.
-        comm_bytes_per_step=allreduce_bytes(world.size, shape.block_numel, dtype_bytes(compute))
-        + allreduce_bytes(world.size, shape.block_numel, 4) if p.epochs else 0.0,
-    )
+        cache_bytes=cache, available=available, generation=[g.placement for g in generating],
+        world=b.world, **_costs(b, generating, cache))
 
 
 def check_fits(recipe, options, out_path: str, calib=None,
-               world: parallel.World = parallel.SINGLE) -> Plan:
+               world: parallel.World = parallel.SINGLE, models=None) -> Plan:
     """Refuse to start a merge whose plan (for this process of ``world``) exceeds the
     memory this machine shows, or whose disk-backed streams exceed their folder's free
     space; return the plan the merge runs.
     """
-    plan = make_plan(recipe, options, calib, out_path=out_path, world=world)
+    plan = make_plan(recipe, options, calib, out_path=out_path, world=world, models=models)
     if world.leader:
         erasure.warn_if_erased(recipe, plan.dtypes["output"])
     who = f"process {world.rank} of {world.size}" if world.distributed else "the merge"

@@ -31,7 +31,7 @@ from mergekit_prodistill import parallel, preflight
 from mergekit_prodistill.inputs import calibration, continuation
 from mergekit_prodistill.models import dtypes
 from mergekit_prodistill.output import staging
-from mergekit_prodistill.plan import devices, planner
+from mergekit_prodistill.plan import devices, fits
 from mergekit_prodistill.plan.context import RunContext
 from mergekit_prodistill.training import distill
 from mergekit_prodistill.errors import Interrupted
@@ -80,7 +80,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
         vocabulary.calibration_ids(batches, calib.sources)
     # 4. The plan, checked against the memory free now, before any weight is read (and
     #    whether batches split over processes that share an expert).
-    decided = planner.check_fits(recipe, options, out_path, calib, world=world)
+    decided = fits.check_fits(recipe, options, out_path, calib, world=world)
     world = world.with_timeout(devices.collective_timeout(decided))
 
     LoaderCache().setup(options=options)

@@ -9,7 +9,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from helpers import merge
-from mergekit_prodistill.plan import devices, planner
+from mergekit_prodistill.plan import devices, fits, planner
 from mergekit_prodistill.training.activations import ActivationStore
 from mergekit_prodistill.plan.planner import stream_placement
 from mergekit_prodistill.recipe import parse_recipe
@@ -82,8 +82,8 @@ def test_the_merge_puts_the_streams_where_its_plan_does(families, tmp_path, monk
         roomy = planner.make_plan(parse_recipe(config), MergeOptions(), available={"cpu": None})
         monkeypatch.setattr(devices, "available_memory", lambda device: roomy.total("cpu") - 1)
     plans, stores = [], []
-    check_fits, init = planner.check_fits, ActivationStore.__init__
-    monkeypatch.setattr(planner, "check_fits",
+    check_fits, init = fits.check_fits, ActivationStore.__init__
+    monkeypatch.setattr(fits, "check_fits",
                         lambda *a, **k: plans.append(check_fits(*a, **k)) or plans[-1])
 
     def spy(store, *args, **kwargs):

@@ -17,7 +17,7 @@ from helpers import merge, run_cli
 from mergekit_prodistill import cli, parallel, preflight, run, tiny
 from mergekit_prodistill.inputs import calibration, continuation, expert_placement
 from mergekit_prodistill.models import shapes
-from mergekit_prodistill.plan import devices, memory, planner
+from mergekit_prodistill.plan import devices, fits, memory, planner
 from mergekit_prodistill.models.blocks import BlockRunner
 from mergekit_prodistill.inputs.calibration import Batch
 from mergekit_prodistill.recipe import parse_recipe
@@ -201,7 +201,7 @@ def test_real_run_refuses_a_13b_merge_with_16gb_free(wizard_13b, tmp_path, monke
     # here are configs only, which that check would refuse first); the tiny-model test
     # below goes through a whole merge.
     with pytest.raises(ProDistillError) as err:
-        planner.check_fits(parse_recipe(config), MergeOptions(), str(tmp_path / "out"))
+        fits.check_fits(parse_recipe(config), MergeOptions(), str(tmp_path / "out"))
     message = str(err.value)
     assert message.startswith("plan: the merge needs ") and "on cpu while training a block" in message
     assert "the largest part is the lambda + grads + Adam" in message and "--device" in message
@@ -300,7 +300,7 @@ def test_an_explicit_placement_that_cannot_fit_is_refused(wizard_13b, tmp_path, 
     config = MergeConfiguration.model_validate(yaml.safe_load(wizard_13b.read_text()))
     with pytest.raises(ProDistillError, match=r"^plan: the merge needs .* on cuda while "
                        r"training a block \(.*activation cache"):
-        planner.check_fits(parse_recipe(config), MergeOptions(device="cuda"), str(tmp_path / "out"))
+        fits.check_fits(parse_recipe(config), MergeOptions(device="cuda"), str(tmp_path / "out"))
     with_parameters(wizard_13b, activation_placement="auto")  # the same memory is enough
     assert plan_for(wizard_13b, free, device="cuda").placement == "cpu"
 
@@ -410,7 +410,7 @@ def test_processes_on_one_machine_share_its_cpu_memory(families, monkeypatch):
     assert shared.available["cpu"] == 10**12 // 2
     monkeypatch.setattr(devices, "available_memory", lambda device: 100_000)
     with pytest.raises(ProDistillError, match=r"^plan: process 1 of 2 needs .* on cpu while "):
-        planner.check_fits(parse_recipe(config), MergeOptions(), "out",
+        fits.check_fits(parse_recipe(config), MergeOptions(), "out",
                         world=parallel.World(1, 2, local_size=2))
 
 
@@ -470,7 +470,7 @@ def test_a_merge_checks_the_plan_of_its_own_process(families, tmp_path, monkeypa
         seen.append(world)
         raise ProDistillError("stopped after the plan")
 
-    monkeypatch.setattr(planner, "check_fits", stop_after_the_plan)
+    monkeypatch.setattr(fits, "check_fits", stop_after_the_plan)
     config = MergeConfiguration.model_validate(yaml.safe_load(
         families("llama", 3).recipe("prodistill", shots=8)))
     # Nothing before the plan talks to the other processes: one process stands for them.

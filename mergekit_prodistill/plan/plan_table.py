@@ -15,6 +15,11 @@ def cell(n: float) -> str:
 
 
 def render(plan) -> str:
+    return "\n".join(_header(plan) + _memory(plan) + _compute(plan) + _times(plan))
+
+
+def _header(plan) -> list:
+    """The models, prompts, dtypes, processes and continuations."""
     s, p = plan.shape, plan.recipe.params
     lines = [
         f"ProDistill plan: {len(plan.recipe.experts)} experts onto {plan.recipe.base}",
@@ -52,10 +57,15 @@ def render(plan) -> str:
             "  note: vocabulary sizes differ between the models; embeddings and LM head "
             "must have the same shape in every model to be merged"
         )
+    return lines
+
+
+def _memory(plan) -> list:
+    """Each device's bytes at its peak phase, by term."""
     devices = list(plan.phases)
     peaks = {d: plan.peak(d) for d in devices}
     width = max(len(t) for t in TERMS) + 2
-    lines += ["", "memory at each device's peak".ljust(width)
+    lines = ["", "memory at each device's peak".ljust(width)
               + "".join(f"{d:>14}" for d in devices)]
     lines.append("  (phase)".ljust(width) + "".join(f"{peaks[d][0]:>14}" for d in devices))
     for term in TERMS:
@@ -68,8 +78,13 @@ def render(plan) -> str:
     lines.append("  available now".ljust(width) + "".join(
         f"{cell(plan.available[d]) if plan.available.get(d) else 'unknown':>14}"
         for d in devices))
-    f = plan.flops
-    lines += [
+    return lines
+
+
+def _compute(plan) -> list:
+    """FLOPs, bytes moved, and what the processes send one another."""
+    s, f, w = plan.shape, plan.flops, plan.world
+    lines = [
         "",
         f"compute: training {f['training']:.3g} FLOPs (forward + backward, "
         f"{f['steps']} steps x {f['epochs']} epochs x {s.num_layers} blocks), forwards "
@@ -88,7 +103,12 @@ def render(plan) -> str:
             f"{fmt_bytes(plan.comm_bytes_per_step)} sent per step by each process, "
             f"{fmt_bytes(plan.comm_bytes_per_block)} per block, {fmt_bytes(blocks)} in all "
             "(in the time estimate, as if not overlapped)")
-    lines += ["", "time estimate (achievable rates, see docs/planning.md)"]
+    return lines
+
+
+def _times(plan) -> list:
+    """The time estimate on each device class."""
+    lines = ["", "time estimate (achievable rates, see docs/planning.md)"]
     for cls in DEVICE_CLASSES:
         fits = ""
         if cls.kind == torch.device(plan.device).type:
@@ -98,4 +118,4 @@ def render(plan) -> str:
             fits += f"continuation {fmt_seconds(plan.continuation_seconds(cls))}; "
         lines.append(f"  {cls.name:<12} {fmt_seconds(plan.seconds(cls)):>10}   "
                      f"{fits}{cls.basis}")
-    return "\n".join(lines)
+    return lines

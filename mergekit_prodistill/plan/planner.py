@@ -18,7 +18,7 @@ Over several processes a plan is one process's: its experts, and what it sends.
 
 Where the activation streams live (:func:`stream_placement`), their dtype and their
 folder on disk are the merge's own: the run builds its streams from the :class:`Plan`
-that :func:`check_fits` returns.
+that :func:`~mergekit_prodistill.plan.fits.check_fits` returns.
 """
 
 from dataclasses import dataclass, field
@@ -28,39 +28,18 @@ import torch
 
 from mergekit_prodistill import layout, parallel
 from mergekit_prodistill.inputs import expert_placement
-from mergekit_prodistill.models import dtypes, erasure
+from mergekit_prodistill.models import dtypes
 from mergekit_prodistill.plan.context import RunContext
 from mergekit_prodistill.plan import devices, generation_plan, plan_time, workload
 from mergekit_prodistill.models.blocks import check_supported
 from mergekit_prodistill.plan.devices import DeviceClass
-from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.formatting import fmt_bytes
 from mergekit_prodistill.plan.generation_plan import Generation
 from mergekit_prodistill.models.model_files import ModelFiles, model_config
 from mergekit_prodistill.plan.memory import (
-    CACHE, CONTEXTS, EXPERT, GENERATION, LAMBDA, OUTPUT, SLACK, TRANSIENT, WEIGHTS,
-    allreduce_bytes, batch_flops, context_bytes, lambda_count, output_buffer, peak_total,
-    phase_bytes, place, step_traffic)
+    CACHE, OUTPUT, allreduce_bytes, batch_flops, context_bytes, lambda_count, output_buffer,
+    peak_total, phase_bytes, place, step_traffic)
 from mergekit_prodistill.plan.plan_table import render
 from mergekit_prodistill.models.shapes import ModelShape, Workload, dtype_bytes, model_shape
-
-PHASES = {"load": "reading a block", "train": "training a block",
-          "write": "writing a block", "embed": "merging the embeddings",
-          "head": "training the final norm and LM head",
-          "continuation": "continuing the prompts",
-          "assemble": "assembling the output shards"}
-KNOBS = {
-    WEIGHTS: "run on a device with more memory (--device / --cuda) or set 'dtype: bfloat16'",
-    LAMBDA: "run on a device with more memory (--device / --cuda), merge fewer experts at "
-    "once, or set 'granularity: tensor'",
-    CACHE: "lower 'shots' or 'max_length', or store the cache in a smaller dtype "
-    "('activation_dtype') or elsewhere ('activation_placement: auto', 'cpu' or 'disk')",
-    CONTEXTS: "lower 'shots' or 'max_length'",
-    TRANSIENT: "lower 'batch_size' or 'max_length'",
-    EXPERT: "run on a device with more memory (--device / --cuda) or set 'dtype: bfloat16'",
-    GENERATION: "lower 'continue_tokens' or 'max_length'",
-    OUTPUT: "lower --out-shard-size",
-}
 
 
 @dataclass
@@ -94,6 +73,11 @@ class Plan:
         return self.world.owned(len(self.recipe.experts))
 
     @property
+    def epochs(self) -> int:
+        """Every block's training epochs, ``epochs: auto`` resolved: what the merge trains."""
+        return self.flops["epochs"]
+
+    @property
     def comm_bytes_per_block(self) -> float:
         return self.comm_bytes_per_step * self.flops["steps"] * self.flops["epochs"]
 
@@ -125,7 +109,7 @@ def stream_placement(requested: str, device: torch.device, totals: Dict[str, int
     """Where the activation streams go: "device", "cpu" or "disk".
 
     A requested placement (the recipe's ``activation_placement``) is taken as given:
-    :func:`check_fits` refuses it when it does not fit. ``auto`` puts them on the device
+    :func:`~mergekit_prodistill.plan.fits.check_fits` refuses it when it does not fit. ``auto`` puts them on the device
     if they fit there beside the rest, else in (pinned) CPU memory if they fit there, else
     in disk-backed files. ``totals`` holds, per placement, the peak bytes of the memory
     it loads: the device's with the streams on it ("device") and without them ("disk"),
@@ -301,37 +285,3 @@ def make_plan(recipe, options, calib=None,
         activation_dir=p.activation_dir or (layout.scratch_dir(out_path) if out_path else None),
         cache_bytes=cache, available=available, generation=[g.placement for g in generating],
         world=b.world, **_costs(b, generating, cache))
-
-
-def check_fits(recipe, options, out_path: str, calib=None,
-               world: parallel.World = parallel.SINGLE, models=None) -> Plan:
-    """Refuse to start a merge whose plan (for this process of ``world``) exceeds the
-    memory this machine shows, or whose disk-backed streams exceed their folder's free
-    space; return the plan the merge runs.
-    """
-    plan = make_plan(recipe, options, calib, out_path=out_path, world=world, models=models)
-    if world.leader:
-        erasure.warn_if_erased(recipe, plan.dtypes["output"])
-    who = f"process {world.rank} of {world.size}" if world.distributed else "the merge"
-    for device, free in plan.available.items():
-        if device not in plan.phases or free is None or plan.total(device) <= free:
-            continue
-        phase, terms = plan.peak(device)
-        largest = max((t for t in terms if t != SLACK), key=terms.get)
-        parts = ", ".join(f"{t} {fmt_bytes(v)}" for t, v in terms.items() if v)
-        raise ProDistillError(
-            f"plan: {who} needs {fmt_bytes(plan.total(device))} on {device} while "
-            f"{PHASES[phase]} ({parts}) but {fmt_bytes(free)} is free; the largest part "
-            f"is the {largest}: {KNOBS[largest]} (see mergekit-prodistill plan)"
-        )
-    for expert, placed in zip([recipe.experts[i] for i in plan.owned], plan.generation):
-        placed.check(torch.device(plan.device), expert.model)
-    if plan.placement == "disk":
-        _, free = devices.free_disk(plan.activation_dir)
-        if free < plan.cache_bytes:
-            raise ProDistillError(
-                f"plan: the activation cache needs {fmt_bytes(plan.cache_bytes)} on disk but "
-                f"{plan.activation_dir} has {fmt_bytes(free)} free; lower 'shots' or "
-                "'max_length', or set 'activation_dir' to a folder on a larger disk"
-            )
-    return plan

@@ -1,4 +1,4 @@
-"""Bytes and seconds as people read them: every memory message and the plan's table."""
+"""Bytes and seconds as people read them: every message, the plan's table and the card."""
 
 GB = 1e9
 
@@ -14,3 +14,12 @@ def fmt_seconds(t: float) -> str:
     if t >= 3600:
         return f"{t / 3600:.1f} h"
     return f"{t / 60:.1f} min" if t >= 60 else f"{t:.1f} s"
+
+
+def fmt_duration(seconds: float) -> str:
+    """A run's length to the second: "12 min 05 s", "1 h 02 min"."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"

@@ -122,11 +122,11 @@ class Placement:
 
     def describe(self) -> str:
         where = ["whole on the device"] if not self.offloaded else [
-            f"{self.device_bytes / 1e9:.2f} GB on the device"]
+            f"{fmt_bytes(self.device_bytes)} on the device"]
         if self.host_bytes:
-            where.append(f"{self.host_bytes / 1e9:.2f} GB brought in from CPU memory")
+            where.append(f"{fmt_bytes(self.host_bytes)} brought in from CPU memory")
         if self.disk_bytes:
-            where.append(f"{self.disk_bytes / 1e9:.2f} GB read from disk")
+            where.append(f"{fmt_bytes(self.disk_bytes)} read from disk")
         every = " at every token" if self.offloaded else ""
         return (", ".join(where) + f"{every}; {self.rows} prompts per batch, "
                 f"{self.batches} batch{'es' if self.batches > 1 else ''}")

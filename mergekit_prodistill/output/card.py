@@ -18,6 +18,7 @@ from typing import List, Optional
 import yaml
 from mergekit.card import generate_card
 
+from mergekit_prodistill.formatting import fmt_bytes, fmt_duration
 from mergekit_prodistill.layout import CARD, PLOT
 from mergekit_prodistill.output.report import BlockReport, CalibrationEntry, Fidelity, Report
 from mergekit_prodistill.models.model_files import hub_id
@@ -96,10 +97,10 @@ def _prodistill_section(report: Report, plot: Optional[str]) -> List[str]:
     params = report.parameters
     blocks = report.blocks
     hyper = {**params, "seed": report.seed}
-    run = [("time", _duration(report.seconds)),
-           ("peak memory (process RSS)", _size(report.peak_rss_bytes))]
+    run = [("time", fmt_duration(report.seconds)),
+           ("peak memory (process RSS)", fmt_bytes(report.peak_rss_bytes))]
     if report.peak_device_bytes is not None:
-        run.append(("peak accelerator memory", _size(report.peak_device_bytes)))
+        run.append(("peak accelerator memory", fmt_bytes(report.peak_device_bytes)))
     run.append(("device", report.device))
     run += [(f"{package} version", version) for package, version in report.versions.items()]
     continued = (", each followed by the expert's own greedy continuation (up to "
@@ -182,22 +183,6 @@ def _change(before: float, after: float) -> Optional[float]:
 def _change_md(before: float, after: float) -> str:
     change = _change(before, after)
     return "n/a" if change is None else f"{change:+.1f}%"
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    minutes, secs = divmod(round(seconds), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
-
-
-def _size(n: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB")
-    i = 0
-    while n >= 1024 and i < len(units) - 1:
-        n, i = n / 1024, i + 1
-    return f"{n:.0f} B" if i == 0 else f"{n:.2f} {units[i]}"
 
 
 def _paths_for_card(merge_config):

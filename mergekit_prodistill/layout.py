@@ -9,6 +9,8 @@ import os
 
 STAGING = ".prodistill-staging"  # the output being built, moved into place when complete
 PROGRESS = ".progress"  # inside STAGING: what a resumed run continues from
+STATE = "state.json"  # inside PROGRESS: the block loop's state after the last saved block
+CONTINUATIONS = "continuations.json"  # inside PROGRESS: every expert's continued prompts
 SCRATCH = ".scratch"  # inside STAGING: disk-backed activation streams, unless placed
 REPORT = "prodistill_report.json"
 CARD = "README.md"
@@ -28,6 +30,11 @@ def per_process(name: str, rank: int, size: int) -> str:
 def streams_file(blocks_done: int, rank: int, size: int) -> str:
     """Inside PROGRESS: one process's activation streams after ``blocks_done`` blocks."""
     return per_process(f"streams-{blocks_done}", rank, size) + ".safetensors"
+
+
+def unit_file(unit: str) -> str:
+    """Inside PROGRESS: one finished unit's merged tensors (embeddings, a block, the head)."""
+    return f"{unit}.safetensors"
 
 
 def staging_dir(out_path: str) -> str:

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.layout import PROGRESS, streams_file
+from mergekit_prodistill.layout import CONTINUATIONS, PROGRESS, STATE, streams_file, unit_file
 from mergekit_prodistill.parallel import SINGLE, World
 
 
@@ -83,8 +83,8 @@ class Progress:
         self.dir = os.path.join(staging, PROGRESS)
         self.fingerprint = fingerprint
         self.world = world
-        self.state_path = os.path.join(self.dir, "state.json")
-        self.continuations_path = os.path.join(self.dir, "continuations.json")
+        self.state_path = os.path.join(self.dir, STATE)
+        self.continuations_path = os.path.join(self.dir, CONTINUATIONS)
 
     def has_progress(self) -> bool:
         return os.path.exists(self.state_path)
@@ -131,7 +131,7 @@ class Progress:
 
     # -- merged tensors, one file per unit ------------------------------------------------
     def unit_path(self, unit: str) -> str:
-        return os.path.join(self.dir, f"{unit}.safetensors")
+        return os.path.join(self.dir, unit_file(unit))
 
     def save_unit(self, unit: str, tensors: Dict[str, torch.Tensor]) -> None:
         _atomic(self.unit_path(unit), lambda p: save_file(tensors, p, metadata={"format": "pt"}))

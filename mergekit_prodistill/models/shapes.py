@@ -7,7 +7,7 @@ from typing import Sequence, Tuple
 import torch
 from mergekit.common import dtype_from_name
 
-from mergekit_prodistill.models.blocks import BlockRunner, model_class
+from mergekit_prodistill.models.blocks import BlockRunner, family_of
 
 # A tensor under this many bytes comes from the C heap, which keeps freed blocks (see
 # memory.SLACK_FRACTION); larger ones are mapped and returned at once.
@@ -82,12 +82,6 @@ class Workload:
                         tuple(cut(bs) for bs in self.holdout_batches))
 
 
-# Families whose norm modules compute (1 + weight) x normalised input in fp32 and cast
-# after it, so that backward keeps the fp32 normalised values (Llama-style norms cast
-# first and keep them in the compute dtype).
-FP32_NORM_FAMILIES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-
-
 def model_shape(base_config, expert_configs) -> ModelShape:
     runner = BlockRunner(base_config, torch.device("meta"))
     params = dict(runner.layer(0).named_parameters())
@@ -112,7 +106,7 @@ def model_shape(base_config, expert_configs) -> ModelShape:
         if any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in params) else 0,
         heap_share=sum(n for n in numels if 4 * n < HEAP_LIMIT) / sum(numels),
         norms=sum(n.endswith("layernorm.weight") for n in params),
-        fp32_norms=model_class(base_config).__name__ in FP32_NORM_FAMILIES,
+        fp32_norms=family_of(base_config).fp32_norms,
         eager_attention=runner.config._attn_implementation == "eager",
         softcap=getattr(base_config, "attn_logit_softcapping", None) is not None,
         rotary_tables=len(set(runner.attention_types)) if runner.rotary_per_type else 1,

@@ -71,9 +71,14 @@ def task_vector_dtype(recipe_dtype: Optional[str], stored: Sequence[str]) -> str
     return "float32"
 
 
+def requested_output_dtype(config) -> Optional[str]:
+    """The output dtype a recipe (or mergekit's configuration) names, if any."""
+    return config.out_dtype or config.dtype
+
+
 def output_dtype(recipe, base_stored: str) -> str:
     """The dtype the merged weights are written in."""
-    return recipe.out_dtype or recipe.dtype or base_stored
+    return requested_output_dtype(recipe) or base_stored
 
 
 def bfloat16_supported(device: torch.device) -> bool:

@@ -43,14 +43,11 @@ def make_config(
 ):
     """The transformers config of a tiny `arch` model; `tie_embeddings=None` ties as that family's
     checkpoints do."""
-    from transformers import (Gemma2Config, Gemma3TextConfig, GemmaConfig, GraniteConfig,
-                              LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
-
+    if arch not in _FAMILY_CONFIG:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
     if tie_embeddings is None:
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
         tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3")
-    head_dim = hidden_size // num_heads
-    layer_types = [_ALTERNATING[i % 2] for i in range(num_layers)]
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -65,42 +62,80 @@ def make_config(
         pad_token_id=PAD_ID,
         architectures=[ARCH_CLASS[arch]],
     )
-    if arch == "llama":
-        cfg = LlamaConfig(**common)
-    elif arch == "mistral":
-        cfg = MistralConfig(sliding_window=SLIDING_WINDOW, **common)
-    elif arch == "qwen2":
-        # Qwen2 derives layer_types from these: layers with index >= max_window_layers
-        # slide, so with max_window_layers=1 every layer after the first is sliding.
-        cfg = Qwen2Config(
-            use_sliding_window=True,
-            sliding_window=SLIDING_WINDOW,
-            max_window_layers=1,
-            **common,
-        )
-    elif arch == "qwen3":
-        # Qwen3Config defaults head_dim to 128 instead of hidden/heads.
-        cfg = Qwen3Config(head_dim=head_dim, **common)
-    elif arch == "gemma":
-        # Gemma configs default head_dim to 256 instead of hidden/heads.
-        cfg = GemmaConfig(head_dim=head_dim, **common)
-    elif arch == "gemma2":
-        # Soft-capping thresholds low enough that the tiny model's logits reach them.
-        cfg = Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim,
-                           sliding_window=SLIDING_WINDOW, layer_types=layer_types,
-                           attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **common)
-    elif arch == "gemma3":
-        # Sliding layers take their own rotary base, as in real Gemma3 checkpoints.
-        cfg = Gemma3TextConfig(
-            head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW,
-            layer_types=layer_types, final_logit_softcapping=3.0,
-            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
-                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
-            **common)
-    elif arch == "granite":
-        # Multipliers away from 1, as in Granite 3 checkpoints, so that ignoring any shows.
-        cfg = GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22,
-                            attention_multiplier=1 / head_dim, logits_scaling=8.0, **common)
-    else:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
-    return cfg
+    return _FAMILY_CONFIG[arch](hidden_size // num_heads, num_layers, common)
+
+
+# One function per architecture: (head_dim, num_layers, the settings every family shares)
+# -> that family's config, with the features its real checkpoints have.
+
+def _llama(head_dim, num_layers, common):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**common)
+
+
+def _mistral(head_dim, num_layers, common):
+    from transformers import MistralConfig
+
+    return MistralConfig(sliding_window=SLIDING_WINDOW, **common)
+
+
+def _qwen2(head_dim, num_layers, common):
+    from transformers import Qwen2Config
+
+    # Qwen2 derives layer_types from these: layers with index >= max_window_layers
+    # slide, so with max_window_layers=1 every layer after the first is sliding.
+    return Qwen2Config(use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                       max_window_layers=1, **common)
+
+
+def _qwen3(head_dim, num_layers, common):
+    from transformers import Qwen3Config
+
+    # Qwen3Config defaults head_dim to 128 instead of hidden/heads.
+    return Qwen3Config(head_dim=head_dim, **common)
+
+
+def _gemma(head_dim, num_layers, common):
+    from transformers import GemmaConfig
+
+    # Gemma configs default head_dim to 256 instead of hidden/heads.
+    return GemmaConfig(head_dim=head_dim, **common)
+
+
+def _gemma2(head_dim, num_layers, common):
+    from transformers import Gemma2Config
+
+    # Soft-capping thresholds low enough that the tiny model's logits reach them.
+    return Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                        sliding_window=SLIDING_WINDOW, layer_types=_layer_types(num_layers),
+                        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **common)
+
+
+def _gemma3(head_dim, num_layers, common):
+    from transformers import Gemma3TextConfig
+
+    # Sliding layers take their own rotary base, as in real Gemma3 checkpoints.
+    return Gemma3TextConfig(
+        head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW,
+        layer_types=_layer_types(num_layers), final_logit_softcapping=3.0,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        **common)
+
+
+def _granite(head_dim, num_layers, common):
+    from transformers import GraniteConfig
+
+    # Multipliers away from 1, as in Granite 3 checkpoints, so that ignoring any shows.
+    return GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22,
+                         attention_multiplier=1 / head_dim, logits_scaling=8.0, **common)
+
+
+def _layer_types(num_layers: int) -> list[str]:
+    return [_ALTERNATING[i % 2] for i in range(num_layers)]
+
+
+_FAMILY_CONFIG = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3,
+                  "gemma": _gemma, "gemma2": _gemma2, "gemma3": _gemma3, "granite": _granite}
+assert tuple(_FAMILY_CONFIG) == ARCHITECTURES

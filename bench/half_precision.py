@@ -41,12 +41,13 @@ HELD_OUT = 16  # prompts per expert, never seen by the merge
 
 def build(root: Path, shots: int, holdout: float):
     """The float32 base and the prompts; the experts are written per case."""
-    from mergekit_prodistill.tiny import build_tiny_family
+    from mergekit_prodistill.tiny import ModelSpec, build_tiny_family
 
-    return build_tiny_family(root / "float32", "llama", 2, num_layers=4, hidden_size=256,
-                             intermediate_size=688, num_heads=4, num_kv_heads=2,
-                             prompts_per_expert=shots + int(shots * holdout) + 2,
-                             max_shard_size="2MB")
+    return build_tiny_family(root / "float32", "llama", 2,
+                             model=ModelSpec(num_layers=4, hidden_size=256,
+                                             intermediate_size=688, num_heads=4, num_kv_heads=2,
+                                             max_shard_size="2MB"),
+                             prompts_per_expert=shots + int(shots * holdout) + 2)
 
 
 def write_case(fam, root: Path, stored: str, rate: float) -> Path:

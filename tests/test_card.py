@@ -15,7 +15,7 @@ from mergekit.config import MergeConfiguration
 from helpers import merge, with_expert_parameters
 from mergekit_prodistill.output import card
 from mergekit_prodistill.output.report import Report
-from mergekit_prodistill.tiny import build_tiny_family
+from mergekit_prodistill.tiny import ModelSpec, build_tiny_family
 from test_sources import cache_hub_dataset
 
 BASE_ID, EXPERT_IDS = "someuser/tiny-base", ["someuser/tiny-maths", "otheruser/tiny-code"]
@@ -33,7 +33,7 @@ def snapshot(hub_cache, repo_id, model_dir):
 def merged(tmp_path_factory):
     """A merge of cached Hub models, one expert calibrated on a cached Hub dataset."""
     root = tmp_path_factory.mktemp("card")
-    fam = build_tiny_family(root / "fam", "llama", 2, num_layers=3)
+    fam = build_tiny_family(root / "fam", "llama", 2, model=ModelSpec(num_layers=3))
     hub_cache = root / "hub"
     doc = yaml.safe_load(fam.recipe("prodistill", epochs=2, lr=0.05, shots=8, batch_size=4))
     doc["base_model"] = snapshot(hub_cache, BASE_ID, fam.base)

@@ -12,7 +12,7 @@ from mergekit_prodistill.models.blocks import BlockRunner, attention_implementat
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
 from mergekit_prodistill.training.head import HeadForward
-from mergekit_prodistill.tiny import ARCHITECTURES, make_prompts
+from mergekit_prodistill.tiny import ARCHITECTURES, ModelSpec, make_prompts
 
 
 def test_supported_families_are_the_tested_ones_and_mergekit_knows_them():
@@ -100,7 +100,7 @@ def final_hidden(path, prompts, tokenizer):
 
 
 def test_training_lowers_every_block_loss_and_moves_toward_experts(families, tmp_path):
-    fam = families("llama", 2, num_layers=3)
+    fam = families("llama", 2, model=ModelSpec(num_layers=3))
     pd = merge(fam.recipe("prodistill", epochs=20, lr=0.05, shots=16, batch_size=8,
                           continue_tokens=8), tmp_path / "pd")
     ta = merge(fam.recipe("task_arithmetic", weight=0.5), tmp_path / "ta")

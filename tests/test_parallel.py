@@ -13,6 +13,7 @@ import torch
 
 from helpers import BIN, merge, run_cli
 from mergekit_prodistill.parallel import World
+from mergekit_prodistill.tiny import ModelSpec
 from helpers import load_tensors
 
 STATE = Path(".prodistill-staging") / ".progress" / "state.json"
@@ -66,7 +67,7 @@ def same_report(one: dict, other: dict) -> None:
 def three_experts(families, tmp_path_factory):
     """A recipe with everything a merge trains (continuations, head, held-out prompts),
     three experts (so two processes own 2 and 1), and its merge in one process."""
-    fam = families("llama", 3, num_layers=4)
+    fam = families("llama", 3, model=ModelSpec(num_layers=4))
     folder = tmp_path_factory.mktemp("parallel")
     recipe = folder / "recipe.yml"
     recipe.write_text(fam.recipe("prodistill", epochs=3, lr=0.05, shots=8, batch_size=4,

@@ -213,7 +213,7 @@ def test_refusal_names_the_knob_of_the_largest_part(families, tmp_path, monkeypa
     fam = families("llama", 2)
     with pytest.raises(ProDistillError, match="lower 'batch_size' or 'max_length'"):
         merge(fam.recipe("prodistill", shots=32, batch_size=32), tmp_path / "a")
-    deep = families("llama", 2, num_layers=8)  # its output outweighs one block
+    deep = families("llama", 2, model=tiny.ModelSpec(num_layers=8))  # its output outweighs one block
     with pytest.raises(ProDistillError, match="lower --out-shard-size"):
         merge(deep.recipe("prodistill", epochs=0, shots=1, max_length=4), tmp_path / "b")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -16,6 +16,7 @@ from mergekit_prodistill.inputs import calibration, sources
 from mergekit_prodistill.output import output_folder
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.output.report import Report
+from mergekit_prodistill.tiny import ModelSpec
 from mergekit_prodistill.errors import ProDistillError
 
 
@@ -243,12 +244,12 @@ def test_expert_of_another_architecture(families, tmp_path, no_weight_reads):
 
 def test_expert_with_other_layer_count(families, tmp_path, no_weight_reads):
     doc = _with_expert(recipe(families("llama", 2)), 0,
-                       families("llama", 2, num_layers=3).experts[0])
+                       families("llama", 2, model=ModelSpec(num_layers=3)).experts[0])
     refused(doc, tmp_path / "out", r"model .* has 3 layers but the base model has 2")
 
 
 def test_expert_with_other_tensor_shape(families, tmp_path, no_weight_reads):
-    other = families("llama", 2, intermediate_size=96).experts[0]
+    other = families("llama", 2, model=ModelSpec(intermediate_size=96)).experts[0]
     refused(_with_expert(recipe(families("llama", 2)), 0, other), tmp_path / "out",
             r"tensor model.layers.0.mlp.up_proj.weight: model .* has shape \(96, 64\) but "
             r"the base model has \(128, 64\)")
@@ -412,7 +413,7 @@ def test_not_enough_disk(families, tmp_path, no_weight_reads, monkeypatch):
 
 def test_model_error_is_one_line_from_mergekit_yaml(families, tmp_path):
     # mergekit-prodistill prints the same line (test_cli checks both commands).
-    other = families("llama", 2, intermediate_size=96).experts[0]
+    other = families("llama", 2, model=ModelSpec(intermediate_size=96)).experts[0]
     path = tmp_path / "recipe.yml"
     path.write_text(yaml.safe_dump(_with_expert(recipe(families("llama", 2)), 0, other)))
     out = tmp_path / "out"

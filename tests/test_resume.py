@@ -14,6 +14,7 @@ from helpers import BIN, merge, nan_on_first_training_call, run_cli
 from mergekit_prodistill.inputs import continuation
 from mergekit_prodistill.training import distill
 from mergekit_prodistill.output.progress import Progress
+from mergekit_prodistill.tiny import ModelSpec
 from mergekit_prodistill.errors import Interrupted, ProDistillError
 from helpers import load_tensors
 
@@ -29,7 +30,7 @@ def progress(out):
 
 
 def test_sigkill_then_rerun_gives_identical_tensors(families, tmp_path):
-    fam = families("llama", 2, num_layers=6)
+    fam = families("llama", 2, model=ModelSpec(num_layers=6))
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(fam.recipe("prodistill", epochs=20, lr=0.05, shots=8, batch_size=4,
                                  continue_tokens=8))
@@ -109,7 +110,7 @@ def test_bfloat16_activations_train(families, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_says_how_to_resume(families, tmp_path):
-    fam = families("llama", 2, num_layers=6)
+    fam = families("llama", 2, model=ModelSpec(num_layers=6))
     recipe = tmp_path / "recipe.yml"
     recipe.write_text(fam.recipe("prodistill", epochs=20, lr=0.05, shots=8, batch_size=4,
                                  continue_tokens=8))

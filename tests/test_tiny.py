@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import mergekit_prodistill  # noqa: E402
-from mergekit_prodistill.tiny import ARCHITECTURES, build_tiny_family  # noqa: E402
+from mergekit_prodistill.tiny import ARCHITECTURES, ModelSpec, build_tiny_family  # noqa: E402
 
 # The CLI subprocess must import the same copy of the package as this process.
 PACKAGE_PARENT = Path(mergekit_prodistill.__file__).resolve().parents[1]
@@ -163,7 +163,8 @@ def test_determinism(tmp_path):
 
 
 def test_options(tmp_path):
-    fam = build_tiny_family(tmp_path / "f", arch="llama", n_experts=1, tie_embeddings=True, prompts_per_expert=5)
+    fam = build_tiny_family(tmp_path / "f", arch="llama", n_experts=1,
+                            model=ModelSpec(tie_embeddings=True), prompts_per_expert=5)
     assert "lm_head.weight" not in _tensors(fam.base)
     assert len(fam.calibration[0].read_text().splitlines()) == 5
     with pytest.raises(ValueError):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,13 +39,43 @@ from .text import (BOS_ID, EOS_ID, FLAVOUR_NAMES, MAX_POSITIONS, PAD_ID, SPECIAL
                    TOKENIZER_VOCAB_SIZE, UNK_ID, build_tokenizer, make_prompts)
 
 __all__ = ["ARCHITECTURES", "ARCH_CLASS", "BOS_ID", "EOS_ID", "FLAVOUR_NAMES", "MAX_POSITIONS",
-           "PAD_ID", "SLIDING_WINDOW", "SPECIAL_TOKENS", "TOKENIZER_VOCAB_SIZE", "TinyFamily",
-           "UNK_ID", "build_tiny_family", "build_tokenizer", "make_config", "make_prompts"]
+           "ModelSpec", "PAD_ID", "SLIDING_WINDOW", "SPECIAL_TOKENS", "TOKENIZER_VOCAB_SIZE",
+           "TinyFamily", "UNK_ID", "build_tiny_family", "build_tokenizer", "make_config",
+           "make_prompts"]
 
 # The names these two had while the package was one module.
 _make_config, _ARCH_CLASS = make_config, ARCH_CLASS
 
 _BASELESS_METHODS = frozenset({"linear"})
+
+
+@dataclass(frozen=True, repr=False)
+class ModelSpec:
+    """The tiny base model's size and how its checkpoints are sharded on disk.
+
+    `tie_embeddings=None` ties the embeddings as that architecture's checkpoints do. The
+    repr names only the settings that differ from the defaults: `ModelSpec(num_layers=3)`.
+    """
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    tie_embeddings: bool | None = None
+    max_shard_size: int | str = "100KB"
+
+    def __repr__(self) -> str:
+        changed = (f"{f.name}={getattr(self, f.name)!r}" for f in fields(self)
+                   if getattr(self, f.name) != f.default)
+        return f"ModelSpec({', '.join(changed)})"
+
+    def config(self, arch: str, vocab_size: int):
+        """The transformers config of an `arch` model of this size (see `make_config`)."""
+        return make_config(arch, vocab_size, num_layers=self.num_layers,
+                           hidden_size=self.hidden_size,
+                           intermediate_size=self.intermediate_size, num_heads=self.num_heads,
+                           num_kv_heads=self.num_kv_heads, tie_embeddings=self.tie_embeddings)
 
 
 @dataclass
@@ -95,29 +125,21 @@ def build_tiny_family(
     arch: str = "llama",
     n_experts: int = 2,
     *,
-    num_layers: int = 2,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_heads: int = 4,
-    num_kv_heads: int = 2,
-    tie_embeddings: bool | None = None,
+    model: ModelSpec = ModelSpec(),
     prompts_per_expert: int = 32,
     seed: int = 0,
-    max_shard_size: int | str = "100KB",
     expert_scale: float = 0.05,
     extra_tokens: Sequence[Sequence[str]] = (),
 ) -> TinyFamily:
     """Build a base model, `n_experts` perturbed experts and calibration files under `root`.
 
     Layout: root/base, root/expert_{i}, root/calibration/expert_{i}.jsonl.
-    Existing model directories are replaced.
+    Existing model directories are replaced. `model` sets the base's size and shards.
 
     `extra_tokens[i]` (optional) are tokens added to expert i's tokenizer, with as many
     new embedding (and LM head) rows, the way a fine-tune that adds a `[PAD]` token
     grows its vocabulary.
     """
-    from transformers import AutoModelForCausalLM
-
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
     if n_experts < 1:
@@ -126,9 +148,24 @@ def build_tiny_family(
     root.mkdir(parents=True, exist_ok=True)
 
     tokenizer = build_tokenizer()
-    config = make_config(arch, len(tokenizer), num_layers=num_layers, hidden_size=hidden_size,
-                         intermediate_size=intermediate_size, num_heads=num_heads,
-                         num_kv_heads=num_kv_heads, tie_embeddings=tie_embeddings)
+    base = _base_model(model.config(arch, len(tokenizer)), seed)
+    _save(base, tokenizer, root / "base", model.max_shard_size)
+    added = [tuple(extra_tokens[i]) if i < len(extra_tokens) else () for i in range(n_experts)]
+    experts = _write_experts(base, tokenizer, root, added, seed=seed, scale=expert_scale,
+                             max_shard_size=model.max_shard_size)
+    return TinyFamily(
+        root=root,
+        base=root / "base",
+        experts=experts,
+        calibration=_write_calibration(root / "calibration", n_experts, prompts_per_expert, seed),
+        arch=arch,
+        flavours=[FLAVOUR_NAMES[i % len(FLAVOUR_NAMES)] for i in range(n_experts)],
+    )
+
+
+def _base_model(config, seed: int):
+    """The base: a model of `config` drawn from `seed`, every parameter then perturbed."""
+    from transformers import AutoModelForCausalLM
 
     # Fork the RNG so building a family does not disturb the caller's torch seed.
     with torch.random.fork_rng(devices=[]):
@@ -137,29 +174,35 @@ def build_tiny_family(
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval()
     perturb_base(model, torch.Generator().manual_seed(seed + 1))
+    return model
 
-    base_dir = root / "base"
-    _save(model, tokenizer, base_dir, max_shard_size)
 
+def _write_experts(model, tokenizer, root: Path, added: list[tuple[str, ...]], *, seed: int,
+                   scale: float, max_shard_size) -> list[Path]:
+    """Save one expert per entry of `added` (the tokens it adds) as root/expert_{i}; each is
+    the base `model` perturbed by its own seed. Leaves the last expert's weights in `model`."""
     # named_parameters() skips tied duplicates, so lm_head follows embed_tokens when tied.
     base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
     experts = []
-    for i in range(n_experts):
-        state = expert_state(base_state, seed=seed * 1000 + 17 * (i + 1), scale=expert_scale)
+    for i, tokens in enumerate(added):
+        state = expert_state(base_state, seed=seed * 1000 + 17 * (i + 1), scale=scale)
         with torch.no_grad():
             for name, t in state.items():
                 params[name].copy_(t)
         d = root / f"expert_{i}"
-        added = tuple(extra_tokens[i]) if i < len(extra_tokens) else ()
-        if added:
-            _save(*with_added_tokens(model, tokenizer, added, seed * 1000 + 31 * (i + 1)),
+        if tokens:
+            _save(*with_added_tokens(model, tokenizer, tokens, seed * 1000 + 31 * (i + 1)),
                   d, max_shard_size)
         else:
             _save(model, tokenizer, d, max_shard_size)
         experts.append(d)
+    return experts
 
-    calib_dir = root / "calibration"
+
+def _write_calibration(calib_dir: Path, n_experts: int, prompts_per_expert: int,
+                       seed: int) -> list[Path]:
+    """One JSONL prompt file per expert, calib_dir/expert_{i}.jsonl, in expert i's flavour."""
     calib_dir.mkdir(exist_ok=True)
     calibration = []
     for i in range(n_experts):
@@ -169,15 +212,7 @@ def build_tiny_family(
             for p in prompts:
                 f.write(json.dumps({"text": p}, ensure_ascii=False) + "\n")
         calibration.append(path)
-
-    return TinyFamily(
-        root=root,
-        base=base_dir,
-        experts=experts,
-        calibration=calibration,
-        arch=arch,
-        flavours=[FLAVOUR_NAMES[i % len(FLAVOUR_NAMES)] for i in range(n_experts)],
-    )
+    return calibration
 
 
 def _save(model, tokenizer, directory: Path, max_shard_size) -> None:

@@ -184,17 +184,17 @@ def _build_here(root: Path, s: BuildSettings, log=print) -> None:
     model = AutoModelForCausalLM.from_config(_config(s, tokenizer), dtype=torch.float32)
     log("pretraining the base model")
     training.train(model, tokenizer, tasks.pretraining_examples(suite, splits),
-                   steps=s.pretrain_steps, lr=s.pretrain_lr, batch_size=s.batch_size,
-                   seed=s.seed, log=log, name="base", stop=s.pretrain_stop)
+                   training.Schedule(s.pretrain_steps, s.pretrain_lr, s.batch_size, s.seed,
+                                     stop=s.pretrain_stop), log=log, name="base")
     _save(model, tokenizer, root / "base", s.shard_size)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     for i, task in enumerate(suite.tasks):
         log(f"fine-tuning the {task.name} expert")
         model.load_state_dict(base_state)
         training.train(model, tokenizer, tasks.examples(task, splits[task.name].train),
-                       steps=s.finetune_steps_of.get(task.name, s.finetune_steps),
-                       lr=s.finetune_lr, batch_size=s.batch_size,
-                       seed=s.seed + 1 + i, log=log, name=task.name)
+                       training.Schedule(s.finetune_steps_of.get(task.name, s.finetune_steps),
+                                         s.finetune_lr, s.batch_size, s.seed + 1 + i),
+                       log=log, name=task.name)
         _save(model, tokenizer, root / f"expert-{task.name}", s.shard_size)
 
     (root / "calibration").mkdir()

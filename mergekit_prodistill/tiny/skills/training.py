@@ -7,6 +7,7 @@ the end-of-sequence token only. Deterministic for a given seed; CPU only.
 import math
 import random
 import time
+from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
@@ -37,34 +38,58 @@ def collate(batch, pad_id: int):
     return ids, mask, loss_mask
 
 
-def train(model, tokenizer, pairs, *, steps: int, lr: float, batch_size: int, seed: int,
-          log=print, name: str = "", stop: Optional[int] = None) -> None:
-    """AdamW with linear warm-up and cosine decay over ``steps``; answer-only cross entropy.
-    ``stop`` ends training early, at that step of the same schedule."""
-    data = encode_examples(tokenizer, pairs)
-    rng = random.Random(seed)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+@dataclass(frozen=True)
+class Schedule:
+    """One training run's optimisation: ``steps`` is the length of the learning-rate
+    schedule (linear warm-up, cosine decay from ``lr``); ``stop`` ends training early, at
+    that step of the same schedule."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    seed: int
+    stop: Optional[int] = None
+
+    def optimizer(self, model):
+        """AdamW over ``model``'s parameters and the learning-rate schedule that drives it."""
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.lr, weight_decay=0.0,
+                                      betas=(0.9, 0.98))
+        steps, warmup = self.steps, max(1, self.steps // 20)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)),
+        )
+        return optimizer, schedule
+
+
+def answer_loss(model, ids, mask, loss_mask):
+    """Mean cross entropy of the next-token predictions where ``loss_mask`` is 1."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    target_mask = loss_mask[:, 1:]
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
     )
+    return (loss * target_mask.reshape(-1)).sum() / target_mask.sum()
+
+
+def train(model, tokenizer, pairs, schedule: Schedule, *, log=print, name: str = "") -> None:
+    """AdamW with linear warm-up and cosine decay over ``schedule.steps``; answer-only cross
+    entropy; stops early at ``schedule.stop`` if set."""
+    data = encode_examples(tokenizer, pairs)
+    rng = random.Random(schedule.seed)
+    torch.manual_seed(schedule.seed)
+    optimizer, lr_schedule = schedule.optimizer(model)
+    steps, pad = schedule.steps, tokenizer.pad_token_id
     model.train()
     started, running = time.time(), None
-    for step in range(steps if stop is None else min(stop, steps)):
-        ids, mask, loss_mask = collate(rng.sample(data, batch_size), tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-        target_mask = loss_mask[:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
-        )
-        loss = (loss * target_mask.reshape(-1)).sum() / target_mask.sum()
+    for step in range(steps if schedule.stop is None else min(schedule.stop, steps)):
+        ids, mask, loss_mask = collate(rng.sample(data, schedule.batch_size), pad)
+        loss = answer_loss(model, ids, mask, loss_mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        schedule.step()
+        lr_schedule.step()
         running = float(loss.detach()) if running is None else 0.95 * running + 0.05 * float(loss.detach())
         if (step + 1) % max(1, steps // 5) == 0:
             log(f"  {name} step {step + 1}/{steps}: loss {running:.4f} ({time.time() - started:.0f} s)")

@@ -21,6 +21,7 @@ ones, unless ``--results`` says where.
 """
 
 import argparse
+import importlib.util
 import os
 import sys
 import time
@@ -31,17 +32,30 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def torch_free_kernels():
+    """mergekit_prodistill.tiny.skills.kernels, loaded by path: importing it through its
+    package would import torch (the package's __init__ files do) before KERNELS is set."""
+    package = importlib.util.find_spec("mergekit_prodistill").submodule_search_locations[0]
+    path = Path(package) / "tiny" / "skills" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("_prodistill_kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # The kernels the skill families are built with (family.PINNED), set before torch starts,
 # here and so in every mergekit-yaml: the merges and the scores, like the checkpoints, come
-# out the same on any x86-64 CPU.
-KERNELS = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "AVX2"}
+# out the same on any x86-64 CPU. (The threads are --threads.)
+KERNELS = torch_free_kernels().KERNELS
 os.environ.update(KERNELS)
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
 import yaml  # noqa: E402
 from mergekit_prodistill.output.report import Report  # noqa: E402
-from mergekit_prodistill.tiny.skills import family, scoring  # noqa: E402
+from mergekit_prodistill.tiny.skills import scoring  # noqa: E402
 
 import diagnose  # noqa: E402
 import merges  # noqa: E402
@@ -118,7 +132,6 @@ def main(argv=None) -> dict:
                                    else RESULTS[args.suite])
 
     started = time.time()
-    assert KERNELS.items() <= family.PINNED.items()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -11,10 +11,11 @@ out="$(mkdir -p "${1:-tiny-example}" && cd "${1:-tiny-example}" && pwd)"
 bash "$repo/scripts/bootstrap.sh"
 py="$repo/.venv/bin/python"
 export HF_HUB_OFFLINE=1
-# One thread and the kernels the build pins (mergekit_prodistill.tiny.skills.family.PINNED):
-# the merges and the scores, like the models, come out the same on any x86-64 CPU, and a
-# busy CPU does not slow training down several times over.
-export OMP_NUM_THREADS=1 ATEN_CPU_CAPABILITY=default MKL_CBWR=AVX2
+# One thread and the kernels the build pins (mergekit_prodistill/tiny/skills/kernels.py, run
+# as a script so that it imports nothing): the merges and the scores, like the models, come
+# out the same on any x86-64 CPU, and a busy CPU does not slow training down several times over.
+pinned="$("$py" "$repo/mergekit_prodistill/tiny/skills/kernels.py")"
+eval "$pinned"
 
 "$py" -m mergekit_prodistill.tiny.skills build "$out"
 for method in task_arithmetic prodistill; do

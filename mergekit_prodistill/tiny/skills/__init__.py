@@ -4,8 +4,9 @@ A base and one expert per task that write exact answers to string and number tas
 (``rev:hcafk=`` -> ``kfach``, ``rot:hcafk=`` -> ``kfdin``, ``add:584+739=`` -> ``2241``),
 so a merge can be scored by what it keeps of each expert's skill. The subpackage splits
 the work by job: `tasks` (tasks, suites, data splits, tokenizer), `training` (the
-training loop), `family` (build and cache a family), `scoring` (greedy exact match) and
-`quickstart` (the example's recipes and table; ``python -m mergekit_prodistill.tiny.skills``).
+training loop), `kernels` (the environment that pins torch's kernels; imports nothing),
+`family` (build and cache a family), `scoring` (greedy exact match) and `quickstart` (the
+example's recipes and table; ``python -m mergekit_prodistill.tiny.skills``).
 The quality benchmark (bench/quality) builds its larger suites with the same code.
 """
 

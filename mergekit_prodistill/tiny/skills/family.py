@@ -31,6 +31,7 @@ import torch
 import yaml
 
 from . import tasks, training
+from .kernels import PINNED  # set before torch starts in the building process
 
 
 @dataclass(frozen=True)
@@ -64,12 +65,6 @@ class BuildSettings:
         key = {**asdict(self), "torch": torch.__version__.split("+")[0],
                "machine": platform.machine(), "pinned": PINNED}
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-
-
-# Set before torch starts in the building process: one thread, ATen's portable kernels and
-# MKL's AVX2 code path on every CPU (the last two cost about 10% of the build's time).
-PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "ATEN_CPU_CAPABILITY": "default",
-          "MKL_CBWR": "AVX2"}
 
 
 # The quick start's family: suite ``competent``'s recipe (a base stopped early, so fair at

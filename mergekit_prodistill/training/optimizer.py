@@ -120,18 +120,18 @@ class Optimizer:
         return [small, float(sum(p.numel() for p in self.params))]
 
 
-def elementwise_step(grad, base, deltas, lams, ms, vs, scales, lrs, step, leader: bool,
-                     adds: bool) -> torch.Tensor:
+def elementwise_step(grad, base, experts, step, leader: bool, adds: bool) -> torch.Tensor:
     """The fused pass over whole flattened tensors, as :meth:`TrainingStep._fused` does
     it chunk by chunk: Adam on every expert's coefficients in place, and the fp32 partial
     sum of the next merged weight (theta_0 on the leader, plus lambda_i tau_i where this
-    process ``adds``). ``scales``, ``lrs`` and ``step`` are 0-dim tensors, so that a
-    compiled version serves every step and tensor."""
+    process ``adds``). ``experts`` holds per expert (task vector, lambda, Adam's two
+    moments, gradient scale, learning rate); the scale, the learning rate and ``step`` are
+    0-dim tensors, so that a compiled version serves every step and tensor."""
     b1, b2 = BETAS
     g_w = grad.float()
     acc = base.float() if leader else torch.zeros_like(g_w)
     first_moment, second_moment = 1 - b1 ** step, torch.sqrt(1 - b2 ** step)
-    for delta, lam, m, v, scale, lr in zip(deltas, lams, ms, vs, scales, lrs):
+    for delta, lam, m, v, scale, lr in experts:
         g = g_w * delta * scale
         m.lerp_(g, 1 - b1)
         v.mul_(b2).addcmul_(g, g, value=1 - b2)
@@ -268,14 +268,12 @@ class TrainingStep:
         """:meth:`_fused` by the compiled kernel; False (once per process, with a warning)
         where it cannot be compiled: the chunked pass is used from then on."""
         device = out.device
-        columns = list(zip(*experts))
-        lrs = [torch.tensor(lr, dtype=torch.float32, device=device) for lr in columns[5]]
+        experts = [(*tensors, torch.tensor(lr, dtype=torch.float32, device=device))
+                   for *tensors, lr in experts]
         step = torch.tensor(float(self.optimizer.steps), dtype=torch.float32, device=device)
         try:
-            acc = compiled_elementwise_step()(
-                grad, base, list(columns[0]), list(columns[1]), list(columns[2]),
-                list(columns[3]), list(columns[4]), lrs, step, self.world.leader,
-                self.world.contributes)
+            acc = compiled_elementwise_step()(grad, base, experts, step, self.world.leader,
+                                              self.world.contributes)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: fall back
             LOG.warning("could not compile the training step's element-wise pass (%s); "
                         "using the chunked pass", one_line(exc)[:200])

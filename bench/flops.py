@@ -65,8 +65,9 @@ def train(runner, layer, base, deltas, student, targets, contexts, epochs):
     experts = [{n: base[n] + d[n] for n in base} for d in deltas]
     streams = distill.Streams(student, targets, contexts, [len(s) for s in student])
     dtype = student[0][0].dtype
-    distill.distill_block(runner, 0, base, experts, streams, params, epochs,
-                          torch.Generator().manual_seed(0), Precision(dtype, dtype, dtype))
+    block = distill.Block(runner, 0, layer, Precision(dtype, dtype, dtype))
+    distill.distill_block(block, base, experts, streams, params, epochs,
+                          torch.Generator().manual_seed(0))
 
 
 def matmul_rate(args) -> float:

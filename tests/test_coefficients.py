@@ -9,9 +9,9 @@ import torch
 
 from helpers import merge, nan_on_first_training_call
 from mergekit_prodistill.training import coefficients, head, optimizer
-from mergekit_prodistill.training.coefficients import (Optimizer, coefficient_stats, fit, combine,
-                                              init_coefficients, merged_weights,
-                                              unique_parameters)
+from mergekit_prodistill.training.coefficients import (MergedPart, Optimizer, coefficient_stats,
+                                              fit, combine, init_coefficients,
+                                              merged_weights, unique_parameters)
 from mergekit_prodistill.training.optimizer import TrainingStep, chain_rule, training_weights
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.recipe import ProDistillParameters
@@ -80,8 +80,8 @@ def quadratic_problem(nan_steps=()):
 def test_fit_lowers_the_loss_from_task_arithmetic():
     base, deltas, loss_of = quadratic_problem()
     p = ProDistillParameters(lr=0.05)
-    coeffs, _ = fit(base, deltas, p, 40, [1, 1], loss_of, torch.float32,
-                    torch.Generator().manual_seed(0), "test")
+    coeffs, _ = fit(MergedPart("test", base, deltas, torch.float32), p, 40, [1, 1], loss_of,
+                    torch.Generator().manual_seed(0))
     start = [{"w": torch.tensor(p.init)}] * 2
     before = float(loss_of(merged_weights(base, deltas, start, torch.float32), 0, 0))
     after = float(loss_of(merged_weights(base, deltas, coeffs, torch.float32), 0, 0))
@@ -92,8 +92,8 @@ def test_fit_trains_again_from_init_with_a_lower_lr_after_a_non_finite_loss(capl
     base, deltas, loss_of = quadratic_problem(nan_steps={1})
     p = ProDistillParameters(lr=0.05)
     losses = []
-    coeffs, _ = fit(base, deltas, p, 3, [1, 1], loss_of, torch.float32,
-                    torch.Generator().manual_seed(0), "block 7",
+    coeffs, _ = fit(MergedPart("block 7", base, deltas, torch.float32), p, 3, [1, 1], loss_of,
+                    torch.Generator().manual_seed(0),
                     on_epoch=lambda epoch, loss: losses.append((epoch, loss)))
     assert "block 7: non-finite loss in epoch 1; training again from the start with lr=0.005" \
         in caplog.text
@@ -104,8 +104,8 @@ def test_fit_trains_again_from_init_with_a_lower_lr_after_a_non_finite_loss(capl
 def test_fit_gives_up_with_one_line_after_its_retries():
     base, deltas, loss_of = quadratic_problem(nan_steps=set(range(1, 1000)))
     with pytest.raises(ProDistillError, match="block 3: the distillation loss is not finite"):
-        fit(base, deltas, ProDistillParameters(), 2, [1, 1], loss_of, torch.float32,
-            torch.Generator().manual_seed(0), "block 3")
+        fit(MergedPart("block 3", base, deltas, torch.float32), ProDistillParameters(), 2,
+            [1, 1], loss_of, torch.Generator().manual_seed(0))
 
 
 def test_frozen_coefficients_stay_at_init():
@@ -113,8 +113,8 @@ def test_frozen_coefficients_stay_at_init():
     base["v"] = torch.randn(3)
     for d in deltas:
         d["v"] = torch.randn(3)
-    coeffs, _ = fit(base, deltas, ProDistillParameters(), 5, [1, 1], loss_of, torch.float32,
-                    torch.Generator().manual_seed(0), "test", frozen=("v",))
+    coeffs, _ = fit(MergedPart("test", base, deltas, torch.float32, frozen=("v",)),
+                    ProDistillParameters(), 5, [1, 1], loss_of, torch.Generator().manual_seed(0))
     assert all(float(c["v"]) == 0.5 for c in coeffs)
     assert all(not torch.equal(c["w"], torch.full_like(c["w"], 0.5)) for c in coeffs)
 

@@ -7,6 +7,7 @@ default), trained by the scale-free Adam of :mod:`mergekit_prodistill.training.o
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -122,41 +123,66 @@ def gathered_stats(coeffs, world: World) -> Dict[str, List]:
     return {key: world.gather(values) for key, values in coefficient_stats(coeffs).items()}
 
 
-def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequence[int],
-        loss_of: Callable[[Weights, int, int], torch.Tensor], dtype: torch.dtype,
-        generator: torch.Generator, where: str, frozen: Sequence[str] = (),
-        on_epoch: Optional[Callable[[int, float], None]] = None, world: World = SINGLE,
-        stop: Optional[Callable[[int, Weights], bool]] = None):
-    """Train the coefficients of theta_0 + sum_i lambda_i tau_i; return them and the share
-    of coefficients whose first gradient was below Adam's eps (see :class:`Optimizer`).
+@dataclass(frozen=True)
+class MergedPart:
+    """A part of the model whose coefficients :func:`fit` trains (a decoder block, or the
+    final norm and LM head): its name in messages, the base's weights, the task vectors
+    of the experts this process owns, the dtype a training step computes in, the world
+    whose experts are summed, and the tensors whose coefficients keep ``init``."""
 
-    Expert i has ``batches[i]`` batches (every expert, over all processes); ``deltas``
-    are the task vectors of the experts this process owns (:meth:`World.owned`), and
+    name: str
+    base_w: Weights
+    deltas: List[Weights]
+    dtype: torch.dtype
+    world: World = SINGLE
+    frozen: Sequence[str] = ()
+
+
+class EpochLosses:
+    """Each epoch's loss, as :func:`fit` reports it (``on_epoch``); a retry trains again
+    from the first epoch, so its losses replace the earlier ones. ``then`` hears each too."""
+
+    def __init__(self, then: Optional[Callable[[int, float], None]] = None):
+        self.losses: List[float] = []
+        self.then = then
+
+    def __call__(self, epoch: int, loss: float) -> None:
+        del self.losses[epoch:]
+        self.losses.append(loss)
+        if self.then:
+            self.then(epoch, loss)
+
+
+def mean_over_experts(per_expert: List[List[float]], world: World) -> float:
+    """The loss per real token of each expert, from ``[loss summed over real tokens,
+    their number]`` per owned expert (over every process), averaged over experts."""
+    losses = [total / max(tokens, 1) for total, tokens in world.sum_by_expert(per_expert)]
+    return sum(losses) / len(losses)
+
+
+def fit(part: MergedPart, p, epochs: int, batches: Sequence[int],
+        loss_of: Callable[[Weights, int, int], torch.Tensor], generator: torch.Generator,
+        on_epoch: Optional[Callable[[int, float], None]] = None,
+        stop: Optional[Callable[[int, Weights], bool]] = None):
+    """Train the coefficients of ``part``; return them and the share of coefficients
+    whose first gradient was below Adam's eps (see :class:`Optimizer`).
+
+    Expert i has ``batches[i]`` batches (every expert, over all processes); the part's
+    task vectors are those of the experts this process owns (:meth:`World.owned`), and
     ``loss_of(weights, j, b)`` is the loss of the j-th of them on batch b for the merged
-    ``weights`` (in ``dtype``). Each step back-propagates one batch of every expert into
-    the merged weights, then :class:`TrainingStep` applies the chain rule
+    ``weights`` (in the part's dtype). Each step back-propagates one batch of every expert
+    into the merged weights, then :class:`TrainingStep` applies the chain rule
     d merged / d lambda_i = tau_i, Adam and the next merged weights. A non-finite loss
     trains again from ``init`` with a smaller learning rate (no saved copy of lambda
     needed); losses are read once per epoch (no synchronisation per step). ``stop(epoch,
     weights)``, asked after every epoch with the merged weights, ends training early.
     """
-    lr, retries, epoch = p.lr, 0, 0
-    owned = world.owned(len(batches))
-    coeffs = init_coefficients(base_w, len(deltas), p, frozen)
+    lr, retries, epoch, world = p.lr, 0, 0, part.world
+    coeffs = init_coefficients(part.base_w, len(part.deltas), p, part.frozen)
     optimizer = Optimizer(unique_parameters(coeffs), lr)
-    training = TrainingStep(base_w, deltas, coeffs, dtype, optimizer, world)
-    steps = max(batches)
+    training = TrainingStep(part.base_w, part.deltas, coeffs, part.dtype, optimizer, world)
     while epoch < epochs:
-        # Every process draws every expert's order, so the generator stays the same.
-        orders = [torch.randperm(n, generator=generator) for n in batches]
-        losses = []
-        for step in range(steps):
-            for j, i in enumerate(owned):
-                b = int(orders[i][step % batches[i]])
-                loss = loss_of(training.weights, j, b) / len(batches)
-                loss.backward()
-                losses.append(loss.detach())
-            training.update()
+        losses = run_epoch(training, loss_of, batches, generator)
         # One reduction per tensor: NaN or inf anywhere makes its sum non-finite.
         params = optimizer.params
         finite = bool(torch.stack([t.sum() for t in params]).isfinite().all())
@@ -164,24 +190,43 @@ def fit(base_w: Weights, deltas: List[Weights], p, epochs: int, batches: Sequenc
         if not (math.isfinite(epoch_loss) and not broken):
             if retries == MAX_RETRIES:
                 raise ProDistillError(
-                    f"{where}: the distillation loss is not finite even with lr={lr:g} "
+                    f"{part.name}: the distillation loss is not finite even with lr={lr:g} "
                     f"after {MAX_RETRIES} retries; lower 'lr' (now {p.lr:g}) or check the "
                     "models for NaN or inf weights"
                 )
             retries += 1
             lr /= LR_BACKOFF
             LOG.warning("%s: non-finite loss in epoch %d; training again from the start "
-                        "with lr=%g", where, epoch + 1, lr)
+                        "with lr=%g", part.name, epoch + 1, lr)
             with torch.no_grad():
                 for t in params:
                     t.fill_(p.init)
             optimizer, epoch = Optimizer(params, lr), 0
-            training = TrainingStep(base_w, deltas, coeffs, dtype, optimizer, world)
+            training = TrainingStep(part.base_w, part.deltas, coeffs, part.dtype, optimizer,
+                                    world)
             continue
         if on_epoch:
-            on_epoch(epoch, epoch_loss / steps)
+            on_epoch(epoch, epoch_loss / max(batches))
         epoch += 1
         if stop and epoch < epochs and stop(epoch, training.weights):
             break
     small, total = world.sum_floats(optimizer.small_gradients() if world.contributes else [0, 0])
     return [{n: t.detach() for n, t in c.items()} for c in coeffs], small / max(total, 1)
+
+
+def run_epoch(training: TrainingStep, loss_of, batches: Sequence[int],
+              generator: torch.Generator) -> List[torch.Tensor]:
+    """One epoch of :func:`fit`: each step back-propagates one batch of every owned expert
+    and updates; returns the steps' losses, unread (no synchronisation per step)."""
+    owned = training.world.owned(len(batches))
+    # Every process draws every expert's order, so the generator stays the same.
+    orders = [torch.randperm(n, generator=generator) for n in batches]
+    losses = []
+    for step in range(max(batches)):
+        for j, i in enumerate(owned):
+            b = int(orders[i][step % batches[i]])
+            loss = loss_of(training.weights, j, b) / len(batches)
+            loss.backward()
+            losses.append(loss.detach())
+        training.update()
+    return losses

@@ -21,8 +21,9 @@ import torch
 
 from mergekit_prodistill.training.activations import on_device
 from mergekit_prodistill.models.blocks import BatchContext, BlockRunner
-from mergekit_prodistill.training.coefficients import (Weights, at_init, fit, gathered_stats,
-                                              masked_mse, written_weights)
+from mergekit_prodistill.training.coefficients import (
+    EpochLosses, MergedPart, Weights, at_init, fit, gathered_stats, masked_mse,
+    mean_over_experts, written_weights)
 from mergekit_prodistill.models.dtypes import Precision
 from mergekit_prodistill.training.fidelity import Heldout
 from mergekit_prodistill.parallel import SINGLE, World
@@ -61,140 +62,169 @@ class Streams:
             return self.merged, self.merged, self.expert
         return self.expert, self.expert, self.merged
 
-    def advance(self, inputs: str) -> None:
-        """After an ``inputs: expert`` block the teacher outputs are the expert stream."""
+    def advance(self, block: "Block", block_w: Weights, inputs: str) -> None:
+        """The merged streams (the held-out prompts' too) through the block with
+        ``block_w``. After an ``inputs: expert`` block the teacher outputs are the expert
+        stream."""
+        if inputs != "expert":
+            block.advance(block_w, self.merged, self.contexts)
+        if self.heldout:
+            block.advance(block_w, self.heldout.merged, self.heldout.contexts)
         if inputs == "expert":
             self.merged, self.expert = self.expert, self.merged
 
 
-def forward_batches(runner: BlockRunner, index: int, layer, weights: List[Weights],
-                    inputs: Stream, contexts, outputs: Optional[Stream] = None,
-                    targets: Optional[Stream] = None) -> List[List[float]]:
-    """Every batch of every expert through block ``index`` (expert i with ``weights[i]``),
-    without gradients. Results go to ``outputs`` (which may be ``inputs``: each batch is
-    read before it is overwritten). With ``targets``, returns per expert its distillation
-    loss summed over real tokens, and their number (:func:`mean_loss` averages them)."""
-    per_expert = []
-    with torch.no_grad():
-        for i, (w, ctxs) in enumerate(zip(weights, contexts)):
-            total, tokens = 0.0, 0
-            for b, ctx in enumerate(ctxs):
-                x = on_device(inputs[i][b], runner.device)
-                out = runner.forward(index, layer, w, x, ctx)
-                if targets is not None:
-                    n = int(ctx.token_mask.sum())
-                    total += float(masked_mse(out, on_device(targets[i][b], runner.device),
-                                              ctx.token_mask)) * n
-                    tokens += n
-                if outputs is not None:
-                    outputs[i][b].copy_(out)
-            per_expert.append([total, tokens])
-    return per_expert
+@dataclass(frozen=True)
+class Block:
+    """The decoder block being merged, and what every pass through it needs: the runner,
+    the block's index and weightless module (``layer``), the precision (passes compute in
+    ``precision.compute``) and the world whose experts its losses average over."""
+
+    runner: BlockRunner
+    index: int
+    layer: torch.nn.Module
+    precision: Precision
+    world: World = SINGLE
+
+    @classmethod
+    def of(cls, runner: BlockRunner, index: int, precision: Precision,
+           world: World = SINGLE) -> "Block":
+        return cls(runner, index, runner.layer(index), precision, world)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.precision.compute
+
+    def merged_part(self, base_w: Weights, deltas: List[Weights]) -> MergedPart:
+        """What :func:`fit` trains: the block's coefficients for these task vectors."""
+        return MergedPart(f"block {self.index}", base_w, deltas, self.dtype, self.world)
+
+    def run(self, weights: Weights, hidden: torch.Tensor, context: BatchContext):
+        """One batch (on any device) through the block with ``weights``."""
+        return self.runner.forward(self.index, self.layer, weights,
+                                   on_device(hidden, self.runner.device), context)
+
+    def forward(self, weights: List[Weights], inputs: Stream, contexts,
+                outputs: Optional[Stream] = None,
+                targets: Optional[Stream] = None) -> List[List[float]]:
+        """Every batch of every expert through the block (expert i with ``weights[i]``),
+        without gradients. Results go to ``outputs`` (which may be ``inputs``: each batch
+        is read before it is overwritten). With ``targets``, returns per expert its
+        distillation loss summed over real tokens, and their number."""
+        per_expert = []
+        with torch.no_grad():
+            for i, (w, batch_contexts) in enumerate(zip(weights, contexts)):
+                total, tokens = 0.0, 0
+                for b, context in enumerate(batch_contexts):
+                    out = self.run(w, inputs[i][b], context)
+                    if targets is not None:
+                        n = int(context.token_mask.sum())
+                        target = on_device(targets[i][b], self.runner.device)
+                        total += float(masked_mse(out, target, context.token_mask)) * n
+                        tokens += n
+                    if outputs is not None:
+                        outputs[i][b].copy_(out)
+                per_expert.append([total, tokens])
+        return per_expert
+
+    def loss(self, block_w: Weights, inputs: Stream, contexts, targets: Stream) -> float:
+        """The distillation loss of ``block_w`` on every batch, averaged over experts."""
+        return mean_over_experts(self.forward([block_w] * len(contexts), inputs, contexts,
+                                              targets=targets), self.world)
+
+    def advance(self, block_w: Weights, stream: Stream, contexts) -> None:
+        """``stream`` through the block with ``block_w``, in place."""
+        self.forward([block_w] * len(contexts), stream, contexts, stream)
+
+    def loss_of(self, inputs: Stream, targets: Stream, contexts):
+        """The training loss of owned expert i's batch b, for :func:`fit`: a batch split
+        over processes counts its rows' share."""
+        def loss_of(weights, i, b):
+            context = contexts[i][b]
+            out = self.run(weights, inputs[i][b], context)
+            target = on_device(targets[i][b], self.runner.device)
+            return masked_mse(out, target, context.token_mask) * context.share
+        return loss_of
 
 
-def mean_loss(per_expert: List[List[float]], world: World) -> float:
-    """The loss per real token of each expert (over every process), averaged over experts."""
-    losses = [total / max(tokens, 1) for total, tokens in world.sum_by_expert(per_expert)]
-    return sum(losses) / len(losses)
-
-
-def distill_block(runner: BlockRunner, index: int, base_w: Weights,
-                  expert_blocks: Iterable[Weights], streams: Streams, p, epochs: int,
-                  generator: torch.Generator, precision: Precision, world: World = SINGLE,
+def distill_block(block: Block, base_w: Weights, expert_blocks: Iterable[Weights],
+                  streams: Streams, p, epochs: int, generator: torch.Generator,
                   on_epoch=None):
-    """Merge block ``index``: returns its weights as written (the output dtype, own
-    parameter names) and its report. ``expert_blocks`` yields each owned expert's block in
-    turn, so that only one is in memory; the streams advance past the block."""
+    """Merge the block: returns its weights as written (the output dtype, own parameter
+    names) and its report. ``expert_blocks`` yields each owned expert's block in turn, so
+    that only one is in memory; the streams advance past the block."""
     started = time.time()
-    layer = runner.layer(index)
-    dtype = precision.compute
-    student, teacher, targets = streams.roles(p.inputs)
-    contexts = streams.contexts
-    n = len(contexts)
-
-    held = streams.heldout
+    student, _, targets = streams.roles(p.inputs)
+    contexts, held = streams.contexts, streams.heldout
 
     def evaluated(coeffs):
-        """The block as written (the output dtype), the same in the compute dtype, and
-        its loss on the student stream."""
-        final = written_weights(base_w, deltas, coeffs, precision, world)
-        block_w = cast(final, dtype)
-        return final, block_w, mean_loss(forward_batches(
-            runner, index, layer, [block_w] * n, student, contexts, targets=targets), world)
+        """The block as written, the same in the compute dtype, and its loss."""
+        final = written_weights(base_w, deltas, coeffs, block.precision, block.world)
+        block_w = cast(final, block.dtype)
+        return final, block_w, block.loss(block_w, student, contexts, targets)
 
     # 1. The teacher outputs never change during training: compute them once.
-    deltas = []
-    for i, expert_w in enumerate(expert_blocks):
-        own = cast(expert_w, dtype)
-        forward_batches(runner, index, layer, [own], [teacher[i]], [contexts[i]], [targets[i]])
-        if held:
-            forward_batches(runner, index, layer, [own], [held.expert[i]], [held.contexts[i]],
-                            [held.expert[i]])
-        deltas.append({name: precision.task_vector(expert_w[name], base_w[name])
-                       for name in base_w})
-        del expert_w, own  # the block holds its memory-mapped shard's pages
+    deltas = teacher_outputs(block, base_w, expert_blocks, streams, p.inputs)
 
     # 2. The loss to beat: task arithmetic as written, every coefficient at init.
-    init = [{name: torch.tensor(p.init) for name in base_w}] * n
-    _, init_w, loss_before = evaluated(init)
-    held_before = held_loss(runner, index, layer, init_w, held, world)
+    _, init_w, loss_before = evaluated([{name: torch.tensor(p.init) for name in base_w}]
+                                       * len(contexts))
+    held_before = held_loss(block, init_w, held)
     if held:
-        forward_batches(runner, index, layer, [init_w] * n, held.task_arithmetic,
-                        held.contexts, held.task_arithmetic)
+        block.advance(init_w, held.task_arithmetic, held.contexts)
     del init_w
 
     # 3. Train the coefficients.
-    epoch_losses = []
-
-    def record(epoch, loss):
-        del epoch_losses[epoch:]  # a retry trains the block again from its first epoch
-        epoch_losses.append(loss)
-        if on_epoch:
-            on_epoch(epoch, loss)
-
-    def loss_of(weights, i, b):
-        ctx = contexts[i][b]
-        out = runner.forward(index, layer, weights, on_device(student[i][b], runner.device),
-                             ctx)
-        target = on_device(targets[i][b], runner.device)
-        return masked_mse(out, target, ctx.token_mask) * ctx.share
-
+    losses = EpochLosses(on_epoch)
     early = EarlyStop(p.patience, max(streams.batch_counts),
-                      lambda weights: held_loss(runner, index, layer, weights, held, world))
-    coeffs, small_share = fit(base_w, deltas, p, epochs, streams.batch_counts, loss_of,
-                              dtype, generator, f"block {index}", on_epoch=record,
-                              world=world, stop=early if held and p.patience else None)
+                      lambda weights: held_loss(block, weights, held))
+    coeffs, small_share = fit(block.merged_part(base_w, deltas), p, epochs, streams.batch_counts,
+                              block.loss_of(student, targets, contexts), generator,
+                              losses, early if held and p.patience else None)
 
     # 4. Evaluate exactly the block that is written. A block never ends worse than the
     #    task arithmetic it started from: on the held-out prompts where there are some
     #    (the calibration prompts are the ones it was fitted to), else on those.
     final, block_w, loss_after = evaluated(coeffs)
-    held_after = held_loss(runner, index, layer, block_w, held, world)
+    held_after = held_loss(block, block_w, held)
     judged = "held-out" if held else "calibration"
     before, after = (held_before, held_after) if held else (loss_before, loss_after)
     kept = not after <= before
     if kept:
         LOG.warning("block %d: training raised the loss on the %s prompts (%.4g -> %.4g); "
                     "keeping task arithmetic for this block (lower 'lr' or raise 'shots' "
-                    "if this recurs)", index, judged, before, after)
+                    "if this recurs)", block.index, judged, before, after)
         coeffs = at_init(coeffs, p.init)
         final, block_w, loss_after = evaluated(coeffs)
         held_after = held_before
 
     # 5. Advance the merged stream through exactly the weights just written.
-    if p.inputs != "expert":
-        forward_batches(runner, index, layer, [block_w] * n, student, contexts, student)
-    if held:
-        forward_batches(runner, index, layer, [block_w] * n, held.merged, held.contexts,
-                        held.merged)
-    streams.advance(p.inputs)
-    report = {"block": index, "loss_before": loss_before, "loss_after": loss_after,
+    streams.advance(block, block_w, p.inputs)
+    report = {"block": block.index, "loss_before": loss_before, "loss_after": loss_after,
               "heldout_loss_before": held_before, "heldout_loss_after": held_after,
-              "kept_task_arithmetic": kept, "epoch_losses": epoch_losses,
+              "kept_task_arithmetic": kept, "epoch_losses": losses.losses,
               "heldout_checks": early.losses,
-              **gathered_stats(coeffs, world), "small_gradient_share": small_share}
-    LOG.info("block %d: loss %.4g -> %.4g", index, loss_before, loss_after)
+              **gathered_stats(coeffs, block.world), "small_gradient_share": small_share}
+    LOG.info("block %d: loss %.4g -> %.4g", block.index, loss_before, loss_after)
     return final, report | {"seconds": time.time() - started}
+
+
+def teacher_outputs(block: Block, base_w: Weights, expert_blocks: Iterable[Weights],
+                    streams: Streams, inputs: str) -> List[Weights]:
+    """Each owned expert's block on its teacher inputs, into the teacher outputs (and on
+    its held-out prompts, in place); returns the experts' task vectors."""
+    _, teacher, targets = streams.roles(inputs)
+    contexts, held = streams.contexts, streams.heldout
+    deltas = []
+    for i, expert_w in enumerate(expert_blocks):
+        own = cast(expert_w, block.dtype)
+        block.forward([own], [teacher[i]], [contexts[i]], [targets[i]])
+        if held:
+            block.forward([own], [held.expert[i]], [held.contexts[i]], [held.expert[i]])
+        deltas.append({name: block.precision.task_vector(expert_w[name], base_w[name])
+                       for name in base_w})
+        del expert_w, own  # the block holds its memory-mapped shard's pages
+    return deltas
 
 
 class EarlyStop:
@@ -227,14 +257,13 @@ class EarlyStop:
         return self.waited >= self.patience
 
 
-def held_loss(runner, index, layer, block_w, held: Optional[Heldout], world) -> Optional[float]:
+def held_loss(block: Block, block_w: Weights, held: Optional[Heldout]) -> Optional[float]:
     """The block's loss on the held-out prompts' merged stream against the experts'
     outputs there (already computed), weighted as the training loss; None without
     held-out prompts."""
     if not held:
         return None
-    return mean_loss(forward_batches(runner, index, layer, [block_w] * len(held.contexts),
-                                     held.merged, held.contexts, targets=held.expert), world)
+    return block.loss(block_w, held.merged, held.contexts, held.expert)
 
 
 def cast(weights: Weights, dtype: torch.dtype) -> Weights:

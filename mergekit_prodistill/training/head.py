@@ -21,10 +21,10 @@ from torch.func import functional_call
 
 from mergekit_prodistill.training.activations import on_device
 from mergekit_prodistill.models.blocks import family_of
-from mergekit_prodistill.training.coefficients import (fit, gathered_stats, init_coefficients,
-                                              masked_kl, written_weights)
+from mergekit_prodistill.training.coefficients import (
+    EpochLosses, MergedPart, fit, gathered_stats, init_coefficients, masked_kl,
+    mean_over_experts, written_weights)
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.parallel import SINGLE, World
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -101,23 +101,22 @@ def load_norm_and_head(norm_weight, head_weight, base, experts, align, precision
                     for w in expert_w]
 
 
-def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
-               generator: torch.Generator, device: torch.device, precision,
-               world: World = SINGLE) -> Tuple[Dict, Dict]:
+def train_head(part: MergedPart, streams, config, p, generator: torch.Generator,
+               device: torch.device, precision) -> Tuple[Dict, Dict]:
     """The final norm and LM head as written (``"weight"``, ``"head"``; the output
     dtype), with trained coefficients, and a report.
 
     ``streams`` holds the last block's outputs: the merged model's and every owned
-    expert's own; ``deltas`` the owned experts' task vectors. With a tied head
-    (``head_trainable`` False) the head keeps task arithmetic with init.
+    expert's own; ``part`` the base's norm and head and the owned experts' task vectors.
+    With a tied head (``"head"`` frozen in ``part``) the head keeps task arithmetic.
     """
     log_probs = HeadForward(config)
-    dtype = precision.compute
+    base_w, deltas, world = part.base_w, part.deltas, part.world
     contexts = streams.contexts
 
     def teacher(i, b):
         with torch.no_grad():
-            w = {n: (base_w[n] + deltas[i][n]).to(dtype) for n in base_w}
+            w = {n: (base_w[n] + deltas[i][n]).to(part.dtype) for n in base_w}
             return log_probs(w["weight"], w["head"], on_device(streams.expert[i][b], device))
 
     def kl_of(w, i, b):
@@ -129,31 +128,23 @@ def train_head(base_w, deltas, head_trainable: bool, streams, config, p,
 
     def mean_loss(coeffs) -> float:
         """The loss over every batch, averaged over experts, with the weights as written."""
-        w = {n: t.to(dtype) for n, t in
+        w = {n: t.to(part.dtype) for n, t in
              written_weights(base_w, deltas, coeffs, precision, world).items()}
         per_expert = []
         with torch.no_grad():
             for i, batches in enumerate(contexts):
-                tokens = [int(ctx.token_mask.sum()) for ctx in batches]
+                tokens = [int(context.token_mask.sum()) for context in batches]
                 per_expert.append([sum(float(kl_of(w, i, b)) * n for b, n in enumerate(tokens)),
                                    sum(tokens)])
-        per_expert = [total / tokens for total, tokens in world.sum_by_expert(per_expert)]
-        return sum(per_expert) / len(per_expert)
+        return mean_over_experts(per_expert, world)
 
-    frozen = () if head_trainable else ("head",)
-    start = init_coefficients(base_w, len(deltas), p, frozen)
-    report = {"loss_before": mean_loss(start), "epoch_losses": []}
-
-    def on_epoch(epoch, loss):
-        del report["epoch_losses"][epoch:]  # a retry trains again from the first epoch
-        report["epoch_losses"].append(loss)
-
-    coeffs, small_share = fit(base_w, deltas, p, p.head_epochs, streams.batch_counts,
-                              loss_of, dtype, generator, "final norm and LM head",
-                              frozen, on_epoch, world)
-    report["loss_after"] = mean_loss(coeffs)
-    report["small_gradient_share"] = small_share
-    trained = ["weight", "head"] if head_trainable else ["weight"]
+    start = init_coefficients(base_w, len(deltas), p, part.frozen)
+    loss_before, losses = mean_loss(start), EpochLosses()
+    coeffs, small_share = fit(part, p, p.head_epochs, streams.batch_counts, loss_of,
+                              generator, losses)
+    report = {"loss_before": loss_before, "epoch_losses": losses.losses,
+              "loss_after": mean_loss(coeffs), "small_gradient_share": small_share}
+    trained = [n for n in base_w if n not in part.frozen]
     report.update(gathered_stats([{n: c[n] for n in trained} for c in coeffs], world))
-    LOG.info("final norm and LM head: KL %.4g -> %.4g", report["loss_before"], report["loss_after"])
+    LOG.info("%s: KL %.4g -> %.4g", part.name, report["loss_before"], report["loss_after"])
     return written_weights(base_w, deltas, coeffs, precision, world), report

@@ -19,10 +19,11 @@ from mergekit_prodistill import layout
 from mergekit_prodistill.training import distill, fidelity, head
 from mergekit_prodistill.training.activations import ActivationStore
 from mergekit_prodistill.models.blocks import BlockRunner, layer_weight_names
-from mergekit_prodistill.training.coefficients import written_weights
+from mergekit_prodistill.training.coefficients import MergedPart, written_weights
 from mergekit_prodistill.models.dtypes import Precision
 from mergekit_prodistill.parallel import World
 from mergekit_prodistill.output.progress import Progress, UnitWriter
+from mergekit_prodistill.plan.context import RunContext
 from mergekit_prodistill.models.vocab import Vocabulary
 from mergekit_prodistill.training.weights import ModelTensors, check_shape, task_arithmetic
 
@@ -40,7 +41,7 @@ class Merger:
     vocabulary: Vocabulary
     units: UnitWriter
     precision: Precision
-    ctx: object  # run.Context: device, seed, trust_remote_code, quiet
+    ctx: RunContext
     world: World
 
     @property
@@ -108,13 +109,13 @@ class Merger:
         bar = tqdm.tqdm(total=self.module.num_layers(), initial=blocks_done,
                         desc="ProDistill blocks", disable=self.ctx.quiet)
         for index in range(blocks_done, self.module.num_layers()):
+            block = distill.Block.of(runner, index, self.precision, self.world)
             infos = [w for w in self.module.layer_weights(index) if self.present(w)]
-            names = layer_weight_names(runner.layer(index), [w.name for w in infos])
+            names = layer_weight_names(block.layer, [w.name for w in infos])
             base_w = {names[n]: t for n, t in self.base.load_all(infos).items()}
             final, report = distill.distill_block(
-                runner, index, base_w, self._expert_blocks(infos, names, base_w), streams,
-                p, epochs, generator, self.precision, self.world,
-                on_epoch=lambda epoch, loss: bar.set_postfix(
+                block, base_w, self._expert_blocks(infos, names, base_w), streams, p, epochs,
+                generator, on_epoch=lambda epoch, loss: bar.set_postfix(
                     block=index, epoch=epoch + 1, loss=f"{loss:.3g}"))
             for full_name, own_name in names.items():
                 self.write(full_name, final[own_name])
@@ -138,9 +139,9 @@ class Merger:
         for i in self.owned:
             contexts.append([])
             for batch, full in zip(batches[i], whole[i]):
-                ctx = runner.context(batch.attention_mask, dtype)
-                ctx.share = batch.num_tokens / full.num_tokens
-                contexts[-1].append(ctx)
+                context = runner.context(batch.attention_mask, dtype)
+                context.share = batch.num_tokens / full.num_tokens
+                contexts[-1].append(context)
         return contexts
 
     def _streams(self, calib, decided) -> distill.Streams:
@@ -216,9 +217,10 @@ class Merger:
                 self.world)
             final = task_arithmetic
             if p.head_epochs:
-                final, report = head.train_head(base_w, deltas, untied, streams,
-                                                self.module.config, p, generator,
-                                                self.ctx.device, self.precision, self.world)
+                part = MergedPart("final norm and LM head", base_w, deltas,
+                                  self.precision.compute, self.world, () if untied else ("head",))
+                final, report = head.train_head(part, streams, self.module.config, p, generator,
+                                                self.ctx.device, self.precision)
                 trained = {norm.name: final["weight"], **({lm_head.name: final["head"]}
                                                           if untied else {})}
             if streams.heldout:

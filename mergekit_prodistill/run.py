@@ -18,10 +18,12 @@ same steps run in every process, each with the experts it owns (``parallel``).
 8. the shards, config, tokenizer, model card and report, moved into place (``output``).
 """
 
+import contextlib
 import logging
 import os
 import shutil
 import time
+from typing import Optional, Tuple
 
 import torch
 from mergekit.io import TensorWriter
@@ -84,7 +86,6 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     world = world.with_timeout(devices.collective_timeout(decided))
 
     LoaderCache().setup(options=options)
-    module = checked.module
     # Every model is read in the dtype it stores (dtypes.py).
     base = ModelTensors(recipe.base, None, str(ctx.device))
     experts = [ModelTensors(e.model, None, str(ctx.device)) for e in recipe.experts]
@@ -93,26 +94,17 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
              "epochs": p.epochs_for(max(len(b) for b in calib.batches))} if p.epochs else {}
 
     # 5. The staging folder; with training, the progress a resumed run continues from.
-    # Without training the merge is streaming task arithmetic: nothing worth resuming.
     # Rank 0 alone writes the output; the others save their own streams beside it.
     created_out = not os.path.exists(out_path)
     staging_dir = world.from_leader(lambda: staging.start_staging(out_path))
     writer = TensorWriter(staging_dir, max_shard_size=options.out_shard_size,
                           safe_serialization=options.safe_serialization) if world.leader else None
-    progress = None
-    if p.epochs:
-        settings = {"seed": ctx.seed, "device": ctx.device.type, "dtype": recipe.dtype}
-        if world.distributed:
-            settings["processes"] = world.size
-        progress = Progress(staging_dir, fingerprint(
-            repr(merge_config),  # to_yaml() refuses recipes that share YAML anchors
-            settings, [f for files in checked.models.values() for f in files.shards],
-            [*calib.batches, *calib.holdout_batches],
-        ), world)
-    resumed = progress.restore_or_reset() if progress else None
+    # Without training the merge is streaming task arithmetic: nothing worth resuming.
+    progress, resumed = _progress(staging_dir, merge_config, recipe, checked, calib, ctx,
+                                  world) if p.epochs else (None, None)
     units = UnitWriter(writer, progress)
-    merger = Merger(recipe, module, base, experts, vocabulary, units, precision, ctx, world)
-    try:
+    merger = Merger(recipe, checked.module, base, experts, vocabulary, units, precision, ctx, world)
+    with _staged(staging_dir, out_path, created_out, progress, world):
         # 6. Each expert's continuation of its prompts, generated once and saved.
         if progress is not None and p.continue_tokens:
             continued = time.time()
@@ -121,22 +113,43 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
         # 7. The embeddings, every decoder block, the final norm and LM head.
         with distill.denormals_flushed(bool(p.epochs)), dtypes.fast_float32_matmuls(
                 ctx.device, decided.dtypes["compute"]):
-            if p.epochs:
-                report_blocks, head_report, kept = merger.trained(
-                    calib, decided, resumed, progress)
-            else:
-                report_blocks, head_report, kept = merger.task_arithmetic(), None, None
+            results = (merger.trained(calib, decided, resumed, progress) if p.epochs
+                       else merger.task_arithmetic())
         if world.leader:
-            units.finalize(["pre", *(f"block-{i}" for i in range(module.num_layers())),
-                            "post"])
+            units.finalize(merger.unit_names())
             # 8. The output, moved into place once complete.
             report = Report.of_run(recipe, config_source or merge_config.to_yaml(), calib,
-                                   vocabulary.summary, report_blocks, head_report,
-                                   seed=ctx.seed, device=ctx.device, started=started,
-                                   fidelity=kept, processes=world.size, **facts)
+                                   vocabulary.summary, results, ctx, started,
+                                   processes=world.size, **facts)
             staging.finish(staging_dir, out_path, merge_config, checked.arch_info, options,
                           vocabulary, report)
         world.barrier()  # every process keeps its streams until the output is complete
+
+
+def _progress(staging_dir: str, merge_config, recipe, checked, calib, ctx: RunContext,
+              world: parallel.World) -> Tuple[Progress, Optional[dict]]:
+    """Where this merge saves its progress, and the state saved by an interrupted run of
+    it (None if none). A run continues another only when the recipe, the settings, the
+    checkpoints and the prompts are the same (its fingerprint)."""
+    settings = {"seed": ctx.seed, "device": ctx.device.type, "dtype": recipe.dtype}
+    if world.distributed:
+        settings["processes"] = world.size
+    progress = Progress(staging_dir, fingerprint(
+        repr(merge_config),  # to_yaml() refuses recipes that share YAML anchors
+        settings, [f for files in checked.models.values() for f in files.shards],
+        [*calib.batches, *calib.holdout_batches],
+    ), world)
+    return progress, progress.restore_or_reset()
+
+
+@contextlib.contextmanager
+def _staged(staging_dir: str, out_path: str, created_out: bool,
+            progress: Optional[Progress], world: parallel.World):
+    """Steps 6 to 8 in the staging folder, which every process removes once they are done.
+    When they fail, it is kept only where it holds what a rerun continues from; Ctrl-C
+    ends in one line that says which."""
+    try:
+        yield
     except BaseException as exc:
         # Saved continuations alone are kept when the run was stopped (by the user, or by
         # another process's end), not when it failed: a failure is usually fixed by

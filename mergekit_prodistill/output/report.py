@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional
 
 from mergekit_prodistill import __version__
 from mergekit_prodistill.layout import REPORT
+from mergekit_prodistill.plan.context import RunContext
 
 
 def _from_dict(cls, data: dict):
@@ -100,6 +101,17 @@ class Fidelity:
     task_arithmetic: Dict[str, float]
 
 
+@dataclass
+class MergeResults:
+    """What a merge measured, as the report's dicts: every trained block's report, the
+    head's (None unless trained) and the fidelity on held-out prompts (None unless
+    measured)."""
+
+    blocks: List[dict] = field(default_factory=list)
+    head: Optional[dict] = None
+    fidelity: Optional[List[dict]] = None
+
+
 @dataclass(kw_only=True)
 class Report:
     """Everything prodistill_report.json holds, in the order it holds it."""
@@ -128,17 +140,17 @@ class Report:
 
     @classmethod
     def of_run(cls, recipe, recipe_text: str, calib, vocabulary: Optional[str],
-               blocks: List[dict], head: Optional[dict], *, seed: int, device,
-               started: float, fidelity: Optional[List[dict]] = None,
+               results: MergeResults, ctx: RunContext, started: float,
                **facts) -> "Report":
         """The report of a run ending now: its inputs, results, time and peak memory.
 
-        ``facts`` are ``activation_dtype``, ``epochs`` and ``continuation_seconds``.
+        ``facts`` are ``processes``, ``activation_dtype``, ``epochs`` and
+        ``continuation_seconds``.
         """
         return cls(
             parameters=recipe.params.model_dump(),
-            seed=seed,
-            device=str(device),
+            seed=ctx.seed,
+            device=str(ctx.device),
             **facts,
             calibration=[
                 CalibrationEntry(str(e.model), source, hub_dataset, e.params.template, n,
@@ -147,11 +159,12 @@ class Report:
                     zip(recipe.experts, calib.sources, calib.hub_datasets, calib.prompts))
             ],
             vocabulary=vocabulary,
-            blocks=[_from_dict(BlockReport, b) for b in blocks],
-            head=_from_dict(HeadReport, head) if head else None,
-            fidelity=[_from_dict(Fidelity, f) for f in fidelity] if fidelity else None,
+            blocks=[_from_dict(BlockReport, b) for b in results.blocks],
+            head=_from_dict(HeadReport, results.head) if results.head else None,
+            fidelity=([_from_dict(Fidelity, f) for f in results.fidelity]
+                      if results.fidelity else None),
             seconds=time.time() - started,
-            **peak_memory(device),
+            **peak_memory(ctx.device),
             versions=versions(),
             recipe=recipe_text,
         )

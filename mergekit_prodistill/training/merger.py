@@ -23,11 +23,20 @@ from mergekit_prodistill.training.coefficients import MergedPart, written_weight
 from mergekit_prodistill.models.dtypes import Precision
 from mergekit_prodistill.parallel import World
 from mergekit_prodistill.output.progress import Progress, UnitWriter
+from mergekit_prodistill.output.report import MergeResults
 from mergekit_prodistill.plan.context import RunContext
 from mergekit_prodistill.models.vocab import Vocabulary
 from mergekit_prodistill.training.weights import ModelTensors, check_shape, task_arithmetic
 
 LOG = logging.getLogger("mergekit_prodistill")
+
+# The units, each saved on its own as soon as it is finished: the embeddings, each decoder
+# block, then the final norm and LM head.
+EMBEDDINGS_UNIT, HEAD_UNIT = "pre", "post"
+
+
+def block_unit(index: int) -> str:
+    return f"block-{index}"
 
 
 @dataclass
@@ -64,6 +73,10 @@ class Merger:
         if self.world.leader:
             self.units.end_unit(unit)
 
+    def unit_names(self) -> List[str]:
+        """Every unit, in the order the output holds them."""
+        return [EMBEDDINGS_UNIT, *map(block_unit, range(self.module.num_layers())), HEAD_UNIT]
+
     def merge_tensor(self, weight):
         """One tensor by task arithmetic, written; returns it and the experts' tensors."""
         init = torch.tensor(self.recipe.params.init, dtype=torch.float32)
@@ -72,18 +85,18 @@ class Merger:
         self.write(weight.name, merged)
         return merged, expert_ts
 
-    def task_arithmetic(self) -> list:
+    def task_arithmetic(self) -> MergeResults:
         """Every tensor with lambda = init, streamed to the output (``epochs: 0``)."""
         if not self.world.leader:
-            return []
+            return MergeResults()
         for weights in (self.module.pre_weights(),
                         *(self.module.layer_weights(i) for i in range(self.module.num_layers())),
                         self.module.post_weights()):
             for weight in filter(self.present, weights):
                 self.merge_tensor(weight)
-        return []
+        return MergeResults()
 
-    def trained(self, calib, decided, resumed, progress: Progress):
+    def trained(self, calib, decided, resumed, progress: Progress) -> MergeResults:
         """Embeddings by task arithmetic, every block distilled, the head trained or merged
         by task arithmetic; returns the blocks' reports, the head's (or None) and the
         fidelity on held-out prompts (or None)."""
@@ -119,7 +132,7 @@ class Merger:
                     block=index, epoch=epoch + 1, loss=f"{loss:.3g}"))
             for full_name, own_name in names.items():
                 self.write(full_name, final[own_name])
-            self.end_unit(f"block-{index}")
+            self.end_unit(block_unit(index))
             reports.append(report)
             progress.save_state(index + 1, streams.saved(), generator, reports)
             bar.set_postfix(block=index, loss=f"{report['loss_before']:.3g}->"
@@ -130,7 +143,7 @@ class Merger:
         if kept:
             bar.set_postfix_str(f"next-token choices kept: {fidelity.summary(kept)}")
         bar.close()
-        return reports, head_report, kept
+        return MergeResults(reports, head_report, kept)
 
     def _contexts(self, runner, batches, whole, dtype):
         """Masks and positions of the owned experts' batches, each with its share of its
@@ -197,7 +210,7 @@ class Merger:
                             expert_stream[j][b].copy_(runner.embed(expert_ts[i],
                                                                    batch.input_ids))
             del merged, expert_ts
-        self.end_unit("pre")
+        self.end_unit(EMBEDDINGS_UNIT)
 
     def _final(self, streams, generator):
         """The final norm and LM head, trained with ``head_epochs``, else task arithmetic;
@@ -236,5 +249,5 @@ class Merger:
                 self.write(weight.name, trained[weight.name])
             elif self.world.leader:
                 self.merge_tensor(weight)
-        self.end_unit("post")
+        self.end_unit(HEAD_UNIT)
         return report, kept

@@ -23,7 +23,7 @@ gives the formulas and the measured error.
 
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from mergekit_prodistill.models.shapes import ModelShape, Workload
+from mergekit_prodistill.models.shapes import ModelShape, Workload, dtype_bytes
 
 # Memory terms, in the order the table prints them.
 WEIGHTS = "block weights"
@@ -113,72 +113,74 @@ def lambda_count(shape: ModelShape, experts: int, granularity: str) -> int:
     return experts * per_expert[granularity]
 
 
-def phase_bytes(shape, work, p, wb: List[int], tv_b: int, cb: int, cache_b: int,
-                device_type: str, out_b: int, owned: Optional[Sequence[int]] = None,
-                processes: int = 1):
+def phase_bytes(shape, work, p, stored: List[str], dtypes: Dict[str, str], device_type: str,
+                owned: Optional[Sequence[int]] = None, processes: int = 1):
     """Bytes of every memory term in every phase of one block (see the module doc) in
     the process that owns the experts ``owned`` (default: every one) of ``processes``,
-    with ``work`` its batches (``Workload.only``, ``Workload.rows``); ``wb`` are the
-    models' stored bytes per element, ``tv_b`` the task vectors'.
+    with ``work`` its batches (``Workload.only``, ``Workload.rows``); ``stored`` is every
+    model's stored dtype (the base first), ``dtypes`` the merge's dtypes by role
+    (``dtypes.decide``).
 
     It holds those experts' task vectors, coefficients and streams, and merges the
     embeddings of all (every process does); with several processes the fused step keeps
     an fp32 partial sum of its largest tensor for the all-reduce (optimizer.TrainingStep).
     """
-    every = wb
-    if owned is not None:
-        wb = [wb[0]] + [wb[1 + i] for i in owned]
+    every = [dtype_bytes(d) for d in stored]  # bytes per element
+    wb = every if owned is None else [every[0]] + [every[1 + i] for i in owned]
+    tv_b, cb, cache_b, out_b = (dtype_bytes(dtypes[role])
+                                for role in ("task_vectors", "compute", "cache", "output"))
     P, big, T = shape.block_numel, shape.largest, len(wb) - 1
     partial = 4 * big if processes > 1 and p.granularity == "element" else 0
     # Task vectors wider than the stored weights are formed from both promoted: the
     # expert's block and the base's, converted, beside the result.
     promoted = 2 * P * tv_b if tv_b > max(wb) else 0
-    base = P * wb[0]
-    deltas = T * P * tv_b
+    base, deltas = P * wb[0], T * P * tv_b
     lam = lambda_count(shape, T, p.granularity)
     widest = max((b for bs in work.batches for b in bs), key=lambda b: b[0] * b[1])
     cache = (STREAMS * sum(work.slots(i) for i in range(T))
              + HOLDOUT_STREAMS * work.holdout_slots()) * shape.hidden * cache_b
     embed = shape.hidden * shape.vocab[0]
     forward = forward_bytes(shape, *widest, cb)
-    # Writing: the trained block is summed in fp32 tensor by tensor (8 bytes per element
-    # beside each result: CPU kernels copy an input of another dtype to promote it); the
-    # block as written (its unit) is held until its file is saved; then the block in the
-    # compute dtype advances the merged stream.
-    unit = P * out_b
-    written = max(8 * big, P * cb + forward)
-    if device_type == "cpu":  # the unit is freed before the block is cast
-        written = max(written, unit) - unit
-    return {
+    written, unit = write_bytes(shape, cb, out_b, forward, device_type)
+    phases = {
         "load": {
             # The last expert block being read, or the block merged at init for the loss
             # before training, whose sums of products (scalar coefficients keep the task
             # vectors' dtype) take up to three tensors at once.
             WEIGHTS: base + deltas + max(P * wb[-1] + promoted, P * cb),
-            CACHE: cache,
             TRANSIENT: max(forward, (3 if T > 1 else 1) * big * max(tv_b, max(wb))),
         },
         "train": {
             WEIGHTS: base + deltas + 2 * P * cb,
             LAMBDA: 16 * lam,
-            CACHE: cache,
             TRANSIENT: training_step_bytes(shape, widest, p.granularity, cb, lam) + partial,
         },
         "write": {
             WEIGHTS: base + deltas + 4 * P,
             LAMBDA: 4 * lam,
-            CACHE: cache,
             TRANSIENT: written,
             OUTPUT: unit,
         },
         "embed": {
             WEIGHTS: embed * (2 * every[0] + sum(w + max(every[0], w) for w in every[1:])),
-            CACHE: cache,
             # merge() sums the products lambda_i tau_i: two more matrices at once.
             TRANSIENT: embed * max(every) * min(2, len(every) - 1),
         },
-        "head": head_bytes(shape, widest, p, wb, tv_b, cb, every, processes) | {CACHE: cache},
+        "head": head_bytes(shape, widest, p, wb, tv_b, cb, every, processes),
     }
+    return {name: terms | {CACHE: cache} for name, terms in phases.items()}  # the streams
+
+
+def write_bytes(shape: ModelShape, cb: int, out_b: int, forward: int, device_type: str):
+    """(transient, unit) while writing a block: the trained block is summed in fp32 tensor
+    by tensor (8 bytes per element beside each result: CPU kernels copy an input of another
+    dtype to promote it); the block as written (its unit) is held until its file is saved;
+    then the block in the compute dtype advances the merged stream."""
+    unit = shape.block_numel * out_b
+    written = max(8 * shape.largest, shape.block_numel * cb + forward)
+    if device_type == "cpu":  # the unit is freed before the block is cast
+        written = max(written, unit) - unit
+    return written, unit
 
 
 def training_step_bytes(shape: ModelShape, widest: Tuple[int, int], granularity: str,

@@ -182,9 +182,7 @@ def _memory(b: _Basis, available: Dict[str, Optional[int]], out_shard_size: int)
     """Every phase's bytes on each device, with the streams placed; returns them, the
     placement, the continuation pass of every owned expert, and the cache's bytes."""
     p, shape, dev = b.recipe.params, b.shape, str(b.ctx.device)
-    per_phase = phase_bytes(shape, b.own, p, [dtype_bytes(d) for d in b.stored],
-                            b.bytes_of("task_vectors"), b.bytes_of("compute"),
-                            b.bytes_of("compute"), b.ctx.device.type, b.bytes_of("output"),
+    per_phase = phase_bytes(shape, b.own, p, b.stored, b.decided, b.ctx.device.type,
                             b.owned, b.world.size)
     if not p.epochs:
         del per_phase["train"]  # no merged block, gradients or Adam state

@@ -25,7 +25,6 @@ import shutil
 import time
 from typing import Optional, Tuple
 
-import torch
 from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 
@@ -82,7 +81,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
         vocabulary.calibration_ids(batches, calib.sources)
     # 4. The plan, checked against the memory free now, before any weight is read (and
     #    whether batches split over processes that share an expert).
-    decided = fits.check_fits(recipe, options, out_path, calib, world=world)
+    decided = fits.check_fits(recipe, options, out_path, calib, world, checked.models)
     world = world.with_timeout(devices.collective_timeout(decided))
 
     LoaderCache().setup(options=options)
@@ -91,7 +90,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     experts = [ModelTensors(e.model, None, str(ctx.device)) for e in recipe.experts]
     precision = dtypes.Precision.of(decided.dtypes)
     facts = {"activation_dtype": decided.dtypes["cache"],
-             "epochs": p.epochs_for(max(len(b) for b in calib.batches))} if p.epochs else {}
+             "epochs": decided.epochs} if p.epochs else {}
 
     # 5. The staging folder; with training, the progress a resumed run continues from.
     # Rank 0 alone writes the output; the others save their own streams beside it.

@@ -117,7 +117,7 @@ class Merger:
         if streams.heldout:
             streams.heldout.contexts = self._contexts(runner, calib.holdout_batches,
                                                       whole.holdout_batches, dtype)
-        epochs = p.epochs_for(max(len(b) for b in calib.batches))
+        epochs = decided.epochs
 
         bar = tqdm.tqdm(total=self.module.num_layers(), initial=blocks_done,
                         desc="ProDistill blocks", disable=self.ctx.quiet)

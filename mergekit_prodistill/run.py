@@ -190,7 +190,7 @@ def _continued(recipe, checked, calib, ctx: RunContext, progress: Progress,
             expert = recipe.experts[i]
             files = checked.models[expert.model]
             dtype = dtypes.generation_dtype(recipe,
-                                            dtypes.stored_dtype(expert.model, files.config))
+                                            dtypes.stored_dtype(expert.model, files.config, files))
             own.append(continuation.continue_prompts(
                 files.folder, calib.sequences[i] + calib.holdout[i],
                 recipe.params.continue_tokens, calib.tokenizers[i], dtype=dtype,

@@ -1,7 +1,10 @@
-"""What tests share besides fixtures: running recipes in-process and commands in a child."""
+"""What tests share besides fixtures: reading checkpoints, caching calibration data, running
+recipes in-process and commands in a child."""
 
+import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +30,26 @@ def load_tensors(path: Path) -> dict:
     for name in files:
         out.update(load_file(path / name))
     return out
+
+
+def write_jsonl(path, records):
+    """``records`` written to ``path`` one JSON value a line; the path as a string."""
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return str(path)
+
+
+def cache_hub_dataset(cache, tmp_path, repo_id, subset, records):
+    """Put ``records`` into the datasets cache as the Hub would leave ``repo_id`` there."""
+    from datasets.packaged_modules.json.json import Json
+
+    name = repo_id.split("/")[-1]
+    source = write_jsonl(tmp_path / f"{name}.jsonl", records)
+    builder = Json(cache_dir=str(tmp_path / "build"), dataset_name=name, config_name=subset,
+                   data_files={"train": source})
+    builder.download_and_prepare()
+    built = glob.glob(str(tmp_path / "build" / name / f"{subset}-*" / "0.0.0"))[0]
+    # Hub datasets are cached as NAMESPACE___NAME/SUBSET/VERSION/COMMIT.
+    shutil.copytree(built, cache / repo_id.replace("/", "___") / subset / "0.0.0" / "0123abcd")
 
 
 def merge(recipe_text: str, out: Path, **options) -> Path:

@@ -1,12 +1,11 @@
 """Calibration sources: prompt files, folders, saved datasets, data files, cached Hub datasets."""
 
-import glob
 import json
-import shutil
 
 import datasets
 import pytest
 
+from helpers import cache_hub_dataset, write_jsonl
 from mergekit_prodistill.recipe import ExpertParameters
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.inputs.sources import read_expert_prompts
@@ -18,31 +17,12 @@ def prompts_of(**params):
     return read_expert_prompts(ExpertParameters(**params), "model m")
 
 
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return str(path)
-
-
 @pytest.fixture
 def offline_datasets(tmp_path, monkeypatch):
     """An empty datasets cache, and no way to reach the Hub."""
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     return tmp_path / "datasets-cache"
-
-
-def cache_hub_dataset(cache, tmp_path, repo_id, subset, records):
-    """Put ``records`` into the datasets cache as the Hub would leave ``repo_id`` there."""
-    from datasets.packaged_modules.json.json import Json
-
-    name = repo_id.split("/")[-1]
-    source = write_jsonl(tmp_path / f"{name}.jsonl", records)
-    builder = Json(cache_dir=str(tmp_path / "build"), dataset_name=name, config_name=subset,
-                   data_files={"train": source})
-    builder.download_and_prepare()
-    built = glob.glob(str(tmp_path / "build" / name / f"{subset}-*" / "0.0.0"))[0]
-    # Hub datasets are cached as NAMESPACE___NAME/SUBSET/VERSION/COMMIT.
-    shutil.copytree(built, cache / repo_id.replace("/", "___") / subset / "0.0.0" / "0123abcd")
 
 
 def test_jsonl_takes_the_named_field_or_the_first_known_one(tmp_path):

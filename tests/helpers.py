@@ -107,3 +107,8 @@ def nan_on_first_training_call(loss_function):
         return loss
 
     return first_call_nan
+
+
+def refuse_to_generate(*args, **kwargs):
+    """In place of continuation.continue_prompts where the continuations must not be generated."""
+    raise AssertionError("the continuations were generated again")

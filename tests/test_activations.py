@@ -8,7 +8,7 @@ from mergekit.common import dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from helpers import merge
+from helpers import load_tensors, merge
 from mergekit_prodistill.plan import devices, fits, planner
 from mergekit_prodistill.training.activations import ActivationStore
 from mergekit_prodistill.plan.planner import stream_placement
@@ -100,3 +100,17 @@ def test_the_merge_puts_the_streams_where_its_plan_does(families, tmp_path, monk
         assert store.dtype == dtype_from_name(fit.dtypes["cache"]) == torch.float32
         assert store.directory == fit.activation_dir == str(out / ".prodistill-staging" / ".scratch")
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("placement", ["cpu", "disk"])
+def test_activation_placements_give_identical_merges(families, tmp_path, placement):
+    fam = families("qwen2", 2)
+    params = dict(epochs=3, lr=0.05, shots=8)
+    ref = load_tensors(merge(fam.recipe("prodistill", **params), tmp_path / "ref"))
+    extra = {"activation_dir": str(tmp_path / "acts")} if placement == "disk" else {}
+    out = merge(fam.recipe("prodistill", activation_placement=placement, **params, **extra),
+                tmp_path / "out")
+    got = load_tensors(out)
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    if placement == "disk":
+        assert list((tmp_path / "acts").glob("*.bin"))

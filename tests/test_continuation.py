@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from helpers import merge
+from helpers import load_tensors, merge, refuse_to_generate
 from mergekit_prodistill.inputs import continuation, expert_placement
 from mergekit_prodistill.inputs.calibration import tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
@@ -177,3 +177,15 @@ def test_an_expert_generates_in_the_dtype_the_merge_and_plan_read_it_in(families
                         dtypes.setdefault(path, dtype) and load(path, dtype, *a, **kw))
     merge(yaml.safe_dump(doc, sort_keys=False), tmp_path / "out")
     assert dtypes == {str(expert): torch.bfloat16, str(fam.experts[1]): torch.float32}
+
+
+def test_untrained_merge_generates_no_continuations(families, tmp_path, monkeypatch):
+    fam = families("llama", 2)
+    plain = load_tensors(merge(fam.recipe("prodistill", epochs=0, shots=4, continue_tokens=0),
+                               tmp_path / "plain"))
+    monkeypatch.setattr(continuation, "continue_prompts", refuse_to_generate)
+    out = merge(fam.recipe("prodistill", epochs=0, shots=4, continue_tokens=16),
+                tmp_path / "out")
+    got = load_tensors(out)
+    assert all(torch.equal(plain[k], got[k]) for k in plain)
+    assert "greedy continuation" not in (out / "README.md").read_text()

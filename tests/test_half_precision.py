@@ -167,3 +167,11 @@ def test_the_cpu_and_an_absent_gpu_count_as_native_bfloat16():
     assert dtypes.bfloat16_supported(torch.device("cpu"))
     if not torch.cuda.is_available():  # planning --cuda on a machine without one
         assert dtypes.bfloat16_supported(torch.device("cuda"))
+
+
+def test_bfloat16_activations_train(families, tmp_path):
+    fam = families("llama", 2)
+    out = merge(fam.recipe("prodistill", epochs=3, lr=0.05, shots=8, activation_dtype="bfloat16"),
+                tmp_path / "out")
+    report = json.loads((out / "prodistill_report.json").read_text())
+    assert all(b["loss_after"] < b["loss_before"] for b in report["blocks"])

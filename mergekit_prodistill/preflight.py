@@ -1,12 +1,13 @@
 """Checks run before any weight is read, so a long merge never dies late on bad input.
 
 Each problem raises :class:`ProDistillError` with one line naming what is wrong and where,
-and nothing has been written yet. In order: dtypes, the output folder, every model's
-folder (read by ``model_files``: weights present and complete, pickles and shipped code
-only when trusted), a supported model family, architecture and layer count against the
-base, every tensor's name and shape against the base (from headers, without reading data),
-and free disk for the output. Calibration prompts are checked where the merge reads them,
-once, before any weight.
+and nothing has been written yet. In order: dtypes, the output folder, the activation
+folder (one this process can write), every model's folder (read by ``model_files``:
+weights present and complete, pickles and shipped code only when trusted), a supported
+model family, architecture and layer count against the base, every tensor's name and
+shape against the base (from headers, without reading data), that a ``chat_template``
+has a tokenizer to go to, and free disk for the output.
+Calibration prompts are checked where the merge reads them, once, before any weight.
 
 What the checks learnt is returned, so that the merge reads and decides nothing twice.
 """
@@ -25,6 +26,7 @@ from mergekit_prodistill.errors import ProDistillError, one_line
 from mergekit_prodistill.models.model_files import ModelFiles, TensorInfo, arch_name, read_model
 from mergekit_prodistill.output.output_folder import check_free_disk, check_output_folder
 from mergekit_prodistill.recipe import ProDistillRecipe
+from mergekit_prodistill.recipe_checks import folder_problem
 
 
 @dataclass
@@ -43,6 +45,7 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
                        options: MergeOptions, out_path: str) -> Checked:
     check_dtypes(recipe)
     check_output_folder(out_path, merge_config)
+    check_activation_dir(recipe)
     refs = [recipe.base, *(e.model for e in recipe.experts)]
     models = {ref: read_model(ref, options) for ref in refs}
     for ref in refs:
@@ -59,6 +62,7 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
     weights = module.all_weights()
     check_tensors(recipe, models, weights)
     rows = {ref: _vocabulary_rows(weights, files) for ref, files in models.items()}
+    check_chat_template_kept(merge_config, rows)
     needed = output_bytes(recipe, models, weights)
     check_free_disk(out_path, needed)
     return Checked(models, arch_info, module, module.num_layers(), rows, needed)
@@ -66,13 +70,39 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
 
 def check_dtypes(recipe: ProDistillRecipe) -> None:
     for key in ("dtype", "out_dtype"):
-        value = getattr(recipe, key)
-        try:
-            dtype_from_name(value)
-        except RuntimeError:
-            raise ProDistillError(
-                f"recipe: {key} '{value}' is not one of bfloat16, float16, float32"
-            ) from None
+        _check_dtype(getattr(recipe, key), f"recipe: {key} '{getattr(recipe, key)}'")
+
+
+def _check_dtype(value: Optional[str], named: str) -> None:
+    try:
+        dtype_from_name(value)
+    except RuntimeError:
+        raise ProDistillError(f"{named} is not one of bfloat16, float16, float32") from None
+
+
+def check_activation_dir(recipe: ProDistillRecipe) -> None:
+    """A named folder for disk-backed streams must be one this process can write."""
+    p = recipe.params
+    if p.activation_dir and p.epochs and p.activation_placement in ("auto", "disk"):
+        problem = folder_problem(p.activation_dir, writable=True)
+        if problem:
+            raise ProDistillError(f"recipe parameters: activation_dir {p.activation_dir} "
+                                  f"{problem}; name a folder this merge can write")
+
+
+def check_chat_template_kept(merge_config: MergeConfiguration,
+                             rows: Dict[ModelReference, Optional[int]]) -> None:
+    """A ``chat_template`` is set on the tokenizer the merge builds; without
+    ``tokenizer_source`` or ``tokenizer:`` one is built only when the vocabularies differ
+    in size (as ``vocab.build_vocabulary`` decides); else the base's is copied as is."""
+    source = merge_config.tokenizer.source if merge_config.tokenizer \
+        else merge_config.tokenizer_source
+    if merge_config.chat_template and source is None and len(set(rows.values())) <= 1:
+        raise ProDistillError(
+            "recipe: chat_template is set on a tokenizer the merge builds, and this recipe "
+            "builds none (no tokenizer_source or tokenizer:, one vocabulary size), so the "
+            "base's tokenizer would be copied without it; add 'tokenizer_source: base', or "
+            "remove chat_template")
 
 
 def _arch_name(config) -> str:

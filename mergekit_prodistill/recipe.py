@@ -3,27 +3,21 @@
 mergekit accepts any key under ``parameters:`` and silently ignores the ones a method does
 not know; a list there means a gradient over layers. ProDistill's settings are plain
 scalars, so this module validates them itself: unknown keys are rejected by name (with the
-closest valid key suggested), lists and filters are rejected, ranges are checked.
+closest valid key suggested), lists and filters are rejected, ranges are checked, and
+settings that contradict each other are refused (:mod:`recipe_checks` words the errors).
 """
 
-import difflib
 import math
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Literal, Optional, Union
 
 from mergekit.common import ModelReference
-from mergekit.config import ConditionalParameter, MergeConfiguration
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from mergekit.config import MergeConfiguration
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.recipe_checks import (
+    check_chat_template, folder_problem, plain, validated)
 
 # epochs: auto trains every block for AUTO_EPOCHS epochs and at least AUTO_STEPS steps.
 AUTO_EPOCHS = 30
@@ -137,12 +131,20 @@ class ProDistillParameters(BaseModel):
     @field_validator("activation_dir")
     @classmethod
     def _a_folder(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and os.path.exists(value) and not os.path.isdir(value):
-            raise ValueError(f"{value} is a file, not a folder; name a folder (it is created "
-                             "if missing)")
+        problem = value and folder_problem(value)
+        if problem:
+            raise ValueError(f"{value} {problem}; name a folder (it is created if missing)")
         return value
 
-    @field_validator("init")
+    @field_validator("init", "lr", "patience", "shots", "holdout", "batch_size",
+                     "max_length", "continue_tokens", "head_epochs", mode="before")
+    @classmethod
+    def _not_a_switch(cls, value):
+        if isinstance(value, bool):  # YAML's yes/no/on/off too; pydantic takes them as 1/0
+            raise ValueError("must be a number, not true or false")
+        return value
+
+    @field_validator("init", "lr")
     @classmethod
     def _finite(cls, value: float) -> float:
         if not math.isfinite(value):
@@ -165,6 +167,16 @@ class ProDistillParameters(BaseModel):
             raise ValueError(
                 "patience stops each block on its held-out prompts, and 'holdout: 0' holds "
                 "none out; set holdout above 0, or patience: 0")
+        return self
+
+    @model_validator(mode="after")
+    def _folder_for_disk_streams(self):
+        kept = {"device": "on the compute device", "cpu": "in CPU memory"}
+        if self.activation_dir and self.activation_placement in kept:
+            raise ValueError(
+                "activation_dir holds disk-backed activation streams, and 'activation_placement: "
+                f"{self.activation_placement}' keeps them {kept[self.activation_placement]}; "
+                "set activation_placement: disk or auto, or remove activation_dir")
         return self
 
 
@@ -232,41 +244,6 @@ class ProDistillRecipe:
     out_dtype: Optional[str]
 
 
-def _plain(raw: Optional[Dict[str, Any]], where: str) -> Dict[str, Any]:
-    """Reject mergekit's gradients and filters: ProDistill settings are single values."""
-    out = {}
-    for key, value in (raw or {}).items():
-        if isinstance(value, (list, ConditionalParameter)):
-            raise ProDistillError(
-                f"{where}: parameter '{key}' must be a single value; prodistill does not "
-                "support mergekit's per-layer gradients or filters"
-            )
-        out[key] = value
-    return out
-
-
-def _validate(schema, raw: Dict[str, Any], where: str):
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        if not err["loc"]:  # a check across several keys
-            raise ProDistillError(f"{where}: {err['ctx']['error']}") from None
-        key = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            close = difflib.get_close_matches(key, schema.model_fields, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            valid = ", ".join(schema.model_fields)
-            raise ProDistillError(
-                f"{where}: unknown parameter '{key}'{hint}; valid keys: {valid}"
-            ) from None
-        if err["type"] == "missing":
-            raise ProDistillError(f"{where}: missing required parameter '{key}'") from None
-        raise ProDistillError(
-            f"{where}: parameter '{key}' = {err.get('input')!r}: {err['msg']}"
-        ) from None
-
-
 def parse_recipe(config: MergeConfiguration) -> ProDistillRecipe:
     """Validate a prodistill ``MergeConfiguration`` and return its settings."""
     if config.slices or config.modules or not config.models:
@@ -274,13 +251,14 @@ def parse_recipe(config: MergeConfiguration) -> ProDistillRecipe:
             "recipe: prodistill merges whole models; list them under 'models:' "
             "('slices:' and 'modules:' are not supported)"
         )
+    check_chat_template(config.chat_template)
     if config.base_model is None:
         raise ProDistillError(
             "recipe: prodistill needs 'base_model:', the model every expert was "
             "fine-tuned from"
         )
-    params = _validate(
-        ProDistillParameters, _plain(config.parameters, "recipe"), "recipe parameters"
+    params = validated(
+        ProDistillParameters, plain(config.parameters, "recipe"), "recipe parameters"
     )
     experts = []
     for entry in config.models:
@@ -291,8 +269,8 @@ def parse_recipe(config: MergeConfiguration) -> ProDistillRecipe:
                     f"{where}: the base model takes no parameters in a prodistill recipe"
                 )
             continue
-        raw = _plain(entry.parameters, where)
-        experts.append(Expert(entry.model, _validate(ExpertParameters, raw, where)))
+        raw = plain(entry.parameters, where)
+        experts.append(Expert(entry.model, validated(ExpertParameters, raw, where)))
     if not experts:
         raise ProDistillError("recipe: prodistill needs at least one expert besides the base")
     if len({e.model for e in experts}) != len(experts):

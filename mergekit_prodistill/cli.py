@@ -12,7 +12,8 @@ import sys
 import click
 import yaml
 from mergekit.config import MergeConfiguration
-from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+from mergekit.options import (
+    MergeOptions, PrettyPrintHelp, ShardSizeParamType, add_merge_options)
 
 from mergekit_prodistill.errors import ProDistillError, exit_with, one_line
 
@@ -41,10 +42,13 @@ class MergeOrPlan(PrettyPrintHelp):
 
     def main(self, args=None, prog_name=None, **kwargs):
         args = list(sys.argv[1:] if args is None else args)
-        if args[:1] == ["plan"]:
-            name = f"{prog_name or self.name} plan"
-            return plan_command.main(args[1:], prog_name=name, **kwargs)
-        return super().main(args, prog_name, **kwargs)
+        try:
+            if args[:1] == ["plan"]:
+                name = f"{prog_name or self.name} plan"
+                return plan_command.main(args[1:], prog_name=name, **kwargs)
+            return super().main(args, prog_name, **kwargs)
+        except ProDistillError as exc:  # a flag's value, refused while click reads it
+            exit_with(exc)
 
     def format_usage(self, ctx, formatter):
         super().format_usage(ctx, formatter)
@@ -71,8 +75,8 @@ def main(merge_options: MergeOptions, config_file: str, out_path: str,
     from mergekit_prodistill.run import run_prodistill
 
     integration.install()  # as under mergekit-yaml: the method is known by name (card link)
-    merge_options.apply_global_options()
     try:
+        _apply_flags(merge_options)
         if (private or revision) and not push_to_hub:
             raise ProDistillError("--private and --revision apply to --push-to-hub REPO_ID")
         if push_to_hub:
@@ -106,9 +110,9 @@ def plan_command(merge_options: MergeOptions, config_file: str, nproc_per_node: 
     from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan.planner import make_plan
 
-    merge_options.apply_global_options()
     world = World(rank=0, size=nproc_per_node * nnodes, local_size=nproc_per_node)
     try:
+        _apply_flags(merge_options)
         _, config = read_recipe(config_file)
         recipe = parse_recipe(config)
         planned = make_plan(recipe, merge_options, world=world)
@@ -116,6 +120,33 @@ def plan_command(merge_options: MergeOptions, config_file: str, nproc_per_node: 
         print(planned.render())
     except (ProDistillError, OSError) as exc:
         exit_with(exc)
+
+
+def _apply_flags(merge_options: MergeOptions) -> None:
+    """mergekit's global flags (seed, threads, logging), once their values are checked:
+    mergekit's own set-up ends in a traceback on a seed or thread count it cannot use."""
+    from mergekit_prodistill.preflight import check_flags
+
+    check_flags(merge_options)
+    merge_options.apply_global_options()
+
+
+class _ShardSize(ShardSizeParamType):
+    """mergekit's ``--out-shard-size`` type, with one line for a value that is no size."""
+
+    def convert(self, value, param, ctx):
+        try:
+            return super().convert(value, param, ctx)
+        except (ValueError, IndexError):
+            raise ProDistillError(
+                f"--out-shard-size {value}: not a size; give a whole number of parameters "
+                "per shard, with K, M or B for thousands, millions or billions (e.g. 5B)"
+            ) from None
+
+
+for _param in (*main.params, *plan_command.params):
+    if _param.name == "out_shard_size":
+        _param.type = _ShardSize()
 
 
 if __name__ == "__main__":

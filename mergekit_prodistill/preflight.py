@@ -1,17 +1,20 @@
 """Checks run before any weight is read, so a long merge never dies late on bad input.
 
 Each problem raises :class:`ProDistillError` with one line naming what is wrong and where,
-and nothing has been written yet. In order: dtypes, the output folder, the activation
-folder (one this process can write), every model's folder (read by ``model_files``:
-weights present and complete, pickles and shipped code only when trusted), a supported
-model family, architecture and layer count against the base, every tensor's name and
-shape against the base (from headers, without reading data), that a ``chat_template``
-has a tokenizer to go to, and free disk for the output.
+and nothing has been written yet. In order: mergekit's flags (a compute device torch can
+use here, none that the merge cannot honour), dtypes, the output folder and the activation
+folder (folders this process can write), LoRA adapters and their cache, every model's
+folder (read by ``model_files``: weights present and complete, pickles and shipped code
+only when trusted), a supported model family, architecture and layer count against the
+base, every tensor's name and shape against the base (from headers, without reading data),
+that a ``chat_template`` has a tokenizer to go to, and free disk for the output.
 Calibration prompts are checked where the merge reads them, once, before any weight.
+:func:`check_flags` holds what the command line checks before mergekit applies its flags.
 
 What the checks learnt is returned, so that the merge reads and decides nothing twice.
 """
 
+import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -23,7 +26,8 @@ from mergekit.options import MergeOptions
 
 from mergekit_prodistill.models.blocks import check_supported
 from mergekit_prodistill.errors import ProDistillError, one_line
-from mergekit_prodistill.models.model_files import ModelFiles, TensorInfo, arch_name, read_model
+from mergekit_prodistill.models.model_files import (
+    ModelFiles, TensorInfo, arch_name, hub_id, read_model)
 from mergekit_prodistill.output.output_folder import check_free_disk, check_output_folder
 from mergekit_prodistill.recipe import ProDistillRecipe
 from mergekit_prodistill.recipe_checks import folder_problem
@@ -43,10 +47,12 @@ class Checked:
 
 def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguration,
                        options: MergeOptions, out_path: str) -> Checked:
+    check_options(options)
     check_dtypes(recipe)
     check_output_folder(out_path, merge_config)
     check_activation_dir(recipe)
     refs = [recipe.base, *(e.model for e in recipe.experts)]
+    check_loras(refs, options)
     models = {ref: read_model(ref, options) for ref in refs}
     for ref in refs:
         config = models[ref].config
@@ -80,6 +86,67 @@ def _check_dtype(value: Optional[str], named: str) -> None:
         raise ProDistillError(f"{named} is not one of bfloat16, float16, float32") from None
 
 
+def check_flags(options: MergeOptions) -> None:
+    """Flag values that stop mergekit's own set-up (``apply_global_options``) or the
+    merge's first line with a traceback; the command line checks them before either."""
+    if options.random_seed is not None and not 0 <= options.random_seed < 2**32:
+        raise ProDistillError(
+            f"--random-seed {options.random_seed}: a seed is a whole number from 0 to "
+            f"{2**32 - 1}")
+    if options.num_threads is not None and options.num_threads < 1:
+        raise ProDistillError(f"--num-threads {options.num_threads}: give 1 or more threads")
+    compute_device(options)
+
+
+def compute_device(options: MergeOptions) -> torch.device:
+    """The device ``--device`` (or ``--cuda``) names, which torch must know by name."""
+    try:
+        return torch.device(options.device or "cpu")
+    except RuntimeError:
+        raise ProDistillError(
+            f"--device {options.device}: not a device torch knows; use cpu, cuda or cuda:N "
+            "(or --cuda)") from None
+
+
+def check_options(options: MergeOptions) -> None:
+    """mergekit's flags that this merge cannot use: a device that torch cannot compute on
+    here, and flags that ask for what the merge does not do."""
+    check_device(compute_device(options))
+    if options.multi_gpu:
+        raise ProDistillError(
+            "--multi-gpu (also set by --gpu-rich): a prodistill process computes on one "
+            "device; use --cuda for one GPU, or launch one process per GPU with torchrun "
+            "--nproc-per-node N (see docs/distributed.md)")
+    if options.unsafe_truncate_embeddings:
+        raise ProDistillError(
+            "--unsafe-truncate-embeddings: prodistill never truncates embeddings; it aligns "
+            "the vocabularies by token (tokenizer_source, see docs/vocabularies.md), so "
+            "remove the flag")
+    _check_dtype(options.lora_merge_dtype, f"--lora-merge-dtype {options.lora_merge_dtype}")
+
+
+def check_device(device: torch.device) -> None:
+    """The compute device exists on this machine and torch can use it."""
+    if device.type == "cpu":
+        return
+    if device.type == "meta":
+        raise ProDistillError("--device meta: meta tensors hold no values to merge; use cpu "
+                              "or cuda")
+    backend = getattr(torch, device.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        why = (f"this torch ({torch.__version__}) is built without CUDA"
+               if device.type == "cuda" and torch.version.cuda is None
+               and getattr(torch.version, "hip", None) is None
+               else f"torch finds no {device.type} device")
+        raise ProDistillError(f"--device {device}: {why}; leave out --cuda / --device to "
+                              f"merge on the CPU, or run where torch has a {device.type} device")
+    count = getattr(backend, "device_count", lambda: None)()
+    if device.index is not None and count is not None and device.index >= count:
+        have = f"{device.type}:0" + (f" to {device.type}:{count - 1}" if count > 1 else "")
+        raise ProDistillError(f"--device {device}: this machine has {count} {device.type} "
+                              f"device{'s' if count > 1 else ''} ({have})")
+
+
 def check_activation_dir(recipe: ProDistillRecipe) -> None:
     """A named folder for disk-backed streams must be one this process can write."""
     p = recipe.params
@@ -88,6 +155,25 @@ def check_activation_dir(recipe: ProDistillRecipe) -> None:
         if problem:
             raise ProDistillError(f"recipe parameters: activation_dir {p.activation_dir} "
                                   f"{problem}; name a folder this merge can write")
+
+
+def check_loras(refs, options: MergeOptions) -> None:
+    """Every LoRA is an adapter folder (or a Hub id), merged into a cache folder that
+    this process can write."""
+    loras = [r for r in refs if r.lora]
+    for ref in loras:
+        path = ref.lora.path
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise ProDistillError(f"model {ref}: LoRA folder {path} holds no "
+                                  "adapter_config.json; give a PEFT adapter's folder")
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ProDistillError(f"model {ref}: LoRA {path} is a file; give the adapter's folder")
+        if not os.path.exists(path) and hub_id(path) != path:
+            raise ProDistillError(f"model {ref}: LoRA folder {path} does not exist")
+    cache = options.lora_merge_cache  # without one, read_model names the flag
+    problem = loras and cache and folder_problem(cache, writable=True)
+    if problem:
+        raise ProDistillError(f"--lora-merge-cache {cache} {problem}")
 
 
 def check_chat_template_kept(merge_config: MergeConfiguration,

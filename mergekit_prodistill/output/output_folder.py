@@ -4,7 +4,8 @@ made, and never without the disk room for its result.
 A folder holds "the same merge" when the recipe it records is this recipe, parsed and
 compared as mergekit reads it (formatting aside): the mergekit_config.yml written beside
 the card, or, when the card was not written, the recipe in the run's report. The same
-merge may be replaced; any other model is refused before anything is read.
+merge may be replaced; any other model is refused before anything is read, as is a path
+where this process cannot make or write a folder.
 """
 
 import os
@@ -17,17 +18,22 @@ from mergekit_prodistill.plan.devices import free_disk
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.layout import OUTPUT_FILES, RECIPE, REPORT, WEIGHT_PREFIXES
 from mergekit_prodistill.output.report import Report
+from mergekit_prodistill.recipe_checks import folder_problem
 
 # Room for config, tokenizer, card and report on top of the weights.
 DISK_MARGIN_BYTES = 64 * 2**20
 
 
 def check_output_folder(out_path: str, merge_config: MergeConfiguration) -> None:
-    """Refuse to overwrite a model that this recipe did not make."""
+    """Refuse to overwrite a model that this recipe did not make, and a folder that this
+    process cannot create or write."""
+    if os.path.lexists(out_path) and not os.path.isdir(out_path):
+        raise ProDistillError(f"output path {out_path} exists and is not a folder")
+    problem = folder_problem(out_path, writable=True)
+    if problem:
+        raise ProDistillError(f"output path {out_path} {problem}")
     if not os.path.lexists(out_path):
         return
-    if not os.path.isdir(out_path):
-        raise ProDistillError(f"output path {out_path} exists and is not a folder")
     recorded = {name: text for name, text in ((RECIPE, _recipe_file(out_path)),
                                               (REPORT, _report_recipe(out_path)))
                 if text is not None}

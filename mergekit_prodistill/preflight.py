@@ -30,7 +30,7 @@ from mergekit_prodistill.models.model_files import (
     ModelFiles, TensorInfo, arch_name, hub_id, read_model)
 from mergekit_prodistill.output.output_folder import check_free_disk, check_output_folder
 from mergekit_prodistill.recipe import ProDistillRecipe
-from mergekit_prodistill.recipe_checks import folder_problem
+from mergekit_prodistill.output.output_folder import folder_problem
 
 
 @dataclass

@@ -9,15 +9,15 @@ settings that contradict each other are refused (:mod:`recipe_checks` words the 
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Union
+from typing import List, Literal, Optional, Union
 
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.recipe_checks import (
-    check_chat_template, folder_problem, plain, validated)
+from mergekit_prodistill.output.output_folder import folder_problem
+from mergekit_prodistill.recipe_checks import check_chat_template, plain, validated
 
 # epochs: auto trains every block for AUTO_EPOCHS epochs and at least AUTO_STEPS steps.
 AUTO_EPOCHS = 30

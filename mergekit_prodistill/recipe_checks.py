@@ -1,6 +1,6 @@
 """How a recipe's values are validated and refused: the pydantic errors of ``parameters:``
-turned into one line, single values enforced where mergekit allows gradients, the
-folders a merge writes, and mergekit's ``chat_template``.
+turned into one line, single values enforced where mergekit allows gradients, and
+mergekit's ``chat_template``.
 
 Each problem raises :class:`ProDistillError` (or returns the words for one) naming the
 value and what is wrong with it; nothing here reads a weight or writes a file.
@@ -8,7 +8,6 @@ value and what is wrong with it; nothing here reads a weight or writes a file.
 
 import difflib
 import importlib.resources
-import os
 from typing import Any, Dict, Optional
 
 from mergekit.config import ConditionalParameter
@@ -51,26 +50,6 @@ def validated(schema, raw: Dict[str, Any], where: str):
         # Our own validators' words, without pydantic's "Value error, " in front.
         why = err["ctx"]["error"] if err["type"] == "value_error" else err["msg"]
         raise ProDistillError(f"{where}: parameter '{key}' = {err.get('input')!r}: {why}") from None
-
-
-def folder_problem(path: str, writable: bool = False) -> Optional[str]:
-    """What stops the merge from making files in the folder ``path`` (created if missing),
-    in words that follow the path; None when nothing does.
-
-    ``path`` or a folder above it may be a file; with ``writable``, the nearest folder
-    that exists must also let this process create files in it.
-    """
-    full = os.path.abspath(path)
-    existing = full
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return ("is a file, not a folder" if existing == full
-                else f"cannot be a folder: {existing} is a file")
-    if writable and not os.access(existing, os.W_OK | os.X_OK):
-        return ("is not writable" if existing == full
-                else f"cannot be created: {existing} is not writable")
-    return None
 
 
 def check_chat_template(value: Optional[str]) -> None:

@@ -11,7 +11,7 @@ import transformers
 import yaml
 
 from helpers import BIN, merge, recipe, refused, run_cli
-from mergekit_prodistill import recipe_checks
+from mergekit_prodistill.output import output_folder
 from mergekit_prodistill.errors import ProDistillError
 
 
@@ -148,7 +148,7 @@ def test_an_output_path_the_merge_cannot_make(families, tmp_path, no_weight_read
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(recipe_checks.os, "access",
+    monkeypatch.setattr(output_folder.os, "access",
                         lambda path, mode: path != str(locked) and real_access(path, mode))
     refused(doc, locked / "out", "^" + re.escape(
         f"output path {locked / 'out'} cannot be created: {locked} is not writable") + "$")

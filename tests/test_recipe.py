@@ -9,7 +9,8 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from helpers import recipe, refused, with_expert_parameters
-from mergekit_prodistill import preflight, recipe_checks
+from mergekit_prodistill import preflight
+from mergekit_prodistill.output import output_folder
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.recipe import parse_recipe
 
@@ -150,7 +151,7 @@ def test_an_activation_dir_the_merge_cannot_write_is_refused(families, tmp_path,
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
-    monkeypatch.setattr(recipe_checks.os, "access",
+    monkeypatch.setattr(output_folder.os, "access",
                         lambda path, mode: path != str(locked) and real_access(path, mode))
     doc = recipe(families("llama", 2), epochs=1, activation_dir=str(locked / "streams"))
     refused(doc, tmp_path / "out", "^" + re.escape(

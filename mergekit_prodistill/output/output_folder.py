@@ -18,10 +18,29 @@ from mergekit_prodistill.plan.devices import free_disk
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.layout import OUTPUT_FILES, RECIPE, REPORT, WEIGHT_PREFIXES
 from mergekit_prodistill.output.report import Report
-from mergekit_prodistill.recipe_checks import folder_problem
 
 # Room for config, tokenizer, card and report on top of the weights.
 DISK_MARGIN_BYTES = 64 * 2**20
+
+
+def folder_problem(path: str, writable: bool = False) -> Optional[str]:
+    """What stops the merge from making files in the folder ``path`` (created if missing),
+    in words that follow the path; None when nothing does.
+
+    ``path`` or a folder above it may be a file; with ``writable``, the nearest folder
+    that exists must also let this process create files in it.
+    """
+    full = os.path.abspath(path)
+    existing = full
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return ("is a file, not a folder" if existing == full
+                else f"cannot be a folder: {existing} is a file")
+    if writable and not os.access(existing, os.W_OK | os.X_OK):
+        return ("is not writable" if existing == full
+                else f"cannot be created: {existing} is not writable")
+    return None
 
 
 def check_output_folder(out_path: str, merge_config: MergeConfiguration) -> None:

@@ -40,22 +40,37 @@ def test_output_folder_holding_another_model_is_refused(families, tmp_path, no_w
         merge(fam.recipe("prodistill"), a_file)
 
 
+def why_refused(folder, config):
+    """The error check_output_folder gives a merge of ``config`` into ``folder``; None when
+    the merge may write there."""
+    try:
+        output_folder.check_output_folder(str(folder), config)
+    except ProDistillError as error:
+        return str(error)
+    return None
+
+
 def test_output_folder_rules(families, tmp_path):
     fam = families("llama", 2)
     config = MergeConfiguration.model_validate(recipe(fam, epochs=3))
-    output_folder.check_output_folder(str(tmp_path / "new"), config)
+    assert why_refused(tmp_path / "new", config) is None
+    assert not (tmp_path / "new").exists()  # checking makes nothing
     (tmp_path / "empty").mkdir()
-    output_folder.check_output_folder(str(tmp_path / "empty"), config)
+    assert why_refused(tmp_path / "empty", config) is None
     # The same recipe again (formatted differently) may replace its own earlier result.
     same = tmp_path / "same"
     same.mkdir()
     (same / "mergekit_config.yml").write_text(yaml.safe_dump(recipe(fam, epochs=3), indent=4))
     (same / "model.safetensors").write_bytes(b"old")
-    output_folder.check_output_folder(str(same), config)
+    assert why_refused(same, config) is None
+    other = MergeConfiguration.model_validate(recipe(fam, epochs=4))
+    assert "already holds a different merge" in str(why_refused(same, other))
+    assert (same / "model.safetensors").read_bytes() == b"old"
     # Unrelated files are left alone and do not stop the merge.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "notes.txt").write_text("mine")
-    output_folder.check_output_folder(str(tmp_path / "notes"), config)
+    assert why_refused(tmp_path / "notes", config) is None
+    assert (tmp_path / "notes" / "notes.txt").read_text() == "mine"
 
 
 def test_a_merge_without_its_card_can_replace_itself(families, tmp_path):

@@ -31,6 +31,7 @@ from mergekit_prodistill.models.model_files import (
 from mergekit_prodistill.output.output_folder import check_free_disk, check_output_folder
 from mergekit_prodistill.recipe import ProDistillRecipe
 from mergekit_prodistill.output.output_folder import folder_problem
+from mergekit_prodistill.plan.context import RunContext
 
 
 @dataclass
@@ -95,23 +96,13 @@ def check_flags(options: MergeOptions) -> None:
             f"{2**32 - 1}")
     if options.num_threads is not None and options.num_threads < 1:
         raise ProDistillError(f"--num-threads {options.num_threads}: give 1 or more threads")
-    compute_device(options)
-
-
-def compute_device(options: MergeOptions) -> torch.device:
-    """The device ``--device`` (or ``--cuda``) names, which torch must know by name."""
-    try:
-        return torch.device(options.device or "cpu")
-    except RuntimeError:
-        raise ProDistillError(
-            f"--device {options.device}: not a device torch knows; use cpu, cuda or cuda:N "
-            "(or --cuda)") from None
+    RunContext.of(options)  # a device torch knows by name
 
 
 def check_options(options: MergeOptions) -> None:
     """mergekit's flags that this merge cannot use: a device that torch cannot compute on
     here, and flags that ask for what the merge does not do."""
-    check_device(compute_device(options))
+    check_device(RunContext.of(options).device)
     if options.multi_gpu:
         raise ProDistillError(
             "--multi-gpu (also set by --gpu-rich): a prodistill process computes on one "

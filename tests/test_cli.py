@@ -186,7 +186,7 @@ def test_lora_adapters_and_their_cache_are_checked(families, tmp_path, no_weight
 
 
 @pytest.mark.parametrize("command", ["mergekit-yaml", "mergekit-prodistill"])
-@pytest.mark.parametrize("case", ["meta-device", "output-below-a-file"])
+@pytest.mark.parametrize("case", ["meta-device", "unknown-device", "output-below-a-file"])
 def test_unusable_flag_or_path_is_one_line_from_both_commands(families, tmp_path, command,
                                                                case):
     path = tmp_path / "recipe.yml"
@@ -196,6 +196,9 @@ def test_unusable_flag_or_path_is_one_line_from_both_commands(families, tmp_path
     out, flags, message = {
         "meta-device": (tmp_path / "out", ["--device", "meta"],
                         "--device meta: meta tensors hold no values to merge; use cpu or cuda"),
+        "unknown-device": (tmp_path / "out", ["--device", "gpu"],
+                           "--device gpu: not a device torch knows; use cpu, cuda or cuda:N "
+                           "(or --cuda)"),
         "output-below-a-file": (taken / "out", [],
                                 f"output path {taken / 'out'} cannot be a folder: {taken} is a "
                                 "file"),

@@ -32,6 +32,12 @@ def streams_file(blocks_done: int, rank: int, size: int) -> str:
     return per_process(f"streams-{blocks_done}", rank, size) + ".safetensors"
 
 
+def activation_file(stream: str) -> str:
+    """Inside the activation folder (SCRATCH, or the recipe's activation_dir): one
+    disk-backed activation stream, deleted when the block loop ends."""
+    return f"{stream}.bin"
+
+
 def unit_file(unit: str) -> str:
     """Inside PROGRESS: one finished unit's merged tensors (embeddings, a block, the head)."""
     return f"{unit}.safetensors"

@@ -112,5 +112,5 @@ def test_activation_placements_give_identical_merges(families, tmp_path, placeme
                 tmp_path / "out")
     got = load_tensors(out)
     assert all(torch.equal(ref[k], got[k]) for k in ref)
-    if placement == "disk":
-        assert list((tmp_path / "acts").glob("*.bin"))
+    if placement == "disk":  # the streams were there, and are deleted with the merge done
+        assert (tmp_path / "acts").is_dir() and not list((tmp_path / "acts").iterdir())

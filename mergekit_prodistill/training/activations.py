@@ -9,11 +9,14 @@ or in memory-mapped files. Every stream is a list per expert of one tensor per b
 updated in place as blocks advance.
 """
 
+import contextlib
 import logging
 import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+
+from mergekit_prodistill.layout import activation_file
 
 LOG = logging.getLogger("mergekit_prodistill")
 
@@ -49,6 +52,7 @@ class ActivationStore:
         self.compute_device = device  # pinned host memory only speeds copies to a GPU
         self.device = device if self.placement == "device" else torch.device("cpu")
         self.directory = directory
+        self.files: List[str] = []  # the disk-backed streams' files
         LOG.info("activation streams of %.1f MB each, %s, on %s",
                  self.nbytes_per_stream / 1e6, dtype, self.placement)
 
@@ -64,7 +68,8 @@ class ActivationStore:
 
     def _allocate_on_disk(self, name: str) -> Stream:
         os.makedirs(self.directory, exist_ok=True)
-        path = os.path.join(self.directory, f"{name}.bin")
+        path = os.path.join(self.directory, activation_file(name))
+        self.files.append(path)
         numel = self.nbytes_per_stream // self.dtype.itemsize
         with open(path, "wb") as f:  # a sparse file of the right size
             f.truncate(self.nbytes_per_stream)
@@ -78,3 +83,10 @@ class ActivationStore:
                 offset += size
             stream.append(views)
         return stream
+
+    def remove_files(self) -> None:
+        """Delete the disk-backed streams' files (their memory maps stay valid until freed)."""
+        for path in self.files:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+        self.files.clear()

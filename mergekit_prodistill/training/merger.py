@@ -99,7 +99,16 @@ class Merger:
     def trained(self, calib, decided, resumed, progress: Progress) -> MergeResults:
         """Embeddings by task arithmetic, every block distilled, the head trained or merged
         by task arithmetic; returns the blocks' reports, the head's (or None) and the
-        fidelity on held-out prompts (or None)."""
+        fidelity on held-out prompts (or None). Disk-backed streams are deleted when it
+        ends, however it ends: a resumed run starts from the saved progress, not them."""
+        self._stores = []
+        try:
+            return self._trained(calib, decided, resumed, progress)
+        finally:
+            for store in self._stores:
+                store.remove_files()
+
+    def _trained(self, calib, decided, resumed, progress: Progress) -> MergeResults:
         p, device = self.recipe.params, self.ctx.device
         runner = BlockRunner(self.module.config, device, self.ctx.trust_remote_code)
         # Processes that share an expert each take some rows of its batches.
@@ -161,10 +170,11 @@ class Merger:
         """The owned experts' activation streams, where and in the dtype the plan decided."""
         def store(holdout: bool):
             shapes = calib.shapes(holdout)
-            return ActivationStore([shapes[i] for i in self.owned],
-                                   self.module.config.hidden_size,
-                                   dtype_from_name(decided.dtypes["cache"]), decided.placement,
-                                   self.ctx.device, decided.activation_dir)
+            self._stores.append(ActivationStore(
+                [shapes[i] for i in self.owned], self.module.config.hidden_size,
+                dtype_from_name(decided.dtypes["cache"]), decided.placement, self.ctx.device,
+                decided.activation_dir))
+            return self._stores[-1]
 
         def allocate(store, name):
             return store.allocate(layout.per_process(name, self.world.rank, self.world.size))

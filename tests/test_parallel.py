@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BIN, merge, run_cli
+from helpers import BIN, load_tensors, merge, run_cli
 from mergekit_prodistill.parallel import World
 from mergekit_prodistill.tiny import ModelSpec
-from helpers import load_tensors
 
 STATE = Path(".prodistill-staging") / ".progress" / "state.json"
 # Results depend on the threads a process computes with, as in any torch program: the

@@ -85,7 +85,7 @@ def main():
         checkpoint = Progress(str(folder), name)
         checkpoint.restore_or_reset()  # a fresh progress folder
         started = time.perf_counter()
-        continued = run._continued(recipe, checked, calib, ctx, checkpoint, SINGLE)
+        continued = run._continued(recipe, checked, calib, ctx, options, checkpoint, SINGLE)
         return time.perf_counter() - started, continued.sequences
 
     def plain_generate(rows):

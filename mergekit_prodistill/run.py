@@ -41,6 +41,7 @@ from mergekit_prodistill.output.progress import Progress, UnitWriter, fingerprin
 from mergekit_prodistill.quiet import honours_quiet
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.output.report import Report
+from mergekit_prodistill.models.model_files import full_weights_folder
 from mergekit_prodistill.models.vocab import build_vocabulary
 from mergekit_prodistill.training.weights import ModelTensors
 
@@ -107,7 +108,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
         # 6. Each expert's continuation of its prompts, generated once and saved.
         if progress is not None and p.continue_tokens:
             continued = time.time()
-            calib = _continued(recipe, checked, calib, ctx, progress, world)
+            calib = _continued(recipe, checked, calib, ctx, options, progress, world)
             facts["continuation_seconds"] = time.time() - continued
         # 7. The embeddings, every decoder block, the final norm and LM head.
         with distill.denormals_flushed(bool(p.epochs)), dtypes.fast_float32_matmuls(
@@ -172,10 +173,10 @@ def _staged(staging_dir: str, out_path: str, created_out: bool,
     shutil.rmtree(staging_dir, ignore_errors=True)
 
 
-def _continued(recipe, checked, calib, ctx: RunContext, progress: Progress,
+def _continued(recipe, checked, calib, ctx: RunContext, options, progress: Progress,
                world: parallel.World):
     """Every expert's prompts, each followed by its greedy continuation, generated in the
-    dtype the merge reads the expert in.
+    dtype the merge reads the expert in (a LoRA expert merged into its base).
 
     Generated once, one expert at a time (each process its own experts), and saved in the
     progress folder: a run that continues this merge reads them back instead of
@@ -192,7 +193,8 @@ def _continued(recipe, checked, calib, ctx: RunContext, progress: Progress,
             dtype = dtypes.generation_dtype(recipe,
                                             dtypes.stored_dtype(expert.model, files.config, files))
             own.append(continuation.continue_prompts(
-                files.folder, calib.sequences[i] + calib.holdout[i],
+                full_weights_folder(expert.model, options),
+                calib.sequences[i] + calib.holdout[i],
                 recipe.params.continue_tokens, calib.tokenizers[i], dtype=dtype,
                 device=ctx.device, free=free, trust_remote_code=ctx.trust_remote_code))
         sequences = world.gather(own)

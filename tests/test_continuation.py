@@ -7,8 +7,10 @@ import math
 import pytest
 import torch
 import transformers
+import yaml
+from mergekit.common import ModelReference
 
-from helpers import load_tensors, merge, refuse_to_generate
+from helpers import load_tensors, merge, recipe, refuse_to_generate
 from mergekit_prodistill.inputs import continuation, expert_placement
 from mergekit_prodistill.inputs.calibration import tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
@@ -189,3 +191,26 @@ def test_untrained_merge_generates_no_continuations(families, tmp_path, monkeypa
     got = load_tensors(out)
     assert all(torch.equal(plain[k], got[k]) for k in plain)
     assert "greedy continuation" not in (out / "README.md").read_text()
+
+
+def test_a_lora_expert_continues_its_prompts_with_its_adapter_merged(families, tmp_path,
+                                                                     monkeypatch):
+    """A LoRA expert generates its continuations as the merge reads its blocks: merged
+    into its base by mergekit, in --lora-merge-cache; not as the base alone."""
+    peft = pytest.importorskip("peft")
+    fam = families("llama", 2)
+    model = transformers.AutoModelForCausalLM.from_pretrained(fam.experts[0])
+    adapter = tmp_path / "adapter"
+    peft.get_peft_model(model, peft.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    ).save_pretrained(adapter)
+    doc = recipe(fam, epochs=1, shots=4, continue_tokens=4)
+    doc["models"][0]["model"] = f"{fam.experts[0]}+{adapter}"
+    folders, generate = [], continuation.continue_prompts
+    monkeypatch.setattr(continuation, "continue_prompts",
+                        lambda folder, *a, **k: folders.append(folder) or generate(folder, *a, **k))
+    cache = tmp_path / "lora-cache"
+    merge(yaml.safe_dump(doc), tmp_path / "out", lora_merge_cache=str(cache))
+    merged_lora = ModelReference.parse(doc["models"][0]["model"]).merged(cache_dir=str(cache))
+    assert folders == [merged_lora.model.path, str(fam.experts[1])]
+    assert merged_lora.model.path.startswith(str(cache))

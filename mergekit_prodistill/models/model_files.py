@@ -124,6 +124,17 @@ def model_folder(ref: ModelReference, options: MergeOptions) -> str:
         ) from None
 
 
+def full_weights_folder(ref: ModelReference, options: MergeOptions) -> str:
+    """The folder of the model's whole weights, for loading it whole (its continuations):
+    a LoRA merged into its base by mergekit, once, in ``--lora-merge-cache`` (the merge
+    reads the same folder through mergekit's loader), else the model's own folder."""
+    if not ref.lora:
+        return model_folder(ref, options)
+    return ref.merged(cache_dir=options.lora_merge_cache,
+                      trust_remote_code=options.trust_remote_code,
+                      lora_merge_dtype=options.lora_merge_dtype).model.path
+
+
 def read_checkpoint(ref, folder: str, trust_pickles: bool) -> ModelFiles:
     """The checkpoint's tensors and files, from its headers; refuses untrusted pickles."""
     for stem, pickled in CHECKPOINTS:

@@ -3,7 +3,10 @@ every 10 optimiser steps, and the report lists each check's loss."""
 
 import json
 
+import pytest
+
 from helpers import merge
+from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.training.distill import EarlyStop
 
 
@@ -46,3 +49,12 @@ def test_a_merge_with_patience_stops_blocks_early_and_reports_the_checks(familie
         assert checks[-1] >= 0.99 * min(checks[:-1])
         assert all(later < 0.99 * min(checks[:i + 1])
                    for i, later in enumerate(checks[1:-1]))
+
+
+def test_patience_is_refused_when_an_expert_has_no_prompts_to_hold_out(families, tmp_path):
+    fam = families("llama", 2)  # 32 prompts per expert: none left beyond 32 shots
+    with pytest.raises(ProDistillError, match=r"^model .*expert_0: 'patience' stops each block "
+                       r"on the held-out prompts, and this expert's source holds none beyond "
+                       r"its 32 shots; add prompts to it, lower 'shots', or set 'patience: 0'$"):
+        merge(fam.recipe("prodistill", epochs=1, shots=32, patience=1), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

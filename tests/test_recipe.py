@@ -164,5 +164,7 @@ def test_chat_template_goes_to_a_built_tokenizer(families, tmp_path):
     doc = recipe(families("llama", 2), epochs=0)
     doc.update(chat_template="chatml", tokenizer_source="base")
     config = MergeConfiguration.model_validate(doc)
-    preflight.check_before_merge(parse_recipe(config), config, MergeOptions(),
-                                 str(tmp_path / "out"))
+    checked = preflight.check_before_merge(parse_recipe(config), config, MergeOptions(),
+                                           str(tmp_path / "out"))
+    assert len(checked.models) == 3  # accepted: the base and both experts were checked
+    assert not (tmp_path / "out").exists()

@@ -35,6 +35,15 @@ def test_jsonl_takes_the_named_field_or_the_first_known_one(tmp_path):
         prompts_of(calibration=path, field="prompt_text")
 
 
+def test_a_field_for_a_text_file_is_refused(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(QUESTIONS))
+    assert prompts_of(calibration=str(path)).texts == QUESTIONS
+    with pytest.raises(ProDistillError, match=r"^model m: 'field' names a column or JSON key, "
+                       r"and .*p\.txt is a text file of one prompt per line; remove it$"):
+        prompts_of(calibration=str(path), field="question")
+
+
 def test_text_file_and_folder_of_prompt_files(tmp_path):
     folder = tmp_path / "prompts"
     (folder / "more").mkdir(parents=True)

@@ -226,4 +226,10 @@ def load_for_experts(recipe, trust_remote_code: bool, seed: int) -> CalibrationS
         holdout = tokenize(held, tokenizer, p.max_length, f"model {expert.model}")
         calib.holdout.append(holdout)
         calib.holdout_batches.append(make_batches(holdout, p.batch_size))
+    if p.patience and not all(calib.holdout):
+        short = next(e.model for e, h in zip(recipe.experts, calib.holdout) if not h)
+        raise ProDistillError(
+            f"model {short}: 'patience' stops each block on the held-out prompts, and this "
+            f"expert's source holds none beyond its {p.shots} shots; add prompts to it, lower "
+            "'shots', or set 'patience: 0'")
     return calib

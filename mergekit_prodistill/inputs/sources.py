@@ -58,6 +58,10 @@ def read_expert_prompts(params, where: str) -> Prompts:
         )
     if os.path.isdir(path):
         return Prompts(read_folder(path, params.field), path)
+    if params.field is not None and path.lower().endswith(".txt"):
+        raise ProDistillError(
+            f"{where}: 'field' names a column or JSON key, and {path} is a text file of one "
+            "prompt per line; remove it")
     return Prompts(read_prompt_file(path, params.field), path)
 
 

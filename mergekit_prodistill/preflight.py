@@ -24,14 +24,15 @@ from mergekit.common import ModelReference, dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_prodistill.models.blocks import check_supported
 from mergekit_prodistill.errors import ProDistillError, one_line
-from mergekit_prodistill.models.model_files import (
-    ModelFiles, TensorInfo, arch_name, hub_id, read_model)
-from mergekit_prodistill.output.output_folder import check_free_disk, check_output_folder
-from mergekit_prodistill.recipe import ProDistillRecipe
-from mergekit_prodistill.output.output_folder import folder_problem
+from mergekit_prodistill.models.blocks import check_supported
+from mergekit_prodistill.models.dtypes import requested_output_dtype
+from mergekit_prodistill.models.model_files import (ModelFiles, TensorInfo, arch_name, hub_id,
+                                                    read_model)
+from mergekit_prodistill.output.output_folder import (check_free_disk, check_output_folder,
+                                                      folder_problem)
 from mergekit_prodistill.plan.context import RunContext
+from mergekit_prodistill.recipe import ProDistillRecipe
 
 
 @dataclass
@@ -252,7 +253,7 @@ def _vocabulary_rows(weights, files: ModelFiles) -> Optional[int]:
 
 def output_bytes(recipe, models: Dict[ModelReference, ModelFiles], weights) -> int:
     """Size of the merged weights: the base's tensors (widest vocabulary) in the out dtype."""
-    out_dtype = dtype_from_name(recipe.out_dtype or recipe.dtype)
+    out_dtype = dtype_from_name(requested_output_dtype(recipe))
     total = 0
     for weight in weights:
         found = [f.tensors[n] for f in models.values() if (n := _find(weight, f.tensors))]

@@ -29,20 +29,20 @@ from mergekit.io import TensorWriter
 from mergekit.io.tasks import LoaderCache
 
 from mergekit_prodistill import parallel, preflight
+from mergekit_prodistill.errors import Interrupted
 from mergekit_prodistill.inputs import calibration, continuation
 from mergekit_prodistill.models import dtypes
-from mergekit_prodistill.output import staging
-from mergekit_prodistill.plan import devices, fits
-from mergekit_prodistill.plan.context import RunContext
-from mergekit_prodistill.training import distill
-from mergekit_prodistill.errors import Interrupted
-from mergekit_prodistill.training.merger import Merger
-from mergekit_prodistill.output.progress import Progress, UnitWriter, fingerprint
-from mergekit_prodistill.quiet import honours_quiet
-from mergekit_prodistill.recipe import parse_recipe
-from mergekit_prodistill.output.report import Report
 from mergekit_prodistill.models.model_files import full_weights_folder
 from mergekit_prodistill.models.vocab import build_vocabulary
+from mergekit_prodistill.output import staging
+from mergekit_prodistill.output.progress import Progress, UnitWriter, fingerprint
+from mergekit_prodistill.output.report import Report
+from mergekit_prodistill.plan import devices, fits
+from mergekit_prodistill.plan.context import RunContext
+from mergekit_prodistill.quiet import honours_quiet
+from mergekit_prodistill.recipe import parse_recipe
+from mergekit_prodistill.training import distill
+from mergekit_prodistill.training.merger import Merger
 from mergekit_prodistill.training.weights import ModelTensors
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -82,9 +82,9 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
         vocabulary.calibration_ids(batches, calib.sources)
     # 4. The plan, checked against the memory free now, before any weight is read (and
     #    whether batches split over processes that share an expert).
-    decided = fits.check_fits(recipe, options, out_path, calib, world, checked.models)
+    decided = fits.check_fits(recipe, options, out_path, calib, world=world,
+                              models=checked.models)
     world = world.with_timeout(devices.collective_timeout(decided))
-
     LoaderCache().setup(options=options)
     # Every model is read in the dtype it stores (dtypes.py).
     base = ModelTensors(recipe.base, None, str(ctx.device))

@@ -76,14 +76,18 @@ def erased_share(base: torch.Tensor, expert: torch.Tensor, dtype: torch.dtype) -
     return float((moved & ~kept).sum()) / max(int(moved.sum()), 1)
 
 
-def erased_shares(recipe, out_dtype: str) -> Dict[str, Tuple[float, str]]:
+def erased_shares(recipe, out_dtype: str, models=None) -> Dict[str, Tuple[float, str]]:
     """Per expert (by name) that writing in ``out_dtype`` can round, the sampled share of
     its task vector that it erases, and the expert's stored dtype. Experts without a local
-    safetensors checkpoint are left out."""
-    base = _files(recipe.base)
+    safetensors checkpoint are left out; ``models`` are the files preflight read, if any."""
+    def files(ref) -> Optional[ModelFiles]:
+        found = models[ref] if models else _files(ref)
+        return None if found is None or found.pickled else found
+
+    base = files(recipe.base)
     if not base:
         return {}
-    experts = [(str(e.model), f) for e in recipe.experts if (f := _files(e.model))
+    experts = [(str(e.model), f) for e in recipe.experts if (f := files(e.model))
                and {f.dtype, base.dtype} != {out_dtype}]
     names = _middle_block(base)
     base_sample, dtype = _sample(base, names), getattr(torch, out_dtype)
@@ -102,11 +106,11 @@ def erased_shares(recipe, out_dtype: str) -> Dict[str, Tuple[float, str]]:
     return shares
 
 
-def warn_if_erased(recipe, out_dtype: str) -> None:
+def warn_if_erased(recipe, out_dtype: str, models=None) -> None:
     """One warning line per expert whose task vector writing in ``out_dtype`` mostly
     erases, naming the share lost and the dtype that keeps it."""
     key = "out_dtype" if recipe.out_dtype else "dtype"
-    for model, (share, stored) in erased_shares(recipe, out_dtype).items():
+    for model, (share, stored) in erased_shares(recipe, out_dtype, models).items():
         if share > THRESHOLD:
             LOG.warning(
                 "writing %s in %s erases %.0f%% of its task vector (the elements it moved "

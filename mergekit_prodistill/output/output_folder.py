@@ -14,10 +14,11 @@ from typing import Optional
 import yaml
 from mergekit.config import MergeConfiguration
 
-from mergekit_prodistill.plan.devices import free_disk
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.formatting import fmt_bytes
 from mergekit_prodistill.layout import OUTPUT_FILES, RECIPE, REPORT, WEIGHT_PREFIXES
 from mergekit_prodistill.output.report import Report
+from mergekit_prodistill.plan.devices import free_disk
 
 # Room for config, tokenizer, card and report on top of the weights.
 DISK_MARGIN_BYTES = 64 * 2**20
@@ -105,10 +106,6 @@ def check_free_disk(out_path: str, needed: int) -> None:
     existing, free = free_disk(out_path)
     if free < needed + DISK_MARGIN_BYTES:
         raise ProDistillError(
-            f"not enough free disk for the output: it needs about {_gb(needed + DISK_MARGIN_BYTES)}, "
-            f"and {existing} has {_gb(free)} free"
+            f"not enough free disk for the output: it needs about {fmt_bytes(needed + DISK_MARGIN_BYTES)}, "
+            f"and {existing} has {fmt_bytes(free)} free"
         )
-
-
-def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"

@@ -8,8 +8,8 @@ from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.formatting import fmt_bytes
 from mergekit_prodistill.models import erasure
 from mergekit_prodistill.plan import devices
-from mergekit_prodistill.plan.memory import (CACHE, CONTEXTS, EXPERT, GENERATION, LAMBDA,
-                                             OUTPUT, SLACK, TRANSIENT, WEIGHTS)
+from mergekit_prodistill.plan.memory import (CACHE, CONTEXTS, EXPERT, GENERATION, LAMBDA, OUTPUT,
+                                             SLACK, TRANSIENT, WEIGHTS)
 from mergekit_prodistill.plan.planner import Plan, make_plan
 
 PHASES = {"load": "reading a block", "train": "training a block",
@@ -39,7 +39,7 @@ def check_fits(recipe, options, out_path: str, calib=None,
     """
     plan = make_plan(recipe, options, calib, out_path=out_path, world=world, models=models)
     if world.leader:
-        erasure.warn_if_erased(recipe, plan.dtypes["output"])
+        erasure.warn_if_erased(recipe, plan.dtypes["output"], models)
     who = f"process {world.rank} of {world.size}" if world.distributed else "the merge"
     for device, free in plan.available.items():
         if device not in plan.phases or free is None or plan.total(device) <= free:

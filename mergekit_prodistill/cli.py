@@ -12,8 +12,7 @@ import sys
 import click
 import yaml
 from mergekit.config import MergeConfiguration
-from mergekit.options import (
-    MergeOptions, PrettyPrintHelp, ShardSizeParamType, add_merge_options)
+from mergekit.options import MergeOptions, PrettyPrintHelp, ShardSizeParamType, add_merge_options
 
 from mergekit_prodistill.errors import ProDistillError, exit_with, one_line
 
@@ -107,8 +106,8 @@ def plan_command(merge_options: MergeOptions, config_file: str, nproc_per_node: 
     """
     from mergekit_prodistill.models import erasure
     from mergekit_prodistill.parallel import World
-    from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan.planner import make_plan
+    from mergekit_prodistill.recipe import parse_recipe
 
     world = World(rank=0, size=nproc_per_node * nnodes, local_size=nproc_per_node)
     try:

@@ -8,11 +8,12 @@ from mergekit.common import dtype_from_name
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from helpers import load_tensors, merge
 from mergekit_prodistill.plan import devices, fits, planner
-from mergekit_prodistill.training.activations import ActivationStore
 from mergekit_prodistill.plan.planner import stream_placement
 from mergekit_prodistill.recipe import parse_recipe
+from mergekit_prodistill.training.activations import ActivationStore
+
+from helpers import load_tensors, merge
 
 GB = 1 << 30
 CUDA = torch.device("cuda")  # only the object: nothing is allocated on it here

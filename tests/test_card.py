@@ -12,10 +12,11 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import validate_repo_id
 from mergekit.config import MergeConfiguration
 
-from helpers import cache_hub_dataset, merge, with_expert_parameters
 from mergekit_prodistill.output import card
 from mergekit_prodistill.output.report import Report
 from mergekit_prodistill.tiny import ModelSpec, build_tiny_family
+
+from helpers import cache_hub_dataset, merge, with_expert_parameters
 
 BASE_ID, EXPERT_IDS = "someuser/tiny-base", ["someuser/tiny-maths", "otheruser/tiny-code"]
 

@@ -10,9 +10,10 @@ import torch
 import transformers
 import yaml
 
-from helpers import BIN, merge, recipe, refused, run_cli
-from mergekit_prodistill.output import output_folder
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.output import output_folder
+
+from helpers import BIN, merge, recipe, refused, run_cli
 
 
 def test_mergekit_yaml_runs_prodistill_and_output_loads(families, tmp_path):

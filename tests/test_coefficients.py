@@ -7,14 +7,15 @@ import logging
 import pytest
 import torch
 
-from helpers import merge, nan_on_first_training_call
-from mergekit_prodistill.training import coefficients, head, optimizer
-from mergekit_prodistill.training.coefficients import (MergedPart, Optimizer, coefficient_stats,
-                                              fit, combine, init_coefficients,
-                                              merged_weights, unique_parameters)
-from mergekit_prodistill.training.optimizer import TrainingStep, chain_rule, training_weights
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.recipe import ProDistillParameters
+from mergekit_prodistill.training import coefficients, head, optimizer
+from mergekit_prodistill.training.coefficients import (MergedPart, Optimizer, coefficient_stats,
+                                                       combine, fit, init_coefficients,
+                                                       merged_weights, unique_parameters)
+from mergekit_prodistill.training.optimizer import TrainingStep, chain_rule, training_weights
+
+from helpers import merge, nan_on_first_training_call
 
 
 def test_the_merge_formula_sums_products_before_adding_the_base():

@@ -10,11 +10,12 @@ import transformers
 import yaml
 from mergekit.common import ModelReference
 
-from helpers import load_tensors, merge, recipe, refuse_to_generate
+from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.inputs import continuation, expert_placement
 from mergekit_prodistill.inputs.calibration import tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
-from mergekit_prodistill.errors import ProDistillError
+
+from helpers import load_tensors, merge, recipe, refuse_to_generate
 
 
 def test_cut_at_stop_keeps_tokens_before_end_or_padding():

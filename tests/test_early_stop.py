@@ -5,9 +5,10 @@ import json
 
 import pytest
 
-from helpers import merge
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.training.distill import EarlyStop
+
+from helpers import merge
 
 
 def stopper(losses, patience=2, steps_per_epoch=5):

@@ -8,9 +8,9 @@ from pathlib import Path
 import yaml
 from mergekit.config import MergeConfiguration
 
+from mergekit_prodistill.inputs.templates import PRESETS, resolve_template
 from mergekit_prodistill.models.model_files import hub_id
 from mergekit_prodistill.recipe import parse_recipe
-from mergekit_prodistill.inputs.templates import PRESETS, resolve_template
 
 REPO = Path(__file__).resolve().parents[1]
 FLAGSHIP = REPO / "examples" / "wizard-13b" / "recipe.yml"

@@ -5,8 +5,9 @@ import shutil
 
 import yaml
 
-from helpers import merge
 from mergekit_prodistill.inputs.calibration import sample_prompts
+
+from helpers import merge
 
 
 def test_held_out_prompts_are_never_trained_on_and_leave_training_unchanged():

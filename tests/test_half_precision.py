@@ -10,9 +10,10 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from helpers import BIN, load_tensors, merge, run_cli
 from mergekit_prodistill.models import dtypes
 from mergekit_prodistill.training import distill
+
+from helpers import BIN, load_tensors, merge, run_cli
 
 BIN_PLAN = BIN / "mergekit-prodistill"
 

@@ -13,13 +13,13 @@ import pytest
 import transformers
 from click.testing import CliRunner
 from huggingface_hub import HfApi, ModelCard, constants
-from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS
-from huggingface_hub.utils import filter_repo_objects
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+from mergekit_prodistill import cli
+from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.output import hub
 
 from helpers import BIN, merge
-from mergekit_prodistill import cli
-from mergekit_prodistill.output import hub
-from mergekit_prodistill.errors import ProDistillError
 
 REPO = "someuser/tiny-prodistill"
 

@@ -119,3 +119,21 @@ def test_the_root_holds_few_modules_and_none_is_long(graph):
     long = {name: n for name, (path, _) in modules().items()
             if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def test_functions_stay_short_and_take_few_arguments():
+    """At most two functions over 8 parameters and two over 60 lines, package-wide."""
+    many, long = [], []
+    for name, (_, tree) in modules().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                count = (len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs)
+                         + bool(a.vararg) + bool(a.kwarg)
+                         - bool(a.args and a.args[0].arg in ("self", "cls")))
+                if count > 8:
+                    many.append(f"{name}.{node.name}")
+                if node.end_lineno - node.lineno >= 60:
+                    long.append(f"{name}.{node.name}")
+    assert len(many) <= 2, many
+    assert len(long) <= 2, long

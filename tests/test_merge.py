@@ -5,14 +5,15 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 
-from helpers import load_tensors, merge
-from mergekit_prodistill.models.blocks import BlockRunner, attention_implementation, layer_weight_names
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
-from mergekit_prodistill.training.head import HeadForward
+from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation,
+                                               layer_weight_names)
 from mergekit_prodistill.tiny import ARCHITECTURES, ModelSpec, make_prompts
+from mergekit_prodistill.training.head import HeadForward
+
+from helpers import load_tensors, merge
 
 
 def test_supported_families_are_the_tested_ones_and_mergekit_knows_them():

@@ -7,11 +7,12 @@ import torch
 from mergekit.common import ModelReference
 from mergekit.options import MergeOptions
 
-from helpers import recipe, refused
+from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.inputs import sources
 from mergekit_prodistill.models import model_files
-from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.recipe import ExpertParameters
+
+from helpers import recipe, refused
 
 
 @pytest.mark.parametrize("path,expected", [

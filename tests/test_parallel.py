@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import BIN, load_tensors, merge, run_cli
 from mergekit_prodistill.parallel import World
 from mergekit_prodistill.tiny import ModelSpec
+
+from helpers import BIN, load_tensors, merge, run_cli
 
 STATE = Path(".prodistill-staging") / ".progress" / "state.json"
 # Results depend on the threads a process computes with, as in any torch program: the

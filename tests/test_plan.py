@@ -8,20 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 import yaml
+from click.testing import CliRunner
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from helpers import merge, run_cli
 from mergekit_prodistill import cli, parallel, preflight, run, tiny
-from mergekit_prodistill.inputs import calibration, continuation, expert_placement
-from mergekit_prodistill.models import shapes
-from mergekit_prodistill.plan import devices, fits, memory, planner
-from mergekit_prodistill.models.blocks import BlockRunner
-from mergekit_prodistill.inputs.calibration import Batch
-from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.inputs import calibration, continuation, expert_placement
+from mergekit_prodistill.inputs.calibration import Batch
+from mergekit_prodistill.models import shapes
+from mergekit_prodistill.models.blocks import BlockRunner
+from mergekit_prodistill.plan import devices, fits, memory, planner
+from mergekit_prodistill.recipe import parse_recipe
+
+from helpers import merge, run_cli
 
 REPO = Path(__file__).resolve().parent.parent
 LLAMA_13B = Path(__file__).parent / "data" / "llama-2-13b"

@@ -9,11 +9,11 @@ import torch
 import yaml
 from mergekit.config import MergeConfiguration
 
-from helpers import BIN, load_tensors, merge, recipe, refused, run_cli
 from mergekit_prodistill.inputs import calibration, sources
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.tiny import ModelSpec
 
+from helpers import BIN, load_tensors, merge, recipe, refused, run_cli
 
 # --------------------------------------------------------------------------- calibration
 

@@ -11,10 +11,11 @@ from mergekit.architecture import arch_info_for_config
 from mergekit.config import MergeConfiguration
 from transformers.utils import logging as transformers_logging
 
-from helpers import BIN, run_cli
 from mergekit_prodistill.models import blocks, dtypes
 from mergekit_prodistill.output import mergekit_internals
 from mergekit_prodistill.quiet import progress_bars_hidden
+
+from helpers import BIN, run_cli
 
 BAR = re.compile(r"\d+%\|")  # tqdm's "100%|" wherever a bar was drawn
 

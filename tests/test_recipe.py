@@ -8,11 +8,12 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from helpers import recipe, refused, with_expert_parameters
 from mergekit_prodistill import preflight
-from mergekit_prodistill.output import output_folder
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.output import output_folder
 from mergekit_prodistill.recipe import parse_recipe
+
+from helpers import recipe, refused, with_expert_parameters
 
 
 def parsed(families, **params):

@@ -9,11 +9,12 @@ import time
 import pytest
 import torch
 
-from helpers import BIN, load_tensors, merge, refuse_to_generate, run_cli
+from mergekit_prodistill.errors import Interrupted, ProDistillError
 from mergekit_prodistill.inputs import continuation
 from mergekit_prodistill.output.progress import Progress
 from mergekit_prodistill.tiny import ModelSpec
-from mergekit_prodistill.errors import Interrupted, ProDistillError
+
+from helpers import BIN, load_tensors, merge, refuse_to_generate, run_cli
 
 STAGING = ".prodistill-staging"
 

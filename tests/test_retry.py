@@ -7,9 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import merge, nan_on_first_training_call
-from mergekit_prodistill.training import distill
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.training import distill
+
+from helpers import merge, nan_on_first_training_call
 
 
 def test_non_finite_loss_fails_cleanly_after_retries(families, tmp_path):

@@ -1,8 +1,9 @@
 """The orchestrator's promise: every input is read once, and every decision made once is
 the one the merge uses."""
 
-from helpers import merge
 from mergekit_prodistill.inputs import calibration, sources
+
+from helpers import merge
 
 
 def count_calls(monkeypatch, module, name):

@@ -6,10 +6,11 @@ import os
 import yaml
 from click.testing import CliRunner
 
-from helpers import BIN, run_cli
 from mergekit_prodistill import cli
 from mergekit_prodistill.inputs.sources import read_prompts
 from mergekit_prodistill.inputs.templates import apply_template, resolve_template
+
+from helpers import BIN, run_cli
 
 HOSTILE = [
     "{__import__('os').system('touch PWNED')}",

@@ -5,10 +5,11 @@ import json
 import datasets
 import pytest
 
-from helpers import cache_hub_dataset, write_jsonl
-from mergekit_prodistill.recipe import ExpertParameters
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.inputs.sources import read_expert_prompts
+from mergekit_prodistill.recipe import ExpertParameters
+
+from helpers import cache_hub_dataset, write_jsonl
 
 QUESTIONS = ["What is 2 + 3?", "Name a prime above 10.", "How many legs has a cat?"]
 

@@ -7,12 +7,13 @@ import transformers
 import yaml
 from mergekit.config import MergeConfiguration
 
-from helpers import merge, with_expert_parameters
-from mergekit_prodistill.inputs.calibration import load_for_experts, tokenize
-from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.inputs.calibration import load_for_experts, tokenize
 from mergekit_prodistill.inputs.templates import PRESETS, format_prompts
+from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.tiny import BOS_ID, build_tiny_family
+
+from helpers import merge, with_expert_parameters
 
 # Llama-2 style: the template writes the BOS text itself.
 CHAT_TEMPLATE = (

@@ -2,9 +2,6 @@
 
 import json
 
-import pytest
-import torch
-
 from helpers import merge
 
 

@@ -8,11 +8,12 @@ import transformers
 import yaml
 from mergekit.config import MergeConfiguration
 
-from helpers import load_tensors, merge
-from mergekit_prodistill.inputs import calibration
-from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.inputs import calibration
 from mergekit_prodistill.models.vocab import build_vocabulary
+from mergekit_prodistill.recipe import parse_recipe
+
+from helpers import load_tensors, merge
 
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
-
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill.errors import ProDistillError

@@ -20,8 +20,8 @@ from mergekit.card import generate_card
 
 from mergekit_prodistill.formatting import fmt_bytes, fmt_duration
 from mergekit_prodistill.layout import CARD, PLOT
-from mergekit_prodistill.output.report import BlockReport, CalibrationEntry, Fidelity, Report
 from mergekit_prodistill.models.model_files import hub_id
+from mergekit_prodistill.output.report import BlockReport, CalibrationEntry, Fidelity, Report
 
 LOG = logging.getLogger("mergekit_prodistill")
 

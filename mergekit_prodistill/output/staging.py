@@ -7,8 +7,9 @@ only when complete, so an interrupted merge never leaves a folder that looks fin
 import os
 import shutil
 
+from mergekit_prodistill.layout import (PROGRESS, RECIPE, REPORT, SCRATCH, WEIGHT_PREFIXES,
+                                        staging_dir)
 from mergekit_prodistill.output import card, mergekit_internals
-from mergekit_prodistill.layout import PROGRESS, RECIPE, REPORT, SCRATCH, WEIGHT_PREFIXES, staging_dir
 from mergekit_prodistill.output.report import Report
 
 

@@ -13,8 +13,8 @@ from typing import Dict, List, Optional
 import torch
 
 from mergekit_prodistill.inputs import expert_placement
-from mergekit_prodistill.plan.memory import EXPERT, GENERATION, SLACK, slack
 from mergekit_prodistill.models.shapes import Workload
+from mergekit_prodistill.plan.memory import EXPERT, GENERATION, SLACK, slack
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ It reads a :class:`~mergekit_prodistill.plan.planner.Plan` and decides nothing.
 
 import torch
 
-from mergekit_prodistill.plan.devices import DEVICE_CLASSES
 from mergekit_prodistill.formatting import GB, fmt_bytes, fmt_seconds
+from mergekit_prodistill.plan.devices import DEVICE_CLASSES
 from mergekit_prodistill.plan.memory import CACHE, TERMS
 
 

@@ -14,8 +14,8 @@
   launches and Python, :attr:`DeviceClass.decode_layer_s`).
 """
 
-from mergekit_prodistill.plan.devices import DeviceClass
 from mergekit_prodistill.formatting import GB
+from mergekit_prodistill.plan.devices import DeviceClass
 
 # Between machines: 400 Gb/s InfiniBand or RoCE at 80%.
 NODE_GBPS = 40.0

@@ -29,17 +29,17 @@ import torch
 from mergekit_prodistill import layout, parallel
 from mergekit_prodistill.inputs import expert_placement
 from mergekit_prodistill.models import dtypes
-from mergekit_prodistill.plan.context import RunContext
-from mergekit_prodistill.plan import devices, generation_plan, plan_time, workload
 from mergekit_prodistill.models.blocks import check_supported
+from mergekit_prodistill.models.model_files import ModelFiles, model_config
+from mergekit_prodistill.models.shapes import ModelShape, Workload, dtype_bytes, model_shape
+from mergekit_prodistill.plan import devices, generation_plan, plan_time, workload
+from mergekit_prodistill.plan.context import RunContext
 from mergekit_prodistill.plan.devices import DeviceClass
 from mergekit_prodistill.plan.generation_plan import Generation
-from mergekit_prodistill.models.model_files import ModelFiles, model_config
-from mergekit_prodistill.plan.memory import (
-    CACHE, OUTPUT, allreduce_bytes, batch_flops, context_bytes, lambda_count, output_buffer,
-    peak_total, phase_bytes, place, step_traffic)
+from mergekit_prodistill.plan.memory import (CACHE, OUTPUT, allreduce_bytes, batch_flops,
+                                             context_bytes, lambda_count, output_buffer, peak_total,
+                                             phase_bytes, place, step_traffic)
 from mergekit_prodistill.plan.plan_table import render
-from mergekit_prodistill.models.shapes import ModelShape, Workload, dtype_bytes, model_shape
 
 
 @dataclass

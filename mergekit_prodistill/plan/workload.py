@@ -10,8 +10,8 @@ prompt with room for ``continue_tokens`` more, and batches them as the merge wil
 import math
 from typing import List, Sequence
 
-from mergekit_prodistill.inputs import calibration
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.inputs import calibration
 from mergekit_prodistill.models.shapes import Workload
 
 # Without a tokenizer, count one token per this many characters: a deliberately high

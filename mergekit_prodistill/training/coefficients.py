@@ -13,8 +13,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.training.optimizer import Optimizer, TrainingStep
 from mergekit_prodistill.parallel import SINGLE, World
+from mergekit_prodistill.training.optimizer import Optimizer, TrainingStep
 
 LOG = logging.getLogger("mergekit_prodistill")
 

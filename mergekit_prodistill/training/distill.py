@@ -19,14 +19,14 @@ from typing import Iterable, List, Optional
 
 import torch
 
-from mergekit_prodistill.training.activations import on_device
 from mergekit_prodistill.models.blocks import BatchContext, BlockRunner
-from mergekit_prodistill.training.coefficients import (
-    EpochLosses, MergedPart, Weights, at_init, fit, gathered_stats, masked_mse,
-    mean_over_experts, written_weights)
 from mergekit_prodistill.models.dtypes import Precision
-from mergekit_prodistill.training.fidelity import Heldout
 from mergekit_prodistill.parallel import SINGLE, World
+from mergekit_prodistill.training.activations import on_device
+from mergekit_prodistill.training.coefficients import (EpochLosses, MergedPart, Weights, at_init,
+                                                       fit, gathered_stats, masked_mse,
+                                                       mean_over_experts, written_weights)
+from mergekit_prodistill.training.fidelity import Heldout
 
 LOG = logging.getLogger("mergekit_prodistill")
 

@@ -19,12 +19,12 @@ import torch
 import transformers
 from torch.func import functional_call
 
-from mergekit_prodistill.training.activations import on_device
-from mergekit_prodistill.models.blocks import family_of
-from mergekit_prodistill.training.coefficients import (
-    EpochLosses, MergedPart, fit, gathered_stats, init_coefficients, masked_kl,
-    mean_over_experts, written_weights)
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.models.blocks import family_of
+from mergekit_prodistill.training.activations import on_device
+from mergekit_prodistill.training.coefficients import (EpochLosses, MergedPart, fit, gathered_stats,
+                                                       init_coefficients, masked_kl,
+                                                       mean_over_experts, written_weights)
 
 LOG = logging.getLogger("mergekit_prodistill")
 

@@ -16,16 +16,16 @@ import tqdm
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill import layout
-from mergekit_prodistill.training import distill, fidelity, head
-from mergekit_prodistill.training.activations import ActivationStore
 from mergekit_prodistill.models.blocks import BlockRunner, layer_weight_names
-from mergekit_prodistill.training.coefficients import MergedPart, written_weights
 from mergekit_prodistill.models.dtypes import Precision
-from mergekit_prodistill.parallel import World
+from mergekit_prodistill.models.vocab import Vocabulary
 from mergekit_prodistill.output.progress import Progress, UnitWriter
 from mergekit_prodistill.output.report import MergeResults
+from mergekit_prodistill.parallel import World
 from mergekit_prodistill.plan.context import RunContext
-from mergekit_prodistill.models.vocab import Vocabulary
+from mergekit_prodistill.training import distill, fidelity, head
+from mergekit_prodistill.training.activations import ActivationStore
+from mergekit_prodistill.training.coefficients import MergedPart, written_weights
 from mergekit_prodistill.training.weights import ModelTensors, check_shape, task_arithmetic
 
 LOG = logging.getLogger("mergekit_prodistill")

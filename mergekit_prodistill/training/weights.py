@@ -5,11 +5,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from mergekit.architecture import WeightInfo
 from mergekit.common import ModelReference
-from mergekit.io.tasks import LoadTensor, LoaderCache
+from mergekit.io.tasks import LoaderCache, LoadTensor
 
-from mergekit_prodistill.training.coefficients import combine
-from mergekit_prodistill.models.dtypes import Precision
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.models.dtypes import Precision
+from mergekit_prodistill.training.coefficients import combine
 
 
 class ModelTensors:

@@ -217,8 +217,8 @@ def build_tokenizer(suite: Suite):
     own rules) tokenizes exactly the same. A BOS token is prepended unless the suite's
     family has none (Qwen2's tokenizer adds none, and would drop it).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-    from tokenizers import processors
+    from tokenizers import (AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers,
+                            processors)
     from transformers import PreTrainedTokenizerFast
 
     characters = sorted(set(suite.characters))

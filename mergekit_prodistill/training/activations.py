@@ -16,6 +16,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from mergekit_prodistill.formatting import fmt_bytes
 from mergekit_prodistill.layout import activation_file
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -53,8 +54,8 @@ class ActivationStore:
         self.device = device if self.placement == "device" else torch.device("cpu")
         self.directory = directory
         self.files: List[str] = []  # the disk-backed streams' files
-        LOG.info("activation streams of %.1f MB each, %s, on %s",
-                 self.nbytes_per_stream / 1e6, dtype, self.placement)
+        LOG.info("activation streams of %s each, %s, on %s",
+                 fmt_bytes(self.nbytes_per_stream), dtype, self.placement)
 
     def allocate(self, name: str) -> Stream:
         if self.placement == "disk":

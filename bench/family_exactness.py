@@ -54,6 +54,7 @@ def errors(base: Path, batch, dtype: torch.dtype):
 
 
 def main():
+    transformers.utils.logging.disable_progress_bar()  # one table, no loading bars
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     args = ap.parse_args()

@@ -84,13 +84,37 @@ FAMILIES = {
 }
 
 
+# Config keys that give a family's blocks a mixture of experts, and per-layer inputs.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+PER_LAYER_INPUT_KEYS = ("hidden_size_per_layer_input",)
+
+
+def missing_for(architecture: str, config: dict) -> str:
+    """What the block-by-block merge lacks for a family it does not accept, in words."""
+    if not architecture.endswith("ForCausalLM"):
+        return ("only the language model of a multimodal checkpoint could be merged, and that "
+                "is not done yet" if architecture.endswith("ForConditionalGeneration")
+                else "it is not a causal language model")
+    if any((config.get(k) or 0) > 1 for k in EXPERT_COUNT_KEYS):
+        return "its mixture-of-experts blocks (router and fused expert tensors) are not merged yet"
+    kinds = sorted(set(config.get("layer_types") or ()) - set(MASK_FUNCTIONS))
+    if kinds:
+        return f"its {' and '.join(kinds)} layers are not run block by block yet"
+    if any(config.get(k) for k in PER_LAYER_INPUT_KEYS):
+        return "its per-layer inputs are not carried beside the streams yet"
+    return ("its blocks are not yet checked against its own forward, nor counted by the "
+            "plan's memory model")
+
+
 def check_supported(architectures: Optional[Sequence[str]], config: dict, where: str = "") -> None:
-    """Refuse a model whose family the block-by-block merge is not known to run exactly."""
+    """Refuse a model whose family the block-by-block merge is not known to run exactly,
+    naming what is missing."""
     names = list(architectures or [])
     where = f"{where}: " if where else ""
     if len(names) != 1 or names[0] not in FAMILIES:
+        why = f": {missing_for(names[0], config)}" if len(names) == 1 else ""
         raise ProDistillError(
-            f"{where}architecture {'/'.join(names) or 'unknown'} is not supported; "
+            f"{where}architecture {'/'.join(names) or 'unknown'} is not supported{why}; "
             f"prodistill supports {', '.join(FAMILIES)}"
         )
     if config.get("use_bidirectional_attention"):

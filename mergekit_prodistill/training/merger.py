@@ -8,7 +8,7 @@ trains with the experts it owns, and rank 0 alone writes.
 """
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List
 
 import torch
@@ -52,6 +52,8 @@ class Merger:
     precision: Precision
     ctx: RunContext
     world: World
+    # Where the streams were allocated: their disk-backed files go when training ends.
+    stores: List[ActivationStore] = field(default_factory=list, init=False)
 
     @property
     def owned(self) -> range:
@@ -101,11 +103,10 @@ class Merger:
         by task arithmetic; returns the blocks' reports, the head's (or None) and the
         fidelity on held-out prompts (or None). Disk-backed streams are deleted when it
         ends, however it ends: a resumed run starts from the saved progress, not them."""
-        self._stores = []
         try:
             return self._trained(calib, decided, resumed, progress)
         finally:
-            for store in self._stores:
+            for store in self.stores:
                 store.remove_files()
 
     def _trained(self, calib, decided, resumed, progress: Progress) -> MergeResults:
@@ -170,11 +171,11 @@ class Merger:
         """The owned experts' activation streams, where and in the dtype the plan decided."""
         def store(holdout: bool):
             shapes = calib.shapes(holdout)
-            self._stores.append(ActivationStore(
+            self.stores.append(ActivationStore(
                 [shapes[i] for i in self.owned], self.module.config.hidden_size,
                 dtype_from_name(decided.dtypes["cache"]), decided.placement, self.ctx.device,
                 decided.activation_dir))
-            return self._stores[-1]
+            return self.stores[-1]
 
         def allocate(store, name):
             return store.allocate(layout.per_process(name, self.world.rank, self.world.size))

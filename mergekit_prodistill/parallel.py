@@ -220,6 +220,7 @@ def start(device: torch.device) -> World:
     process group ("gloo" on CPU, NCCL for CUDA tensors). On CUDA every process takes the
     GPU of its local rank. Other ranks than 0 log errors only, so the merge's messages
     and progress bars appear once."""
+    _catch_stop_signals()
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE
@@ -239,24 +240,41 @@ def start(device: torch.device) -> World:
                                   f"processes: {one_line(exc)[:300]}") from None
     if rank != 0:
         LOG.setLevel(logging.ERROR)
-    # A launcher stops the other processes with SIGTERM when one fails: end as after
-    # Ctrl-C (one line; progress kept) instead of dying mid-write.
-    with contextlib.suppress(ValueError):  # only the main thread may set handlers
-        _previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _interrupt)
     return World(rank, size, device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 _previous_handlers = {}
 _joined = []
+_signalled = []
+
+
+def _catch_stop_signals() -> None:
+    """Ctrl-C, and the SIGTERM a launcher sends the other processes when one fails (or a
+    scheduler before it preempts a job), end the merge as one line that keeps its
+    progress, instead of a traceback or a death mid-write."""
+    _signalled.clear()
+    with contextlib.suppress(ValueError):  # only the main thread may set handlers
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            _previous_handlers[signum] = signal.signal(signum, _interrupt)
 
 
 def _interrupt(signum, frame):
+    _signalled.append(signum)
     raise KeyboardInterrupt
 
 
+def interrupted(exc: BaseException) -> bool:
+    """Whether ``exc`` ended this run because it was told to stop. A signal that lands
+    inside a C extension can surface as that library's own error instead of
+    KeyboardInterrupt (safetensors reading a tensor raises ValueError), so the signal
+    itself is what counts."""
+    return isinstance(exc, KeyboardInterrupt) or bool(_signalled)
+
+
 def stop(leave_group: bool = True) -> None:
-    """Leave the process group (after the last collective) and restore SIGTERM. A failed
-    run, whose process is about to end, does not wait to leave it (``leave_group``)."""
+    """Leave the process group (after the last collective) and restore the signal
+    handlers. A failed run, whose process is about to end, does not wait to leave it
+    (``leave_group``)."""
     if _joined and dist.is_initialized() and leave_group:
         dist.destroy_process_group()
     _joined.clear()

@@ -56,9 +56,11 @@ def run_prodistill(merge_config, out_path: str, options, config_source: str = No
         options = options.model_copy(update={"quiet": True})
     try:
         _merge(merge_config, out_path, options, config_source, world)
-    except BaseException:
+    except BaseException as exc:
         # Leaving the group waits for its unfinished sums, which a dead peer never ends.
         parallel.stop(leave_group=False)
+        if parallel.interrupted(exc) and not isinstance(exc, Interrupted):
+            raise Interrupted("interrupted; nothing was written") from None  # before step 5
         raise
     parallel.stop()
 
@@ -154,12 +156,13 @@ def _staged(staging_dir: str, out_path: str, created_out: bool,
         # Saved continuations alone are kept when the run was stopped (by the user, or by
         # another process's end), not when it failed: a failure is usually fixed by
         # changing the recipe, which voids them.
-        stopped = isinstance(exc, (KeyboardInterrupt, parallel.PeerStopped))
+        signalled = parallel.interrupted(exc)
+        stopped = signalled or isinstance(exc, parallel.PeerStopped)
         resumable = progress is not None and (progress.has_progress() or (
             stopped and progress.has_continuations()))
         if not resumable and world.leader:  # nothing worth keeping: leave no trace
             staging.discard(staging_dir, out_path, created_out)
-        if isinstance(exc, KeyboardInterrupt):
+        if signalled:
             raise Interrupted(
                 "interrupted; run the same command again to continue from the last "
                 f"finished block (progress is kept in {staging_dir})" if resumable else

@@ -9,10 +9,12 @@ import time
 import pytest
 import torch
 
+from mergekit_prodistill import parallel
 from mergekit_prodistill.errors import Interrupted, ProDistillError
 from mergekit_prodistill.inputs import continuation
 from mergekit_prodistill.output.progress import Progress
 from mergekit_prodistill.tiny import ModelSpec
+from mergekit_prodistill.training.weights import ModelTensors
 
 from helpers import BIN, load_tensors, merge, refuse_to_generate, run_cli
 
@@ -83,6 +85,29 @@ def test_ctrl_c_stops_cleanly_and_says_how_to_resume(families, tmp_path):
     assert proc.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1].startswith(
         "mergekit-prodistill: error: interrupted; run the same command again to continue")
+    assert progress(out) >= 1 and not (out / "config.json").exists()
+
+
+def test_a_signal_that_surfaces_as_another_error_still_stops_cleanly(
+        families, tmp_path, monkeypatch):
+    # Ctrl-C landing inside safetensors' reader comes out as its ValueError, not as
+    # KeyboardInterrupt; the merge must still end as interrupted, its progress kept.
+    fam = families("llama", 2, model=ModelSpec(num_layers=4))
+    out = tmp_path / "out"
+    load = ModelTensors.load
+
+    def load_until_told_to_stop(self, weight):
+        if progress(out) >= 1:
+            try:
+                parallel._interrupt(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                raise ValueError("could not determine the shape of object type "
+                                 "'torch.storage.UntypedStorage'") from None
+        return load(self, weight)
+
+    monkeypatch.setattr(ModelTensors, "load", load_until_told_to_stop)
+    with pytest.raises(Interrupted, match="run the same command again to continue"):
+        merge(fam.recipe("prodistill", epochs=2, shots=4), out)
     assert progress(out) >= 1 and not (out / "config.json").exists()
 
 

@@ -47,10 +47,6 @@ class Family:
     embedding_multiplier: Optional[str] = None  # embeddings are multiplied by it
     logits_divisor: Optional[str] = None  # the LM head's logits are divided by it
     logits_softcap: Optional[str] = None  # logits become cap * tanh(logits / cap)
-    # Its norms compute (1 + weight) x normalised input in fp32 and cast after it, so
-    # backward keeps the fp32 normalised values (Llama-style norms cast first and keep
-    # them in the compute dtype): the plan counts that memory.
-    fp32_norms: bool = False
 
     def scale_embeddings(self, config, embeddings: torch.Tensor) -> torch.Tensor:
         if self.embedding_multiplier:
@@ -76,9 +72,9 @@ FAMILIES = {
     "MistralForCausalLM": PLAIN,
     "Qwen2ForCausalLM": PLAIN,
     "Qwen3ForCausalLM": PLAIN,
-    "GemmaForCausalLM": Family(fp32_norms=True),
-    "Gemma2ForCausalLM": Family(logits_softcap="final_logit_softcapping", fp32_norms=True),
-    "Gemma3ForCausalLM": Family(logits_softcap="final_logit_softcapping", fp32_norms=True),
+    "GemmaForCausalLM": PLAIN,
+    "Gemma2ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
+    "Gemma3ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
     "GraniteForCausalLM": Family(embedding_multiplier="embedding_multiplier",
                                  logits_divisor="logits_scaling"),
 }

@@ -1,13 +1,14 @@
 """The sizes a plan starts from: one decoder block of the base (built on the meta device
 from ``config.json``, no weights) and every expert's calibration batches."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence, Tuple
 
 import torch
 from mergekit.common import dtype_from_name
 
-from mergekit_prodistill.models.blocks import BlockRunner, family_of
+from mergekit_prodistill.models.blocks import BlockRunner
+from mergekit_prodistill.models.footprint import Footprint, context_footprint, saved_footprint
 
 # A tensor under this many bytes comes from the C heap, which keeps freed blocks (see
 # memory.SLACK_FRACTION); larger ones are mapped and returned at once.
@@ -34,13 +35,20 @@ class ModelShape:
     vocab: Tuple[int, ...]  # embedding rows of the base, then of each expert
     tied: bool
     attention_types: int  # kinds of attention mask (full, sliding)
-    head_norm_values: int  # per token, values through q/k norms (Qwen3); 0 without them
     heap_share: float  # share of the block's parameters in tensors under HEAP_LIMIT in fp32
-    norms: int = 2  # hidden-size norms per block (Gemma2 and Gemma3: 4)
-    fp32_norms: bool = False  # norms keep their output in fp32 (Gemma's 1 + weight)
-    eager_attention: bool = False  # attention in plain torch ops (soft-capping), not sdpa
-    softcap: bool = False  # attention scores soft-capped (tanh)
-    rotary_tables: int = 1  # rotary (cos, sin) tables per batch (Gemma3: one per kind)
+    config: object = field(default=None, compare=False, repr=False)  # the base's
+
+    def saved(self, element_bytes: int) -> Footprint:
+        """What a block's forward keeps for backward, by compute dtype (its bytes)."""
+        return saved_footprint(self.config, MEASURED_DTYPES[element_bytes])
+
+    def context(self, element_bytes: int) -> Footprint:
+        """What one batch's masks and positions hold, by compute dtype (its bytes)."""
+        return context_footprint(self.config, MEASURED_DTYPES[element_bytes])
+
+
+# A footprint measured in bf16 stands for fp16: both keep the same tensors.
+MEASURED_DTYPES = {4: torch.float32, 2: torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -101,13 +109,6 @@ def model_shape(base_config, expert_configs) -> ModelShape:
         vocab=tuple(c.vocab_size for c in (base_config, *expert_configs)),
         tied=bool(getattr(base_config, "tie_word_embeddings", False)),
         attention_types=len(set(runner.attention_types)),
-        head_norm_values=(heads + getattr(base_config, "num_key_value_heads", heads))
-        * (getattr(base_config, "head_dim", None) or hidden // heads)
-        if any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in params) else 0,
         heap_share=sum(n for n in numels if 4 * n < HEAP_LIMIT) / sum(numels),
-        norms=sum(n.endswith("layernorm.weight") for n in params),
-        fp32_norms=family_of(base_config).fp32_norms,
-        eager_attention=runner.config._attn_implementation == "eager",
-        softcap=getattr(base_config, "attn_logit_softcapping", None) is not None,
-        rotary_tables=len(set(runner.attention_types)) if runner.rotary_per_type else 1,
+        config=base_config,
     )

@@ -52,42 +52,17 @@ HOLDOUT_STREAMS = 3
 
 
 def saved_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
-    """Activations one batch's forward keeps for backward (read from transformers' blocks
-    and checked with saved-tensor hooks in tests/test_plan.py), per token:
-
-    * 6 hidden-size values in the compute dtype (the inputs of q/k/v, o, and the MLP's
-      projections, the attention's q, k, v) and 4 intermediate-size ones (gate, up, the
-      activation, the down projection's input);
-    * per norm, its normalised output: in the compute dtype, or fp32 for Gemma's norms,
-      which multiply by (1 + weight) before casting. A norm whose input needs a gradient
-      also keeps that input in fp32: the second norm and each further one (Gemma2 and
-      Gemma3 norm the attention and MLP outputs too); the block's input needs none;
-    * q/k norms (Qwen3, Gemma3): their fp32 input and normalised output, per value.
-
-    Per (query, key) pair, sdpa keeps the mask in the compute dtype; eager attention
-    (soft-capped scores) keeps no mask but, per head, the fp32 probabilities, their copy
-    in the compute dtype for the product with v (none in fp32), and the capped scores.
-    """
-    tokens = rows * width
-    normed = 4 if shape.fp32_norms else es
-    per_token = (6 * es + shape.norms * normed + 4 * (shape.norms - 1)) * shape.hidden \
-        + 4 * es * shape.intermediate + (4 + normed) * shape.head_norm_values
-    if shape.eager_attention:
-        per_pair = shape.heads * (4 + (es if es < 4 else 0) + (es if shape.softcap else 0))
-    else:
-        per_pair = es
-    return tokens * per_token + rows * width * width * per_pair
+    """Activations one batch's forward keeps for backward: measured on the family's own
+    block (:mod:`~mergekit_prodistill.models.footprint`), per token and per (query, key)
+    pair, and checked against autograd's saved tensors in tests/test_plan.py."""
+    return shape.saved(es).at(rows, width)
 
 
 def context_bytes(shape: ModelShape, work: Workload, es: int) -> int:
-    """What ``BlockRunner.context`` keeps for every batch of every expert: one mask per
-    attention kind (bool for sdpa, the compute dtype for eager attention's additive mask),
-    each rotary table's cos and sin (Gemma3 keeps one table per kind), and per token the
-    padding mask (bool) and attention mask (int64)."""
-    pair = 1 if not shape.eager_attention else es
-    return sum(rows * width * width * pair * shape.attention_types
-               + 2 * width * shape.head_dim * es * shape.rotary_tables + 9 * rows * width
-               for bs in work.batches for rows, width in bs)
+    """What ``BlockRunner.context`` keeps for every batch of every expert (its masks,
+    positions and rotary tables), with the batch's attention mask: measured the same way."""
+    context = shape.context(es)
+    return sum(context.at(rows, width) for bs in work.batches for rows, width in bs)
 
 
 def forward_backward_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:

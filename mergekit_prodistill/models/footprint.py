@@ -1,0 +1,135 @@
+"""What one block's forward keeps for backward, and what one batch's context holds,
+measured on the family's own code rather than written down as a formula per family.
+
+The block is run under :class:`~torch._subclasses.fake_tensor.FakeTensorMode` (the shape
+propagation torch.compile uses): tensors have shapes, dtypes and CPU's kernel choices,
+but no data, so the real config's block is measured (a 13B or a 70B one) in a fraction
+of a second and no memory. Saved-tensor hooks count every distinct storage autograd
+keeps, except the block's weights, its input (the activation cache holds it) and the
+batch's context (counted by :func:`context_footprint`). The context is built for real,
+at small widths.
+
+Both are linear in the batch's shape, so a few shapes give the coefficients exactly:
+``constant + tokens * per_token + pairs * per_pair + positions * per_position``, with
+``rows x width`` tokens, ``rows x width^2`` (query, key) pairs and ``width`` positions.
+"""
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from mergekit_prodistill.models.blocks import BatchContext, BlockRunner
+
+# Widths measured: multiples of the chunk length of chunked attention kernels.
+WIDTHS = (64, 128)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Bytes as a linear function of a batch's rows and padded width."""
+
+    constant: float = 0.0
+    per_token: float = 0.0
+    per_pair: float = 0.0
+    per_position: float = 0.0
+
+    def at(self, rows: int, width: int) -> int:
+        return round(self.constant + rows * width * (self.per_token + width * self.per_pair)
+                     + width * self.per_position)
+
+    @classmethod
+    def fitted(cls, measure) -> "Footprint":
+        """The coefficients from ``measure(rows, width)`` at rows 1 and 2 of two widths."""
+        (w1, w2) = WIDTHS
+        one, two = ([measure(rows, w) for w in WIDTHS] for rows in (1, 2))
+        by_row = [b - a for a, b in zip(one, two)]  # width * per_token + width^2 * per_pair
+        per_pair = (by_row[1] / w2 - by_row[0] / w1) / (w2 - w1)
+        per_token = by_row[0] / w1 - w1 * per_pair
+        fixed = [m - w * per_token - w * w * per_pair for m, w in zip(one, WIDTHS)]
+        per_position = (fixed[1] - fixed[0]) / (w2 - w1)
+        return cls(fixed[0] - w1 * per_position, per_token, per_pair, per_position)
+
+
+def padded(rows: int, width: int) -> torch.Tensor:
+    """An attention mask with padding in every row, so that every mask is materialised
+    (a batch without padding may use none: the worst case is counted)."""
+    mask = torch.ones(rows, width, dtype=torch.long)
+    mask[:, -1] = 0
+    return mask
+
+
+def saved_footprint(config, dtype: torch.dtype) -> Footprint:
+    """What one block's forward keeps for backward, in the compute ``dtype``: the
+    largest coefficients over every kind of layer along the depth."""
+    def measure():
+        runner = BlockRunner(config, torch.device("cpu"))
+        firsts = sorted({runner.attention_types.index(t) for t in runner.attention_types})
+        fits = [Footprint.fitted(functools.partial(_saved_bytes, runner, index, dtype=dtype))
+                for index in firsts]
+        return Footprint(*(max(getattr(f, k.name) for f in fits)
+                           for k in dataclasses.fields(Footprint)))
+    return _remembered(config, dtype, "saved", measure)
+
+
+def context_footprint(config, dtype: torch.dtype) -> Footprint:
+    """What ``BlockRunner.context`` keeps for one batch, with the batch's attention mask."""
+    def measure():
+        runner = BlockRunner(config, torch.device("cpu"))
+        return Footprint.fitted(functools.partial(_context_bytes, runner, dtype=dtype))
+    return _remembered(config, dtype, "context", measure)
+
+
+_MEASURED = {}
+
+
+def _remembered(config, dtype: torch.dtype, kind: str, measure) -> Footprint:
+    """Measured once per config: plans are made again for the same models."""
+    key = (config.to_json_string(use_diff=False), dtype, kind)
+    if key not in _MEASURED:
+        _MEASURED[key] = measure()
+    return _MEASURED[key]
+
+
+def _storages(tensors) -> dict:
+    return {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+
+
+def _context_tensors(ctx: BatchContext) -> list:
+    return [ctx.token_mask, ctx.position_ids, *ctx.masks.values(),
+            *(t for table in ctx.position_embeddings.values() for t in table)]
+
+
+def _context_bytes(runner: BlockRunner, rows: int, width: int, dtype: torch.dtype) -> int:
+    mask = padded(rows, width)
+    ctx = runner.context(mask, dtype)
+    tensors = [t for t in [mask, *_context_tensors(ctx)] if isinstance(t, torch.Tensor)]
+    return sum(_storages(tensors).values())
+
+
+def _saved_bytes(runner: BlockRunner, index: int, rows: int, width: int,
+                 dtype: torch.dtype) -> int:
+    ctx = runner.context(padded(rows, width), dtype)
+    layer = runner.layer(index)
+    saved = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.update(_storages([t]))
+        return t
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        ctx = dataclasses.replace(
+            ctx, token_mask=fake(ctx.token_mask), position_ids=fake(ctx.position_ids),
+            masks={k: fake(m) for k, m in ctx.masks.items()},
+            position_embeddings={k: tuple(map(fake, t)) for k, t in ctx.position_embeddings.items()})
+        weights = {n: torch.empty(p.shape, dtype=dtype).requires_grad_()
+                   for n, p in layer.named_parameters()}
+        hidden = torch.empty(rows, width, runner.config.hidden_size, dtype=dtype)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            runner.forward(index, layer, weights, hidden, ctx)
+        kept = _storages([*weights.values(), hidden,
+                          *(t for t in _context_tensors(ctx) if isinstance(t, torch.Tensor))])
+    return sum(size for key, size in saved.items() if key not in kept)

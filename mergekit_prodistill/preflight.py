@@ -29,6 +29,7 @@ from mergekit_prodistill.models.blocks import check_supported
 from mergekit_prodistill.models.dtypes import requested_output_dtype
 from mergekit_prodistill.models.model_files import (ModelFiles, TensorInfo, arch_name, hub_id,
                                                     read_model)
+from mergekit_prodistill.models.weight_units import WeightUnits
 from mergekit_prodistill.output.output_folder import (check_free_disk, check_output_folder,
                                                       folder_problem)
 from mergekit_prodistill.plan.context import RunContext
@@ -41,7 +42,7 @@ class Checked:
 
     models: Dict[ModelReference, ModelFiles]  # each with its transformers config
     arch_info: object  # mergekit's architecture info
-    module: object  # mergekit's configured "default" module of the base model
+    module: WeightUnits  # the base model's tensors, unit by unit
     num_layers: int
     vocabulary_rows: Dict[ModelReference, int]  # input embedding rows per model
     output_bytes: int
@@ -68,6 +69,12 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
             )
     arch_info, module = _module(recipe, merge_config, options, models)
     weights = module.all_weights()
+    dropped = module.dropped(models[recipe.base].tensors)
+    if dropped:
+        raise ProDistillError(
+            f"the base model's tensors {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''} "
+            f"({len(dropped)}) are not in mergekit's layout of {_arch_name(base)}, so the merge "
+            "would drop them")
     check_tensors(recipe, models, weights)
     rows = {ref: _vocabulary_rows(weights, files) for ref, files in models.items()}
     check_chat_template_kept(merge_config, rows)
@@ -193,8 +200,9 @@ def _module(recipe, merge_config, options, models):
         arch_info = get_architecture_info(merge_config, options)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ProDistillError(f"recipe: cannot work out the models' architecture ({one_line(exc)})") from None
-    module = ConfiguredModelArchitecture(
-        info=arch_info, config=models[recipe.base].config).get_module("default")
+    module = WeightUnits(ConfiguredModelArchitecture(
+        info=arch_info, config=models[recipe.base].config).get_module("default"),
+        options.trust_remote_code)
     layers = module.num_layers()
     for expert in recipe.experts:
         n = module.info.num_layers(models[expert.model].config)

@@ -1,0 +1,72 @@
+"""The checkpoint's tensors in the order the merge walks them: the input embedding, each
+decoder block, then everything after the blocks (the final norm and the LM head).
+
+mergekit describes a model's tensors as the weights before the blocks, each block's, and
+the weights after them. For families on its list that grouping is written down; for the
+others it infers the tensor names from the transformers model built on the meta device
+and puts every tensor outside the blocks before them, in an order that changes from one
+Python process to the next. Here the grouping comes from the model's own modules, the
+same for every family: its input embedding comes first and everything else outside the
+blocks after them; each group in the order the model's modules register their tensors,
+so that every process of a merge lists the same tensors in the same order.
+"""
+
+from typing import List
+
+import torch
+import transformers
+from mergekit.architecture import WeightInfo
+
+
+def _skeleton(config, trust_remote_code: bool):
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(
+            config, trust_remote_code=trust_remote_code)
+
+
+def _named(weight: WeightInfo) -> set:
+    return {weight.name, *(weight.aliases or ())}
+
+
+class WeightUnits:
+    """mergekit's configured module of the base, regrouped (see the module doc)."""
+
+    def __init__(self, module, trust_remote_code: bool = False):
+        self.module = module
+        self.info = module.info
+        self.config = module.config
+        skeleton = _skeleton(module.config, trust_remote_code)
+        # The tensors the model loads (a tied LM head is the embedding's: not its own), in
+        # the order its modules register them.
+        self._order = {name: i for i, name in enumerate(skeleton.state_dict())}
+        matrix = skeleton.get_input_embeddings().weight
+        embedding = next(name for name, p in skeleton.named_parameters() if p is matrix)
+        outside = self._ordered([*module.pre_weights(), *module.post_weights()])
+        self._pre = [w for w in outside if embedding in _named(w)]
+        self._post = [w for w in outside if embedding not in _named(w)]
+
+    def num_layers(self) -> int:
+        return self.module.num_layers()
+
+    def pre_weights(self) -> List[WeightInfo]:
+        return list(self._pre)
+
+    def layer_weights(self, index: int) -> List[WeightInfo]:
+        return self._ordered(self.module.layer_weights(index))
+
+    def post_weights(self) -> List[WeightInfo]:
+        return list(self._post)
+
+    def _ordered(self, weights: List[WeightInfo]) -> List[WeightInfo]:
+        """In the model's own order; names it does not register last, by name."""
+        return sorted(weights, key=lambda w: (self._order.get(w.name, len(self._order)), w.name))
+
+    def dropped(self, checkpoint_names) -> List[str]:
+        """The checkpoint's tensors that the model loads and no unit merges."""
+        merged = {n for w in self.all_weights()
+                  for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+        return sorted(n for n in checkpoint_names if n in self._order and n not in merged)
+
+    def all_weights(self) -> List[WeightInfo]:
+        blocks = (w for i in range(self.num_layers()) for w in self.layer_weights(i))
+        return [*self._pre, *blocks, *self._post]

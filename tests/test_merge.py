@@ -5,26 +5,49 @@ import json
 import pytest
 import torch
 import transformers
+import yaml
+from mergekit.architecture import ConfiguredModelArchitecture, get_architecture_info
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
 
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
 from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation,
                                                layer_weight_names)
+from mergekit_prodistill.models.weight_units import WeightUnits
 from mergekit_prodistill.tiny import ARCHITECTURES, ModelSpec, make_prompts
 from mergekit_prodistill.training.head import HeadForward
 
 from helpers import load_tensors, merge
 
 
-def test_supported_families_are_the_tested_ones_and_mergekit_knows_them():
-    from mergekit.architecture.json_definitions import NAME_TO_ARCH
-
+def test_supported_families_are_the_tested_ones():
     from mergekit_prodistill import tiny
     from mergekit_prodistill.models.blocks import FAMILIES
 
     # The equality tests below run on every tiny family: exactly the accepted ones.
     assert set(FAMILIES) == {tiny._ARCH_CLASS[arch] for arch in ARCHITECTURES}
-    assert all(name in NAME_TO_ARCH for name in FAMILIES)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_the_units_are_the_embedding_each_block_and_the_head(families, arch):
+    """Whether mergekit's list has the family (llama) or mergekit infers its tensors
+    (olmo3, exaone4, ...), the merge walks the input embedding, then each block, then the
+    final norm and LM head, in an order that does not change between processes."""
+    fam = families(arch, 2)
+    doc = yaml.safe_load(fam.recipe("task_arithmetic", weight=0.5))
+    info = get_architecture_info(MergeConfiguration.model_validate(doc), MergeOptions())
+    config = transformers.AutoConfig.from_pretrained(fam.base)
+    units = WeightUnits(ConfiguredModelArchitecture(info=info, config=config)
+                        .get_module("default"))
+    stored = load_tensors(fam.base)
+    assert [w.name for w in units.pre_weights()] == ["model.embed_tokens.weight"]
+    after = [w.name for w in units.post_weights() if w.name in stored]
+    assert "model.norm.weight" in after and set(after) <= {"model.norm.weight", "lm_head.weight"}
+    model = [n for n in transformers.AutoModelForCausalLM.from_config(config).state_dict()
+             if n.startswith("model.layers.1.")]
+    assert [w.name for w in units.layer_weights(1) if w.name in stored] == model
+    assert not units.dropped(stored)
 
 
 @pytest.mark.parametrize("arch,n_experts",
@@ -129,7 +152,7 @@ def test_ablations_run_and_train(families, tmp_path, granularity, inputs):
     assert report["parameters"]["granularity"] == granularity
 
 
-@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3", "granite"])
+@pytest.mark.parametrize("arch", ["gemma", "gemma2", "gemma3", "granite", "cohere2"])
 def test_merge_losses_equal_the_models_own_forward(families, tmp_path, arch):
     """With coefficients kept at init (a vanishing lr), the merged stream is the task
     arithmetic model's own forward and the expert stream the expert's: every block's

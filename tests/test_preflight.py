@@ -13,6 +13,7 @@ from mergekit.config import MergeConfiguration
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.inputs import calibration, sources
 from mergekit_prodistill.models.blocks import FAMILIES, check_supported
+from mergekit_prodistill.models.weight_units import WeightUnits
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.tiny import ModelSpec
 
@@ -189,16 +190,16 @@ def test_missing_or_truncated_shard(families, tmp_path, no_weight_reads):
             rf"{shard} is truncated \({len(data) - 100} bytes, its header needs {len(data)}\)")
 
 
-def _phi3_model(folder):
-    """A tiny Phi3 checkpoint: a family mergekit merges and prodistill does not run."""
+def _stablelm_model(folder):
+    """A tiny StableLM checkpoint: a family mergekit merges and prodistill does not run."""
     import transformers
 
     from mergekit_prodistill.tiny import build_tokenizer
 
-    config = transformers.Phi3Config(vocab_size=768, hidden_size=64, intermediate_size=128,
-                                     num_hidden_layers=2, num_attention_heads=4,
-                                     num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                                     pad_token_id=3, architectures=["Phi3ForCausalLM"])
+    config = transformers.StableLmConfig(vocab_size=768, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                                         pad_token_id=3, architectures=["StableLmForCausalLM"])
     transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
     build_tokenizer().save_pretrained(folder)
     return folder
@@ -206,13 +207,13 @@ def _phi3_model(folder):
 
 def test_unsupported_family_is_refused_in_one_line(families, tmp_path, no_weight_reads):
     fam = families("llama", 2)
-    phi3 = _phi3_model(tmp_path / "phi3")
+    stablelm = _stablelm_model(tmp_path / "stablelm")
     doc = recipe(fam)
-    doc["base_model"] = str(phi3)
+    doc["base_model"] = str(stablelm)
     for i in range(len(doc["models"])):
-        _with_expert(doc, i, _copy_model(phi3, tmp_path / f"phi3-expert-{i}"))
-    message = refused(doc, tmp_path / "out", r"architecture Phi3ForCausalLM is not supported")
-    assert message.startswith(f"model {phi3}: ")
+        _with_expert(doc, i, _copy_model(stablelm, tmp_path / f"stablelm-expert-{i}"))
+    message = refused(doc, tmp_path / "out", r"architecture StableLmForCausalLM is not supported")
+    assert message.startswith(f"model {stablelm}: ")
     assert "LlamaForCausalLM" in message and "Gemma2ForCausalLM" in message
     # The plan command reads only configs and prompts, and refuses it the same way.
     path = tmp_path / "recipe.yml"
@@ -234,8 +235,8 @@ MOE = "its mixture-of-experts blocks (router and fused expert tensors) are not m
      "its linear_attention layers are not run block by block yet"),
     ("gemma4_text", "Gemma4ForCausalLM",
      "its per-layer inputs are not carried beside the streams yet"),
-    ("phi3", "Phi3ForCausalLM", "its blocks are not yet checked against its own forward, nor "
-     "counted by the plan's memory model"),
+    ("stablelm", "StableLmForCausalLM", "its blocks are not yet checked against its own "
+     "forward"),
     ("gemma3", "Gemma3ForConditionalGeneration", "only the language model of a multimodal "
      "checkpoint could be merged, and that is not done yet"),
 ])
@@ -246,6 +247,20 @@ def test_an_unsupported_family_is_refused_naming_what_is_missing(model_type, arc
         check_supported([architecture], config, "model m")
     assert str(refusal.value) == (f"model m: architecture {architecture} is not supported: "
                                   f"{missing}; prodistill supports {', '.join(FAMILIES)}")
+
+
+def test_a_tensor_the_layout_leaves_out_is_refused_not_dropped(families, tmp_path,
+                                                               monkeypatch, no_weight_reads):
+    fam = families("llama", 2)
+    listed = WeightUnits.layer_weights
+
+    def without_a_norm(self, index):
+        return [w for w in listed(self, index) if "input_layernorm" not in w.name]
+
+    monkeypatch.setattr(WeightUnits, "layer_weights", without_a_norm)
+    refused(recipe(fam), tmp_path / "out", r"^the base model's tensors "
+            r"model\.layers\.0\.input_layernorm\.weight, model\.layers\.1\.input_layernorm\.weight "
+            r"\(2\) are not in mergekit's layout of LlamaForCausalLM, so the merge would drop them$")
 
 
 def test_bidirectional_attention_is_refused(families, tmp_path, no_weight_reads):
@@ -274,7 +289,7 @@ def test_expert_with_other_layer_count(families, tmp_path, no_weight_reads):
 def test_expert_with_other_tensor_shape(families, tmp_path, no_weight_reads):
     other = families("llama", 2, model=ModelSpec(intermediate_size=96)).experts[0]
     refused(_with_expert(recipe(families("llama", 2)), 0, other), tmp_path / "out",
-            r"tensor model.layers.0.mlp.up_proj.weight: model .* has shape \(96, 64\) but "
+            r"tensor model.layers.0.mlp.gate_proj.weight: model .* has shape \(96, 64\) but "
             r"the base model has \(128, 64\)")
 
 
@@ -355,5 +370,5 @@ def test_model_error_is_one_line_from_mergekit_yaml(families, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        "mergekit-prodistill: error: tensor model.layers.0.mlp.up_proj.weight: model "), lines
+        "mergekit-prodistill: error: tensor model.layers.0.mlp.gate_proj.weight: model "), lines
     assert not out.exists()

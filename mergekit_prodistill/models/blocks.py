@@ -46,6 +46,7 @@ class Family:
 
     embedding_multiplier: Optional[str] = None  # embeddings are multiplied by it
     logits_divisor: Optional[str] = None  # the LM head's logits are divided by it
+    logits_multiplier: Optional[str] = None  # the LM head's logits are multiplied by it
     logits_softcap: Optional[str] = None  # logits become cap * tanh(logits / cap)
 
     def scale_embeddings(self, config, embeddings: torch.Tensor) -> torch.Tensor:
@@ -57,6 +58,8 @@ class Family:
         """The model's logits from the LM head's output, in the model's order of operations."""
         if self.logits_divisor:
             logits = logits / getattr(config, self.logits_divisor)
+        if self.logits_multiplier:
+            logits = logits * getattr(config, self.logits_multiplier)
         cap = getattr(config, self.logits_softcap, None) if self.logits_softcap else None
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap
@@ -77,6 +80,15 @@ FAMILIES = {
     "Gemma3ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
     "GraniteForCausalLM": Family(embedding_multiplier="embedding_multiplier",
                                  logits_divisor="logits_scaling"),
+    "Phi3ForCausalLM": PLAIN,
+    "Olmo2ForCausalLM": PLAIN,
+    "Olmo3ForCausalLM": PLAIN,
+    "Cohere2ForCausalLM": Family(logits_multiplier="logit_scale"),
+    "SmolLM3ForCausalLM": PLAIN,
+    "Glm4ForCausalLM": PLAIN,
+    "Exaone4ForCausalLM": PLAIN,
+    "SeedOssForCausalLM": PLAIN,
+    "Ernie4_5ForCausalLM": PLAIN,
 }
 
 
@@ -98,8 +110,7 @@ def missing_for(architecture: str, config: dict) -> str:
         return f"its {' and '.join(kinds)} layers are not run block by block yet"
     if any(config.get(k) for k in PER_LAYER_INPUT_KEYS):
         return "its per-layer inputs are not carried beside the streams yet"
-    return ("its blocks are not yet checked against its own forward, nor counted by the "
-            "plan's memory model")
+    return "its blocks are not yet checked against its own forward"
 
 
 def check_supported(architectures: Optional[Sequence[str]], config: dict, where: str = "") -> None:

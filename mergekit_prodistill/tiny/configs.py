@@ -11,7 +11,9 @@ from .text import BOS_ID, EOS_ID, MAX_POSITIONS, PAD_ID
 
 __all__ = ["ARCHITECTURES", "ARCH_CLASS", "SLIDING_WINDOW", "make_config"]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite",
+                 "phi3", "olmo2", "olmo3", "cohere2", "smollm3", "glm4", "exaone4", "seed_oss",
+                 "ernie4_5")
 
 # Small window so prompts of ordinary length really cross it.
 SLIDING_WINDOW = 6
@@ -25,6 +27,15 @@ ARCH_CLASS = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "granite": "GraniteForCausalLM",
+    "phi3": "Phi3ForCausalLM",
+    "olmo2": "Olmo2ForCausalLM",
+    "olmo3": "Olmo3ForCausalLM",
+    "cohere2": "Cohere2ForCausalLM",
+    "smollm3": "SmolLM3ForCausalLM",
+    "glm4": "Glm4ForCausalLM",
+    "exaone4": "Exaone4ForCausalLM",
+    "seed_oss": "SeedOssForCausalLM",
+    "ernie4_5": "Ernie4_5ForCausalLM",
 }
 # One sliding and one full attention layer first, so two layers already hold both kinds.
 _ALTERNATING = ("sliding_attention", "full_attention")
@@ -47,7 +58,8 @@ def make_config(
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
     if tie_embeddings is None:
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
-        tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3")
+        tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3", "cohere2", "smollm3",
+                                  "ernie4_5")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -132,10 +144,77 @@ def _granite(head_dim, num_layers, common):
                          attention_multiplier=1 / head_dim, logits_scaling=8.0, **common)
 
 
+def _phi3(head_dim, num_layers, common):
+    from transformers import Phi3Config
+
+    # Phi-3 slides every layer; Phi-4-mini rotates part of each head (fused qkv, gate_up).
+    return Phi3Config(sliding_window=SLIDING_WINDOW, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, **common)
+
+
+def _olmo2(head_dim, num_layers, common):
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**common)  # norms after attention and MLP, q/k norms over all heads
+
+
+def _olmo3(head_dim, num_layers, common):
+    from transformers import Olmo3Config
+
+    return Olmo3Config(sliding_window=SLIDING_WINDOW, layer_types=_layer_types(num_layers),
+                       **common)
+
+
+def _cohere2(head_dim, num_layers, common):
+    from transformers import Cohere2Config
+
+    # Attention and MLP in parallel off one LayerNorm; logits scaled by logit_scale.
+    return Cohere2Config(logit_scale=0.5, sliding_window=SLIDING_WINDOW,
+                         layer_types=_layer_types(num_layers), **common)
+
+
+def _smollm3(head_dim, num_layers, common):
+    from transformers import SmolLM3Config
+
+    # Every second layer without rotary embeddings (NoPE), as every fourth in SmolLM3.
+    return SmolLM3Config(no_rope_layer_interval=2, **common)
+
+
+def _glm4(head_dim, num_layers, common):
+    from transformers import Glm4Config
+
+    return Glm4Config(head_dim=head_dim, attention_bias=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, **common)
+
+
+def _exaone4(head_dim, num_layers, common):
+    from transformers import Exaone4Config
+
+    return Exaone4Config(sliding_window=SLIDING_WINDOW, layer_types=_layer_types(num_layers),
+                         **common)
+
+
+def _seed_oss(head_dim, num_layers, common):
+    from transformers import SeedOssConfig
+
+    # Its defaults drop out 10% of attention and residuals while training: not the experts'.
+    return SeedOssConfig(head_dim=head_dim, attention_bias=True, attention_dropout=0.0,
+                         residual_dropout=0.0, **common)
+
+
+def _ernie4_5(head_dim, num_layers, common):
+    from transformers import Ernie4_5Config
+
+    return Ernie4_5Config(head_dim=head_dim, **common)
+
+
 def _layer_types(num_layers: int) -> list[str]:
     return [_ALTERNATING[i % 2] for i in range(num_layers)]
 
 
 _FAMILY_CONFIG = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3": _qwen3,
-                  "gemma": _gemma, "gemma2": _gemma2, "gemma3": _gemma3, "granite": _granite}
+                  "gemma": _gemma, "gemma2": _gemma2, "gemma3": _gemma3, "granite": _granite,
+                  "phi3": _phi3, "olmo2": _olmo2, "olmo3": _olmo3, "cohere2": _cohere2,
+                  "smollm3": _smollm3, "glm4": _glm4, "exaone4": _exaone4,
+                  "seed_oss": _seed_oss, "ernie4_5": _ernie4_5}
 assert tuple(_FAMILY_CONFIG) == ARCHITECTURES

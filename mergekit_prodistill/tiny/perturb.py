@@ -21,7 +21,7 @@ def perturb_base(model: torch.nn.Module, gen: torch.Generator) -> None:
     # Norm weights init to exactly 1 and biases to 0; move them off those values so a
     # merge that ignores or mishandles norms/biases gives a visibly different result.
     for module in model.modules():
-        is_norm = "RMSNorm" in type(module).__name__
+        is_norm = type(module).__name__.endswith(("RMSNorm", "LayerNorm"))  # Cohere: LayerNorm
         for pname, p in module.named_parameters(recurse=False):
             if pname == "bias":
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))

@@ -62,8 +62,8 @@ def test_zero_epochs_equals_mergekit_task_arithmetic(families, tmp_path, arch, n
     assert not unequal, f"{len(unequal)} tensors differ, e.g. {unequal[:3]}"
     # The merge really is different from the base (the comparison can fail).
     base = load_tensors(fam.base)
-    assert not torch.equal(base["model.layers.0.self_attn.o_proj.weight"],
-                           b["model.layers.0.self_attn.o_proj.weight"])
+    assert not torch.equal(base["model.layers.0.mlp.down_proj.weight"],
+                           b["model.layers.0.mlp.down_proj.weight"])
 
 
 def full_forward(path, batch):

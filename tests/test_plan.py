@@ -60,6 +60,43 @@ def plan_for(recipe_path, available=None, **options):
     return planner.make_plan(parse_recipe(config), MergeOptions(**options), available=available)
 
 
+QWEN35_27B = Path(__file__).parent / "data" / "qwen3.5-27b-text"
+
+
+def test_a_hybrid_27b_plans_every_kind_of_block(tmp_path):
+    """Qwen3.5-27B's text model, config only: three gated delta-net blocks to each
+    attention block. Memory is planned for the larger kind, FLOPs for the average block,
+    with softmax attention in a quarter of them."""
+    models = []
+    for name in ("base", "expert0", "expert1"):
+        shutil.copytree(QWEN35_27B, tmp_path / name)
+        models.append(str(tmp_path / name))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n\n".join(f"prompt {i} " + "word " * 200 for i in range(16)))
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "prodistill", "base_model": models[0], "dtype": "bfloat16",
+        "models": [{"model": m, "parameters": {"calibration": str(prompts)}} for m in models[1:]],
+        "parameters": {"shots": 16}}))
+    p = plan_for(recipe, {"cuda": None, "cpu": None}, device="cuda")
+    h, i, v = 5120, 17408, 248320
+    mlp = 3 * h * i + 2 * h  # and the two norms
+    # q (with its output gate), k, v, o; q/k norms over one head
+    attention = h * 2 * 24 * 256 + 2 * h * 4 * 256 + 24 * 256 * h + 2 * 256
+    keys, values = 16 * 128, 48 * 128
+    # q/k/v and z, b and a, the causal convolution, dt bias and A, the gated norm, out
+    delta_net = (h * (2 * keys + values) + h * values + 2 * h * 48
+                 + (2 * keys + values) * 4 + 2 * 48 + 128 + values * h)
+    assert p.shape.num_layers == 64 and p.shape.block_numel == mlp + delta_net
+    assert p.shape.quadratic_share == 0.25
+    total = 48 * (mlp + delta_net) + 16 * (mlp + attention) + 2 * h * v + h
+    assert 26.5e9 < total < 27.5e9  # "27B"
+    assert p.shape.matmul_numel == pytest.approx(
+        (48 * (mlp + delta_net - 2 * h - 128 - 2 * 48 - (2 * keys + values) * 4)
+         + 16 * (mlp + attention - 2 * h - 2 * 256)) / 64)
+    assert p.total("cuda") > 2 * (1 + 2) * p.shape.block_numel  # base and task vectors, bf16
+
+
 def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
     p = plan_for(wizard_13b, {"cuda": None, "cpu": None}, device="cuda")
     assert p.shape.num_layers == 40 and p.shape.block_numel == BLOCK_13B
@@ -245,7 +282,8 @@ def test_saved_activations_match_autograd(arch, dtype):
     hidden = torch.randn(rows, width, config.hidden_size, dtype=dtype)
     shape = shapes.model_shape(config, [])
     predicted = memory.saved_bytes(shape, rows, width, dtype.itemsize)
-    for index in range(2):  # both attention kinds where the family alternates them
+    measured = []
+    for index in range(2):  # both kinds of layer where the family alternates them
         layer = runner.layer(index)
         weights = {n: (0.02 * torch.randn(p.shape)).to(dtype).requires_grad_()
                    for n, p in layer.named_parameters()}
@@ -261,8 +299,8 @@ def test_saved_activations_match_autograd(arch, dtype):
         ignore = {t.untyped_storage().data_ptr() for t in [
             *weights.values(), hidden, *ctx.masks.values(),
             *(t for table in ctx.position_embeddings.values() for t in table)]}
-        measured = sum(v for k, v in saved.items() if k not in ignore)
-        assert predicted == measured, (index, predicted, measured)
+        measured.append(sum(v for k, v in saved.items() if k not in ignore))
+    assert predicted == max(measured), (predicted, measured)
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHITECTURES)

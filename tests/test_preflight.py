@@ -231,8 +231,7 @@ MOE = "its mixture-of-experts blocks (router and fused expert tensors) are not m
     ("qwen3_moe", "Qwen3MoeForCausalLM", MOE),
     ("deepseek_v3", "DeepseekV3ForCausalLM", MOE),
     ("llama4_text", "Llama4ForCausalLM", MOE),
-    ("qwen3_5_text", "Qwen3_5ForCausalLM",
-     "its linear_attention layers are not run block by block yet"),
+    ("qwen3_next", "Qwen3NextForCausalLM", MOE),
     ("gemma4_text", "Gemma4ForCausalLM",
      "its per-layer inputs are not carried beside the streams yet"),
     ("stablelm", "StableLmForCausalLM", "its blocks are not yet checked against its own "
@@ -261,6 +260,13 @@ def test_a_tensor_the_layout_leaves_out_is_refused_not_dropped(families, tmp_pat
     refused(recipe(fam), tmp_path / "out", r"^the base model's tensors "
             r"model\.layers\.0\.input_layernorm\.weight, model\.layers\.1\.input_layernorm\.weight "
             r"\(2\) are not in mergekit's layout of LlamaForCausalLM, so the merge would drop them$")
+
+
+def test_a_kind_of_layer_not_run_block_by_block_is_named():
+    config = {"layer_types": ["chunked_attention", "full_attention"]}
+    with pytest.raises(ProDistillError, match=r"^m: architecture X4ForCausalLM is not supported: "
+                       r"its chunked_attention layers are not run block by block yet; "):
+        check_supported(["X4ForCausalLM"], config, "m")
 
 
 def test_bidirectional_attention_is_refused(families, tmp_path, no_weight_reads):

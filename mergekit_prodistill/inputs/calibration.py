@@ -175,11 +175,15 @@ def load_tokenizer(model, fallback, trust_remote_code: bool):
 
     for ref in (model, fallback):
         try:
-            return transformers.AutoTokenizer.from_pretrained(
+            tokenizer = transformers.AutoTokenizer.from_pretrained(
                 ref.model.path, revision=ref.model.revision, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError):
             continue
+        # Some tokenizer classes build an empty vocabulary from a folder without any
+        # tokenizer file (a config-only copy) instead of failing.
+        if len(tokenizer) > len(set(tokenizer.all_special_tokens)):
+            return tokenizer
     raise ProDistillError(f"model {model}: no tokenizer found in it or in the base model")
 
 

@@ -20,14 +20,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import transformers
 from torch.func import functional_call
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from mergekit_prodistill.errors import ProDistillError
 
-MASK_FUNCTIONS = {
-    "full_attention": create_causal_mask,
-    "sliding_attention": create_sliding_window_causal_mask,
-}
+# The kinds of layer run block by block, each with the mask transformers builds for it
+# (linear attention takes the padding mask alone).
+MASK_FUNCTIONS = {kind: LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[kind]
+                  for kind in ("full_attention", "sliding_attention", "linear_attention")}
 
 
 def cache_argument(mask_function) -> str:
@@ -89,6 +89,7 @@ FAMILIES = {
     "Exaone4ForCausalLM": PLAIN,
     "SeedOssForCausalLM": PLAIN,
     "Ernie4_5ForCausalLM": PLAIN,
+    "Qwen3_5ForCausalLM": PLAIN,
 }
 
 

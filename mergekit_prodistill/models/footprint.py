@@ -23,8 +23,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mergekit_prodistill.models.blocks import BatchContext, BlockRunner
 
-# Widths measured: multiples of the chunk length of chunked attention kernels.
+# Chunked kernels (transformers' gated delta rule, in torch and in fla) pad the width to
+# a multiple of this length; the widths measured are multiples of it, and one is not.
+CHUNK = 64
 WIDTHS = (64, 128)
+OFF_CHUNK = 96
 
 
 @dataclass(frozen=True)
@@ -35,22 +38,31 @@ class Footprint:
     per_token: float = 0.0
     per_pair: float = 0.0
     per_position: float = 0.0
+    per_chunked_token: float = 0.0  # per token of the width padded to a multiple of CHUNK
+    exact: bool = True  # the coefficients also give a shape they were not fitted on
 
     def at(self, rows: int, width: int) -> int:
+        chunked = -(-width // CHUNK) * CHUNK
         return round(self.constant + rows * width * (self.per_token + width * self.per_pair)
-                     + width * self.per_position)
+                     + width * self.per_position + rows * chunked * self.per_chunked_token)
 
     @classmethod
     def fitted(cls, measure) -> "Footprint":
-        """The coefficients from ``measure(rows, width)`` at rows 1 and 2 of two widths."""
-        (w1, w2) = WIDTHS
-        one, two = ([measure(rows, w) for w in WIDTHS] for rows in (1, 2))
+        """The coefficients from ``measure(rows, width)`` at rows 1 and 2 of three widths."""
+        (w1, w2), w3 = WIDTHS, OFF_CHUNK
+        one, two = ([measure(rows, w) for w in (w1, w2, w3)] for rows in (1, 2))
         by_row = [b - a for a, b in zip(one, two)]  # width * per_token + width^2 * per_pair
         per_pair = (by_row[1] / w2 - by_row[0] / w1) / (w2 - w1)
+        # Per token, chunked or not: at w1 and w2 the chunked width is the width.
         per_token = by_row[0] / w1 - w1 * per_pair
+        chunked = -(-w3 // CHUNK) * CHUNK
+        per_chunked = (by_row[2] - w3 * per_token - w3 * w3 * per_pair) / (chunked - w3)
         fixed = [m - w * per_token - w * w * per_pair for m, w in zip(one, WIDTHS)]
         per_position = (fixed[1] - fixed[0]) / (w2 - w1)
-        return cls(fixed[0] - w1 * per_position, per_token, per_pair, per_position)
+        fit = cls(fixed[0] - w1 * per_position, per_token - per_chunked, per_pair,
+                  per_position, per_chunked)
+        check = (3, w3)
+        return dataclasses.replace(fit, exact=fit.at(*check) == measure(*check))
 
 
 def padded(rows: int, width: int) -> torch.Tensor:
@@ -61,17 +73,20 @@ def padded(rows: int, width: int) -> torch.Tensor:
     return mask
 
 
-def saved_footprint(config, dtype: torch.dtype) -> Footprint:
-    """What one block's forward keeps for backward, in the compute ``dtype``: the
-    largest coefficients over every kind of layer along the depth."""
-    def measure():
-        runner = BlockRunner(config, torch.device("cpu"))
-        firsts = sorted({runner.attention_types.index(t) for t in runner.attention_types})
-        fits = [Footprint.fitted(functools.partial(_saved_bytes, runner, index, dtype=dtype))
-                for index in firsts]
-        return Footprint(*(max(getattr(f, k.name) for f in fits)
-                           for k in dataclasses.fields(Footprint)))
-    return _remembered(config, dtype, "saved", measure)
+def saved_bytes(config, dtype: torch.dtype, rows: int, width: int) -> int:
+    """What one block's forward keeps for backward on a batch of ``rows`` x ``width``,
+    in the compute ``dtype``: the most of any kind of layer along the depth. From each
+    kind's coefficients where they are exact (every kind but chunked linear attention,
+    whose kernels keep more than a linear function of the shape), else measured at this
+    shape."""
+    runner = _remembered(config, None, "runner", lambda: BlockRunner(config, torch.device("cpu")))
+    kept = []
+    for index in sorted({runner.attention_types.index(t) for t in runner.attention_types}):
+        measure = functools.partial(_saved_bytes, runner, index, dtype=dtype)
+        fit = _remembered(config, dtype, f"saved {index}", lambda: Footprint.fitted(measure))
+        kept.append(fit.at(rows, width) if fit.exact else _remembered(
+            config, dtype, f"saved {index} at {rows} x {width}", lambda: measure(rows, width)))
+    return max(kept)
 
 
 def context_footprint(config, dtype: torch.dtype) -> Footprint:
@@ -85,7 +100,7 @@ def context_footprint(config, dtype: torch.dtype) -> Footprint:
 _MEASURED = {}
 
 
-def _remembered(config, dtype: torch.dtype, kind: str, measure) -> Footprint:
+def _remembered(config, dtype: torch.dtype, kind: str, measure):
     """Measured once per config: plans are made again for the same models."""
     key = (config.to_json_string(use_diff=False), dtype, kind)
     if key not in _MEASURED:

@@ -8,7 +8,11 @@ import torch
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill.models.blocks import BlockRunner
-from mergekit_prodistill.models.footprint import Footprint, context_footprint, saved_footprint
+from mergekit_prodistill.models.footprint import Footprint, context_footprint, saved_bytes
+
+# Layer kinds whose attention compares every query with every key (linear attention
+# carries a state instead).
+QUADRATIC = ("full_attention", "sliding_attention")
 
 # A tensor under this many bytes comes from the C heap, which keeps freed blocks (see
 # memory.SLACK_FRACTION); larger ones are mapped and returned at once.
@@ -37,10 +41,12 @@ class ModelShape:
     attention_types: int  # kinds of attention mask (full, sliding)
     heap_share: float  # share of the block's parameters in tensors under HEAP_LIMIT in fp32
     config: object = field(default=None, compare=False, repr=False)  # the base's
+    quadratic_share: float = 1.0  # share of the blocks whose attention is softmax attention
 
-    def saved(self, element_bytes: int) -> Footprint:
-        """What a block's forward keeps for backward, by compute dtype (its bytes)."""
-        return saved_footprint(self.config, MEASURED_DTYPES[element_bytes])
+    def saved(self, rows: int, width: int, element_bytes: int) -> int:
+        """What a block's forward keeps for backward on a batch, by compute dtype (its
+        bytes)."""
+        return saved_bytes(self.config, MEASURED_DTYPES[element_bytes], rows, width)
 
     def context(self, element_bytes: int) -> Footprint:
         """What one batch's masks and positions hold, by compute dtype (its bytes)."""
@@ -91,24 +97,30 @@ class Workload:
 
 
 def model_shape(base_config, expert_configs) -> ModelShape:
+    """The shape of the largest kind of block (memory is counted for it); the matrices
+    and attention of every block averaged over the depth (FLOPs are counted for them)."""
     runner = BlockRunner(base_config, torch.device("meta"))
-    params = dict(runner.layer(0).named_parameters())
-    numels = [p.numel() for p in params.values()]
+    kinds = runner.attention_types
+    blocks = {kind: dict(runner.layer(kinds.index(kind)).named_parameters()) for kind in kinds}
+    numels = {kind: [p.numel() for p in params.values()] for kind, params in blocks.items()}
+    largest = max(numels.values(), key=sum)
     hidden = base_config.hidden_size
     heads = base_config.num_attention_heads
     return ModelShape(
-        num_layers=len(runner.attention_types),
+        num_layers=len(kinds),
         hidden=hidden,
         heads=heads,
         head_dim=getattr(base_config, "head_dim", None) or hidden // heads,
         intermediate=getattr(base_config, "intermediate_size", 4 * hidden),
-        block_numel=sum(numels),
-        block_tensors=len(numels),
-        largest=max(numels),
-        matmul_numel=sum(p.numel() for p in params.values() if p.dim() == 2),
+        block_numel=sum(largest),
+        block_tensors=max(map(len, numels.values())),
+        largest=max(map(max, numels.values())),
+        matmul_numel=sum(p.numel() for kind in kinds
+                         for p in blocks[kind].values() if p.dim() == 2) / len(kinds),
         vocab=tuple(c.vocab_size for c in (base_config, *expert_configs)),
         tied=bool(getattr(base_config, "tie_word_embeddings", False)),
-        attention_types=len(set(runner.attention_types)),
-        heap_share=sum(n for n in numels if 4 * n < HEAP_LIMIT) / sum(numels),
+        attention_types=len(blocks),
+        heap_share=sum(n for n in largest if 4 * n < HEAP_LIMIT) / sum(largest),
         config=base_config,
+        quadratic_share=sum(k in QUADRATIC for k in kinds) / len(kinds),
     )

@@ -55,7 +55,7 @@ def saved_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
     """Activations one batch's forward keeps for backward: measured on the family's own
     block (:mod:`~mergekit_prodistill.models.footprint`), per token and per (query, key)
     pair, and checked against autograd's saved tensors in tests/test_plan.py."""
-    return shape.saved(es).at(rows, width)
+    return shape.saved(rows, width, es)
 
 
 def context_bytes(shape: ModelShape, work: Workload, es: int) -> int:
@@ -79,8 +79,10 @@ def forward_bytes(shape: ModelShape, rows: int, width: int, es: int) -> int:
 
 
 def batch_flops(shape: ModelShape, rows: int, width: int) -> float:
-    """Forward FLOPs of one batch: the block's matmuls plus the attention products."""
-    return rows * width * (2 * shape.matmul_numel + 4 * width * shape.heads * shape.head_dim)
+    """Forward FLOPs of one batch through an average block: its matmuls plus the
+    attention products (linear attention's state updates are not counted)."""
+    return rows * width * (2 * shape.matmul_numel
+                           + 4 * width * shape.heads * shape.head_dim * shape.quadratic_share)
 
 
 def lambda_count(shape: ModelShape, experts: int, granularity: str) -> int:

@@ -13,7 +13,7 @@ __all__ = ["ARCHITECTURES", "ARCH_CLASS", "SLIDING_WINDOW", "make_config"]
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite",
                  "phi3", "olmo2", "olmo3", "cohere2", "smollm3", "glm4", "exaone4", "seed_oss",
-                 "ernie4_5")
+                 "ernie4_5", "qwen3_5")
 
 # Small window so prompts of ordinary length really cross it.
 SLIDING_WINDOW = 6
@@ -36,6 +36,7 @@ ARCH_CLASS = {
     "exaone4": "Exaone4ForCausalLM",
     "seed_oss": "SeedOssForCausalLM",
     "ernie4_5": "Ernie4_5ForCausalLM",
+    "qwen3_5": "Qwen3_5ForCausalLM",
 }
 # One sliding and one full attention layer first, so two layers already hold both kinds.
 _ALTERNATING = ("sliding_attention", "full_attention")
@@ -59,7 +60,7 @@ def make_config(
     if tie_embeddings is None:
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
         tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3", "cohere2", "smollm3",
-                                  "ernie4_5")
+                                  "ernie4_5", "qwen3_5")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -208,6 +209,20 @@ def _ernie4_5(head_dim, num_layers, common):
     return Ernie4_5Config(head_dim=head_dim, **common)
 
 
+def _qwen3_5(head_dim, num_layers, common):
+    from transformers import Qwen3_5TextConfig
+
+    # Gated delta-net (linear attention) layers before each full attention layer, as in
+    # Qwen3.5 (three to one there); multimodal rotary sections over half of each head.
+    return Qwen3_5TextConfig(
+        head_dim=head_dim, layer_types=[("linear_attention", "full_attention")[i % 2]
+                                        for i in range(num_layers)],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim, linear_conv_kernel_dim=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True}, **common)
+
+
 def _layer_types(num_layers: int) -> list[str]:
     return [_ALTERNATING[i % 2] for i in range(num_layers)]
 
@@ -216,5 +231,5 @@ _FAMILY_CONFIG = {"llama": _llama, "mistral": _mistral, "qwen2": _qwen2, "qwen3"
                   "gemma": _gemma, "gemma2": _gemma2, "gemma3": _gemma3, "granite": _granite,
                   "phi3": _phi3, "olmo2": _olmo2, "olmo3": _olmo3, "cohere2": _cohere2,
                   "smollm3": _smollm3, "glm4": _glm4, "exaone4": _exaone4,
-                  "seed_oss": _seed_oss, "ernie4_5": _ernie4_5}
+                  "seed_oss": _seed_oss, "ernie4_5": _ernie4_5, "qwen3_5": _qwen3_5}
 assert tuple(_FAMILY_CONFIG) == ARCHITECTURES

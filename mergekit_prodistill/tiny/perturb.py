@@ -21,9 +21,10 @@ def perturb_base(model: torch.nn.Module, gen: torch.Generator) -> None:
     # Norm weights init to exactly 1 and biases to 0; move them off those values so a
     # merge that ignores or mishandles norms/biases gives a visibly different result.
     for module in model.modules():
-        is_norm = type(module).__name__.endswith(("RMSNorm", "LayerNorm"))  # Cohere: LayerNorm
+        # RMSNorm, Cohere's LayerNorm, Qwen3.5's RMSNormGated
+        is_norm = "RMSNorm" in type(module).__name__ or type(module).__name__.endswith("LayerNorm")
         for pname, p in module.named_parameters(recurse=False):
-            if pname == "bias":
+            if pname.endswith("bias"):  # Qwen3.5: dt_bias
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             elif is_norm:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))

@@ -226,7 +226,13 @@ def start(device: torch.device) -> World:
         return SINGLE
     rank = int(os.environ["RANK"])
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local, gpus = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= gpus:
+            raise ProDistillError(
+                f"process {rank} of {size}: its local rank is {local} but this node has "
+                f"{gpus} GPU{'s' if gpus != 1 else ''}; start at most one process per GPU "
+                "on each node (torchrun --nproc-per-node)")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
         # A timed-out NCCL collective raises in the process that waits for it (one line),
         # rather than in NCCL's watchdog thread, which would end the process silently.

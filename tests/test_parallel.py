@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.parallel import World
 from mergekit_prodistill.tiny import ModelSpec
 
@@ -222,6 +223,7 @@ def test_on_cuda_tensor_sums_get_their_own_nccl_group_that_gives_up(monkeypatch)
     monkeypatch.setenv("LOCAL_RANK", "1")
     monkeypatch.delenv("TORCH_NCCL_BLOCKING_WAIT", raising=False)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set", device)))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(parallel.dist, "init_process_group",
                         lambda backend, **kw: calls.append(("init", backend, kw)))
@@ -239,6 +241,22 @@ def test_on_cuda_tensor_sums_get_their_own_nccl_group_that_gives_up(monkeypatch)
             seconds=1200), "device_id": torch.device("cuda", 1)})
     finally:
         parallel._joined.clear()
+        parallel.stop()
+
+
+def test_more_processes_on_a_node_than_gpus_is_one_line(monkeypatch):
+    from mergekit_prodistill import parallel
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set_device"))
+    try:
+        with pytest.raises(ProDistillError, match=r"^process 3 of 4: its local rank is 1 but "
+                           r"this node has 1 GPU; start at most one process per GPU"):
+            parallel.start(torch.device("cuda"))
+    finally:
         parallel.stop()
 
 

@@ -316,6 +316,27 @@ def test_expert_missing_a_tensor(families, tmp_path, no_weight_reads):
             rf"model .*broken has no tensor {name}")
 
 
+def test_a_stored_copy_of_a_tied_head_is_not_taken_for_a_dropped_tensor(families, tmp_path):
+    # Gemma ties its LM head to the embedding; mergekit's gemma layout has no lm_head. A
+    # checkpoint that stores the head anyway loses nothing when the merge leaves it out.
+    fam = families("gemma", 2)
+    from safetensors.torch import load_file, save_file
+
+    base = _copy_model(fam.base, tmp_path / "base")
+    index_path = base / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = base / index["weight_map"]["model.embed_tokens.weight"]
+    tensors = load_file(shard)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    index["weight_map"]["lm_head.weight"] = shard.name
+    index_path.write_text(json.dumps(index))
+    doc = recipe(fam, epochs=0)
+    doc["base_model"] = str(base)
+    merge(yaml.safe_dump(doc), tmp_path / "out")
+    assert "lm_head.weight" not in load_tensors(tmp_path / "out")
+
+
 def test_remote_code_needs_the_flag(families, tmp_path, no_weight_reads):
     fam = families("llama", 2)
     custom = _copy_model(fam.experts[0], tmp_path / "custom")

@@ -6,17 +6,21 @@ propagation torch.compile uses): tensors have shapes, dtypes and CPU's kernel ch
 but no data, so the real config's block is measured (a 13B or a 70B one) in a fraction
 of a second and no memory. Saved-tensor hooks count every distinct storage autograd
 keeps, except the block's weights, its input (the activation cache holds it) and the
-batch's context (counted by :func:`context_footprint`). The context is built for real,
-at small widths.
+batch's context (counted by :func:`context_footprint`). The context is built for real.
+Each kind of block along the depth (sliding, full or linear attention) is measured.
 
-Both are linear in the batch's shape, so a few shapes give the coefficients exactly:
-``constant + tokens * per_token + pairs * per_pair + positions * per_position``, with
-``rows x width`` tokens, ``rows x width^2`` (query, key) pairs and ``width`` positions.
+Bytes are a linear function of the batch's shape, so six shapes give the coefficients:
+``constant + tokens * per_token + pairs * per_pair + positions * per_position +
+chunked tokens * per_chunked_token``, with ``rows x width`` tokens, ``rows x width^2``
+(query, key) pairs, ``width`` positions and ``rows x width`` rounded up to a chunk. A
+seventh shape checks them; a kind of block they do not fit (chunked linear attention
+keeps more than that) is measured at each batch shape the plan asks about instead.
 """
 
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -100,8 +104,8 @@ def context_footprint(config, dtype: torch.dtype) -> Footprint:
 _MEASURED = {}
 
 
-def _remembered(config, dtype: torch.dtype, kind: str, measure):
-    """Measured once per config: plans are made again for the same models."""
+def _remembered(config, dtype: Optional[torch.dtype], kind: str, measure):
+    """Measured (or built) once per config: plans are made again for the same models."""
     key = (config.to_json_string(use_diff=False), dtype, kind)
     if key not in _MEASURED:
         _MEASURED[key] = measure()

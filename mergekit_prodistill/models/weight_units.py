@@ -36,9 +36,11 @@ class WeightUnits:
         self.info = module.info
         self.config = module.config
         skeleton = _skeleton(module.config, trust_remote_code)
-        # The tensors the model loads (a tied LM head is the embedding's: not its own), in
-        # the order its modules register them.
-        self._order = {name: i for i, name in enumerate(skeleton.state_dict())}
+        # The tensors the model loads, in the order its modules register them, and the
+        # names each shares its tensor with (a tied LM head is the embedding).
+        state = skeleton.state_dict(keep_vars=True)
+        self._order = {name: i for i, name in enumerate(state)}
+        self._same = {name: {n for n, u in state.items() if u is t} for name, t in state.items()}
         matrix = skeleton.get_input_embeddings().weight
         embedding = next(name for name, p in skeleton.named_parameters() if p is matrix)
         outside = self._ordered([*module.pre_weights(), *module.post_weights()])
@@ -65,7 +67,8 @@ class WeightUnits:
         """The checkpoint's tensors that the model loads and no unit merges."""
         merged = {n for w in self.all_weights()
                   for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
-        return sorted(n for n in checkpoint_names if n in self._order and n not in merged)
+        return sorted(n for n in checkpoint_names
+                      if n in self._order and not self._same[n] & merged)
 
     def all_weights(self) -> List[WeightInfo]:
         blocks = (w for i in range(self.num_layers()) for w in self.layer_weights(i))

@@ -36,14 +36,14 @@ def errors(base: Path, batch, dtype: torch.dtype):
         h.remove()
 
     runner = BlockRunner(model.config, torch.device("cpu"))
-    state = dict(model.model.named_parameters())
+    state = model.model.state_dict()
     hidden = runner.embed(state["embed_tokens.weight"], batch.input_ids)
     ctx = runner.context(batch.attention_mask, dtype)
     real = batch.attention_mask.bool()
     block_error, rms = 0.0, 0.0
     for index, expected in enumerate(outputs):
         layer = runner.layer(index)
-        names = layer_weight_names(layer, [f"layers.{index}.{n}" for n, _ in layer.named_parameters()])
+        names = layer_weight_names(layer, [f"layers.{index}.{n}" for n in layer.state_dict()])
         hidden = runner.forward(index, layer, {o: state[f] for f, o in names.items()}, hidden, ctx)
         block_error = max(block_error, float((hidden - expected)[real].abs().max()))
         rms = max(rms, float(expected[real].float().pow(2).mean().sqrt()))

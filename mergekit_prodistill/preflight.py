@@ -25,11 +25,12 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_prodistill.errors import ProDistillError, one_line
-from mergekit_prodistill.models.blocks import check_supported
 from mergekit_prodistill.models.dtypes import requested_output_dtype
+from mergekit_prodistill.models.families import check_supported
 from mergekit_prodistill.models.model_files import (ModelFiles, TensorInfo, arch_name, hub_id,
                                                     read_model)
-from mergekit_prodistill.models.weight_units import WeightUnits
+from mergekit_prodistill.models.weight_units import (WeightUnits, check_stored_alike, converted,
+                                                     stored_for_conversion)
 from mergekit_prodistill.output.output_folder import (check_free_disk, check_output_folder,
                                                       folder_problem)
 from mergekit_prodistill.plan.context import RunContext
@@ -76,6 +77,7 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
             f"({len(dropped)}) are not in mergekit's layout of {_arch_name(base)}, so the merge "
             "would drop them")
     check_tensors(recipe, models, weights)
+    check_stored_alike(recipe, models, weights)
     rows = {ref: _vocabulary_rows(weights, files) for ref, files in models.items()}
     check_chat_template_kept(merge_config, rows)
     needed = output_bytes(recipe, models, weights)
@@ -239,7 +241,7 @@ def check_tensors(recipe, models: Dict[ModelReference, ModelFiles], weights) -> 
             files = models[expert.model]
             name = _find(weight, files.tensors)
             if base_name is None or name is None:
-                if weight.optional:
+                if weight.optional or converted(weight, base, files):
                     continue
                 who = "the base model" if base_name is None else f"model {expert.model}"
                 raise ProDistillError(f"{who} has no tensor {weight.name}")
@@ -273,4 +275,7 @@ def output_bytes(recipe, models: Dict[ModelReference, ModelFiles], weights) -> i
             shape[weight.vocabulary_axis] = max(t.shape[weight.vocabulary_axis] for t in found)
         itemsize = out_dtype.itemsize if out_dtype else info.itemsize
         total += int(torch.Size(shape).numel()) * itemsize
+    for info in stored_for_conversion(weights, models[recipe.base]).values():
+        total += int(torch.Size(info.shape).numel()) * (
+            out_dtype.itemsize if out_dtype else info.itemsize)
     return total

@@ -17,7 +17,7 @@ from mergekit_prodistill import cli, parallel, preflight, run, tiny
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.inputs import calibration, continuation, expert_placement
 from mergekit_prodistill.inputs.calibration import Batch
-from mergekit_prodistill.models import shapes
+from mergekit_prodistill.models import families, shapes
 from mergekit_prodistill.models.blocks import BlockRunner
 from mergekit_prodistill.plan import devices, fits, memory, planner
 from mergekit_prodistill.recipe import parse_recipe
@@ -67,17 +67,7 @@ def test_a_hybrid_27b_plans_every_kind_of_block(tmp_path):
     """Qwen3.5-27B's text model, config only: three gated delta-net blocks to each
     attention block. Memory is planned for the larger kind, FLOPs for the average block,
     with softmax attention in a quarter of them."""
-    models = []
-    for name in ("base", "expert0", "expert1"):
-        shutil.copytree(QWEN35_27B, tmp_path / name)
-        models.append(str(tmp_path / name))
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n\n".join(f"prompt {i} " + "word " * 200 for i in range(16)))
-    recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump({
-        "merge_method": "prodistill", "base_model": models[0], "dtype": "bfloat16",
-        "models": [{"model": m, "parameters": {"calibration": str(prompts)}} for m in models[1:]],
-        "parameters": {"shots": 16}}))
+    recipe = _config_only_recipe(QWEN35_27B, tmp_path)
     p = plan_for(recipe, {"cuda": None, "cpu": None}, device="cuda")
     # Its tokenizer class builds an empty vocabulary from a folder without tokenizer files.
     assert p.work.source.startswith("estimated")
@@ -97,6 +87,43 @@ def test_a_hybrid_27b_plans_every_kind_of_block(tmp_path):
         (48 * (mlp + delta_net - 2 * h - 128 - 2 * 48 - (2 * keys + values) * 4)
          + 16 * (mlp + attention - 2 * h - 2 * 256)) / 64)
     assert p.total("cuda") > 2 * (1 + 2) * p.shape.block_numel  # base and task vectors, bf16
+
+
+QWEN3_30B_A3B = Path(__file__).parent / "data" / "qwen3-30b-a3b"
+
+
+def test_a_mixture_of_experts_30b_plans_every_expert_and_the_routed_flops(tmp_path):
+    """Qwen3-30B-A3B, config only: memory for all 128 experts of a block, FLOPs for the
+    8 each token is routed to."""
+    recipe = _config_only_recipe(QWEN3_30B_A3B, tmp_path)
+    p = plan_for(recipe, {"cuda": None, "cpu": None}, device="cuda")
+    h, experts, routed, v = 2048, 128, 8, 151936
+    attention = h * 32 * 128 + 2 * h * 4 * 128 + 32 * 128 * h + 2 * 128
+    expert = 3 * h * 768  # gate, up, down
+    router, norms = experts * h, 2 * h
+    assert p.shape.num_layers == 48
+    assert p.shape.block_numel == attention + router + experts * expert + norms
+    assert p.shape.matmul_numel == attention - 2 * 128 + router + routed * expert
+    total = 48 * p.shape.block_numel + 2 * h * v + h
+    active = 48 * (attention + router + routed * expert + norms) + 2 * h * v + h
+    assert 30.0e9 < total < 31.0e9 and 3.0e9 < active < 3.6e9  # "30B-A3B"
+    assert p.total("cuda") > 3 * 2 * p.shape.block_numel  # base and task vectors in bf16
+
+
+def _config_only_recipe(config_folder, tmp_path):
+    """A two-expert recipe over config-only copies of one model, with local prompts."""
+    models = []
+    for name in ("base", "expert0", "expert1"):
+        shutil.copytree(config_folder, tmp_path / name)
+        models.append(str(tmp_path / name))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n\n".join(f"prompt {i} " + "word " * 200 for i in range(16)))
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "prodistill", "base_model": models[0], "dtype": "bfloat16",
+        "models": [{"model": m, "parameters": {"calibration": str(prompts)}} for m in models[1:]],
+        "parameters": {"shots": 16}}))
+    return recipe
 
 
 def test_flagship_recipe_plans_offline_with_exact_sizes(wizard_13b):
@@ -288,7 +315,7 @@ def test_saved_activations_match_autograd(arch, dtype):
     for index in range(2):  # both kinds of layer where the family alternates them
         layer = runner.layer(index)
         weights = {n: (0.02 * torch.randn(p.shape)).to(dtype).requires_grad_()
-                   for n, p in layer.named_parameters()}
+                   for n, p in layer.state_dict(keep_vars=True).items()}
         saved = {}  # storage -> bytes, so a tensor saved twice counts once
 
         def pack(t):
@@ -302,7 +329,11 @@ def test_saved_activations_match_autograd(arch, dtype):
             *weights.values(), hidden, *ctx.masks.values(),
             *(t for table in ctx.position_embeddings.values() for t in table)]}
         measured.append(sum(v for k, v in saved.items() if k not in ignore))
-    assert predicted == max(measured), (predicted, measured)
+    if any((getattr(config, k, None) or 0) > 1 for k in families.EXPERT_COUNT_KEYS):
+        # Which experts a batch is routed to decides a few small tensors' sizes.
+        assert abs(predicted / max(measured) - 1) < 0.01, (predicted, measured)
+    else:
+        assert predicted == max(measured), (predicted, measured)
 
 
 @pytest.mark.parametrize("arch", tiny.ARCHITECTURES)

@@ -7,27 +7,20 @@ Rotary position embeddings and attention masks are computed the way the model's 
 forward computes them, once per batch, and reused for every block and epoch. Token
 embeddings go through the model's own embedding module, so any scale it applies is kept.
 
-Only the families in :data:`FAMILIES` are run: for each, everything its decoder's forward
-does outside the blocks is known (an embedding multiplier, logit scaling or soft-capping),
-and tests check block by block against the full model.
+Only the families in :data:`~mergekit_prodistill.models.families.FAMILIES` are run.
 """
 
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import transformers
 from torch.func import functional_call
-from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 
 from mergekit_prodistill.errors import ProDistillError
-
-# The kinds of layer run block by block, each with the mask transformers builds for it
-# (linear attention takes the padding mask alone).
-MASK_FUNCTIONS = {kind: LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING[kind]
-                  for kind in ("full_attention", "sliding_attention", "linear_attention")}
+from mergekit_prodistill.models.families import MASK_FUNCTIONS, family_of, model_class
 
 
 def cache_argument(mask_function) -> str:
@@ -39,117 +32,12 @@ def cache_argument(mask_function) -> str:
 CACHE_ARGUMENTS = {kind: cache_argument(function) for kind, function in MASK_FUNCTIONS.items()}
 
 
-@dataclass(frozen=True)
-class Family:
-    """What a family's forward does outside its blocks, beyond embedding lookup and the
-    final norm (both run through the family's own modules). Values are config keys."""
-
-    embedding_multiplier: Optional[str] = None  # embeddings are multiplied by it
-    logits_divisor: Optional[str] = None  # the LM head's logits are divided by it
-    logits_multiplier: Optional[str] = None  # the LM head's logits are multiplied by it
-    logits_softcap: Optional[str] = None  # logits become cap * tanh(logits / cap)
-
-    def scale_embeddings(self, config, embeddings: torch.Tensor) -> torch.Tensor:
-        if self.embedding_multiplier:
-            return embeddings * getattr(config, self.embedding_multiplier)
-        return embeddings
-
-    def finish_logits(self, config, logits: torch.Tensor) -> torch.Tensor:
-        """The model's logits from the LM head's output, in the model's order of operations."""
-        if self.logits_divisor:
-            logits = logits / getattr(config, self.logits_divisor)
-        if self.logits_multiplier:
-            logits = logits * getattr(config, self.logits_multiplier)
-        cap = getattr(config, self.logits_softcap, None) if self.logits_softcap else None
-        if cap is not None:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-
-PLAIN = Family()
-# Read from each family's modeling code in transformers: Gemma's embedding module scales
-# by sqrt(hidden) itself, and its (1 + weight) norms are its own norm modules. Attention
-# soft-capping and Granite's attention and residual multipliers live inside the blocks.
-FAMILIES = {
-    "LlamaForCausalLM": PLAIN,
-    "MistralForCausalLM": PLAIN,
-    "Qwen2ForCausalLM": PLAIN,
-    "Qwen3ForCausalLM": PLAIN,
-    "GemmaForCausalLM": PLAIN,
-    "Gemma2ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
-    "Gemma3ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
-    "GraniteForCausalLM": Family(embedding_multiplier="embedding_multiplier",
-                                 logits_divisor="logits_scaling"),
-    "Phi3ForCausalLM": PLAIN,
-    "Olmo2ForCausalLM": PLAIN,
-    "Olmo3ForCausalLM": PLAIN,
-    "Cohere2ForCausalLM": Family(logits_multiplier="logit_scale"),
-    "SmolLM3ForCausalLM": PLAIN,
-    "Glm4ForCausalLM": PLAIN,
-    "Exaone4ForCausalLM": PLAIN,
-    "SeedOssForCausalLM": PLAIN,
-    "Ernie4_5ForCausalLM": PLAIN,
-    "Qwen3_5ForCausalLM": PLAIN,
-}
-
-
-# Config keys that give a family's blocks a mixture of experts, and per-layer inputs.
-EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-PER_LAYER_INPUT_KEYS = ("hidden_size_per_layer_input",)
-
-
-def missing_for(architecture: str, config: dict) -> str:
-    """What the block-by-block merge lacks for a family it does not accept, in words."""
-    if not architecture.endswith("ForCausalLM"):
-        return ("only the language model of a multimodal checkpoint could be merged, and that "
-                "is not done yet" if architecture.endswith("ForConditionalGeneration")
-                else "it is not a causal language model")
-    if any((config.get(k) or 0) > 1 for k in EXPERT_COUNT_KEYS):
-        return "its mixture-of-experts blocks (router and fused expert tensors) are not merged yet"
-    kinds = sorted(set(config.get("layer_types") or ()) - set(MASK_FUNCTIONS))
-    if kinds:
-        return f"its {' and '.join(kinds)} layers are not run block by block yet"
-    if any(config.get(k) for k in PER_LAYER_INPUT_KEYS):
-        return "its per-layer inputs are not carried beside the streams yet"
-    return "its blocks are not yet checked against its own forward"
-
-
-def check_supported(architectures: Optional[Sequence[str]], config: dict, where: str = "") -> None:
-    """Refuse a model whose family the block-by-block merge is not known to run exactly,
-    naming what is missing."""
-    names = list(architectures or [])
-    where = f"{where}: " if where else ""
-    if len(names) != 1 or names[0] not in FAMILIES:
-        why = f": {missing_for(names[0], config)}" if len(names) == 1 else ""
-        raise ProDistillError(
-            f"{where}architecture {'/'.join(names) or 'unknown'} is not supported{why}; "
-            f"prodistill supports {', '.join(FAMILIES)}"
-        )
-    if config.get("use_bidirectional_attention"):
-        raise ProDistillError(
-            f"{where}{names[0]} with use_bidirectional_attention is not supported; "
-            "prodistill merges causal language models"
-        )
-
-
-def model_class(config) -> type:
-    """The causal LM class transformers builds for ``config``."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    try:
-        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
-        raise ProDistillError(
-            f"model_type '{config.model_type}' has no causal language model in transformers"
-        ) from None
-
-
-def family_of(config) -> Family:
-    """The family of ``config``'s model; preflight has refused every other."""
-    name = model_class(config).__name__
-    if name not in FAMILIES:
-        check_supported([name], {})
-    return FAMILIES[name]
+def decoder_of(model) -> torch.nn.Module:
+    """The model's decoder (its blocks, final norm and rotary module). ``get_decoder``
+    finds it by the class's base-model prefix, which Llama 4's text-only class names for
+    its multimodal sibling (``language_model``); its decoder is ``model`` there."""
+    decoder = model.get_decoder()
+    return decoder if hasattr(decoder, "layers") else model.model
 
 
 def attention_implementation(config) -> str:
@@ -183,7 +71,10 @@ class BlockRunner:
         with torch.device("meta"):
             skeleton = transformers.AutoModelForCausalLM.from_config(
                 self.config, trust_remote_code=trust_remote_code)
-        decoder = skeleton.get_decoder()
+        # The experts kernel transformers chose for this model (grouped_mm where it can
+        # dispatch), so that blocks run as the loaded model runs them.
+        self.config._experts_implementation = skeleton.config._experts_implementation
+        decoder = decoder_of(skeleton)
         self.layer_class = type(decoder.layers[0])
         self.rotary = type(decoder.rotary_emb)(config=self.config).to(device)
         # Gemma3 keeps one rotary table per attention type, chosen by a forward argument.
@@ -271,8 +162,9 @@ def _with_buffers(skeleton, module: torch.nn.Module, device: torch.device) -> to
 
 
 def layer_weight_names(layer: torch.nn.Module, checkpoint_names: List[str]) -> Dict[str, str]:
-    """Map checkpoint tensor names of one block to the block module's parameter names."""
-    own = [name for name, _ in layer.named_parameters()]
+    """Map checkpoint tensor names of one block to the block module's parameter names
+    (and persistent buffers: DeepSeek-V3's router bias is one)."""
+    own = list(layer.state_dict(keep_vars=True))
     mapping = {}
     for full in checkpoint_names:
         match = [name for name in own if full == name or full.endswith("." + name)]

@@ -17,15 +17,18 @@ seventh shape checks them; a kind of block they do not fit (chunked linear atten
 keeps more than that) is measured at each batch shape the plan asks about instead.
 """
 
+import contextlib
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mergekit_prodistill.models.blocks import BatchContext, BlockRunner
+from mergekit_prodistill.models.families import EXPERT_COUNT_KEYS
 
 # Chunked kernels (transformers' gated delta rule, in torch and in fla) pad the width to
 # a multiple of this length; the widths measured are multiples of it, and one is not.
@@ -79,18 +82,50 @@ def padded(rows: int, width: int) -> torch.Tensor:
 
 def saved_bytes(config, dtype: torch.dtype, rows: int, width: int) -> int:
     """What one block's forward keeps for backward on a batch of ``rows`` x ``width``,
-    in the compute ``dtype``: the most of any kind of layer along the depth. From each
-    kind's coefficients where they are exact (every kind but chunked linear attention,
-    whose kernels keep more than a linear function of the shape), else measured at this
-    shape."""
+    in the compute ``dtype``: the most of any kind of layer along the depth."""
+    key = next((k for k in EXPERT_COUNT_KEYS if (getattr(config, k, None) or 0) > 1), None)
+    if key is None:
+        return _most_of_any_kind(config, dtype, rows, width, fake=True)
+    # A mixture of experts routes by value, which a fake run cannot follow: real tensors,
+    # with the experts cut to the two fewest counts that route as the config does (more
+    # than top-k; whole groups, with enough in the chosen groups, for DeepSeek's routing).
+    # A token's activations are the same for any number of experts, the router's scores
+    # grow with it: extrapolated to them all.
+    top_k, groups = config.num_experts_per_tok, getattr(config, "n_group", None) or 1
+    chosen = getattr(config, "topk_group", None) or groups
+    counts = [c for c in range(groups, 4 * (top_k + 1) * groups, groups)
+              if c > top_k and c // groups * chosen >= top_k][:2]
+    fewer = []
+    for count in counts:
+        fewer.append(copy.deepcopy(config))
+        setattr(fewer[-1], key, count)
+    one, two = (_most_of_any_kind(c, dtype, rows, width, fake=False) for c in fewer)
+    return round(one + (getattr(config, key) - counts[0]) * (two - one) / (counts[1] - counts[0]))
+
+
+def _most_of_any_kind(config, dtype: torch.dtype, rows: int, width: int, fake: bool) -> int:
+    """From each kind's coefficients where they are exact (every kind but chunked linear
+    attention, whose kernels keep more than a linear function of the shape), else
+    measured at this shape."""
     runner = _remembered(config, None, "runner", lambda: BlockRunner(config, torch.device("cpu")))
     kept = []
-    for index in sorted({runner.attention_types.index(t) for t in runner.attention_types}):
-        measure = functools.partial(_saved_bytes, runner, index, dtype=dtype)
+    for index in sorted(set(_remembered(config, None, "kinds", lambda: block_kinds(runner)))):
+        measure = functools.partial(_saved_bytes, runner, index, dtype=dtype, fake=fake)
         fit = _remembered(config, dtype, f"saved {index}", lambda: Footprint.fitted(measure))
         kept.append(fit.at(rows, width) if fit.exact else _remembered(
             config, dtype, f"saved {index} at {rows} x {width}", lambda: measure(rows, width)))
     return max(kept)
+
+
+def block_kinds(runner: BlockRunner) -> List[int]:
+    """For every block, the index of the first block of its kind: blocks differ in their
+    attention (full, sliding, linear) or in their parameters (dense blocks before the
+    mixture-of-experts ones)."""
+    first, kinds = {}, []
+    for index, attention in enumerate(runner.attention_types):
+        params = tuple((n, tuple(p.shape)) for n, p in runner.layer(index).state_dict(keep_vars=True).items())
+        kinds.append(first.setdefault((attention, params), index))
+    return kinds
 
 
 def context_footprint(config, dtype: torch.dtype) -> Footprint:
@@ -117,8 +152,10 @@ def _storages(tensors) -> dict:
 
 
 def _context_tensors(ctx: BatchContext) -> list:
-    return [ctx.token_mask, ctx.position_ids, *ctx.masks.values(),
-            *(t for table in ctx.position_embeddings.values() for t in table)]
+    # Rotary tables are (cos, sin), or one complex tensor (Llama 4).
+    tables = [t for table in ctx.position_embeddings.values()
+              for t in ([table] if isinstance(table, torch.Tensor) else table)]
+    return [ctx.token_mask, ctx.position_ids, *ctx.masks.values(), *tables]
 
 
 def _context_bytes(runner: BlockRunner, rows: int, width: int, dtype: torch.dtype) -> int:
@@ -129,7 +166,7 @@ def _context_bytes(runner: BlockRunner, rows: int, width: int, dtype: torch.dtyp
 
 
 def _saved_bytes(runner: BlockRunner, index: int, rows: int, width: int,
-                 dtype: torch.dtype) -> int:
+                 dtype: torch.dtype, fake: bool = True) -> int:
     ctx = runner.context(padded(rows, width), dtype)
     layer = runner.layer(index)
     saved = {}
@@ -138,15 +175,19 @@ def _saved_bytes(runner: BlockRunner, index: int, rows: int, width: int,
         saved.update(_storages([t]))
         return t
 
-    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    generator = torch.Generator().manual_seed(0)  # real weights route tokens
+    with FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext() as mode:
+        to = (lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t) if fake \
+            else (lambda t: t)
         ctx = dataclasses.replace(
-            ctx, token_mask=fake(ctx.token_mask), position_ids=fake(ctx.position_ids),
-            masks={k: fake(m) for k, m in ctx.masks.items()},
-            position_embeddings={k: tuple(map(fake, t)) for k, t in ctx.position_embeddings.items()})
-        weights = {n: torch.empty(p.shape, dtype=dtype).requires_grad_()
-                   for n, p in layer.named_parameters()}
-        hidden = torch.empty(rows, width, runner.config.hidden_size, dtype=dtype)
+            ctx, token_mask=to(ctx.token_mask), position_ids=to(ctx.position_ids),
+            masks={k: to(m) for k, m in ctx.masks.items()},
+            position_embeddings={k: to(t) if isinstance(t, torch.Tensor) else tuple(map(to, t))
+                                 for k, t in ctx.position_embeddings.items()})
+        weights = {n: (0.02 * torch.randn(p.shape, generator=generator)).to(dtype)
+                   .requires_grad_() for n, p in layer.state_dict(keep_vars=True).items()}
+        hidden = torch.randn(rows, width, runner.config.hidden_size, generator=generator
+                             ).to(dtype)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             runner.forward(index, layer, weights, hidden, ctx)
         kept = _storages([*weights.values(), hidden,

@@ -8,7 +8,8 @@ import torch
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill.models.blocks import BlockRunner
-from mergekit_prodistill.models.footprint import Footprint, context_footprint, saved_bytes
+from mergekit_prodistill.models.footprint import (Footprint, block_kinds, context_footprint,
+                                                  saved_bytes)
 
 # Layer kinds whose attention compares every query with every key (linear attention
 # carries a state instead).
@@ -100,10 +101,11 @@ def model_shape(base_config, expert_configs) -> ModelShape:
     """The shape of the largest kind of block (memory is counted for it); the matrices
     and attention of every block averaged over the depth (FLOPs are counted for them)."""
     runner = BlockRunner(base_config, torch.device("meta"))
-    kinds = runner.attention_types
-    blocks = {kind: dict(runner.layer(kinds.index(kind)).named_parameters()) for kind in kinds}
+    kinds = block_kinds(runner)
+    blocks = {kind: runner.layer(kind).state_dict(keep_vars=True) for kind in set(kinds)}
     numels = {kind: [p.numel() for p in params.values()] for kind, params in blocks.items()}
     largest = max(numels.values(), key=sum)
+    attention = runner.attention_types
     hidden = base_config.hidden_size
     heads = base_config.num_attention_heads
     return ModelShape(
@@ -115,12 +117,23 @@ def model_shape(base_config, expert_configs) -> ModelShape:
         block_numel=sum(largest),
         block_tensors=max(map(len, numels.values())),
         largest=max(map(max, numels.values())),
-        matmul_numel=sum(p.numel() for kind in kinds
-                         for p in blocks[kind].values() if p.dim() == 2) / len(kinds),
+        matmul_numel=sum(_routed_numel(p, base_config) for kind in kinds
+                         for p in blocks[kind].values()) / len(kinds),
         vocab=tuple(c.vocab_size for c in (base_config, *expert_configs)),
         tied=bool(getattr(base_config, "tie_word_embeddings", False)),
-        attention_types=len(blocks),
+        attention_types=len(set(attention)),
         heap_share=sum(n for n in largest if 4 * n < HEAP_LIMIT) / sum(largest),
         config=base_config,
-        quadratic_share=sum(k in QUADRATIC for k in kinds) / len(kinds),
+        quadratic_share=sum(k in QUADRATIC for k in attention) / len(attention),
     )
+
+
+def _routed_numel(parameter, config) -> float:
+    """Elements of a parameter that every token multiplies: all of a matrix, and of a
+    mixture of experts' fused matrices (one per expert) those of the experts it is routed
+    to."""
+    if parameter.dim() == 2:
+        return parameter.numel()
+    if parameter.dim() == 3:
+        return parameter.numel() * getattr(config, "num_experts_per_tok", 1) / parameter.shape[0]
+    return 0

@@ -11,11 +11,16 @@ blocks after them; each group in the order the model's modules register their te
 so that every process of a merge lists the same tensors in the same order.
 """
 
-from typing import List
+from typing import Dict, List
 
 import torch
 import transformers
 from mergekit.architecture import WeightInfo
+from mergekit.architecture.conversion import can_convert_checkpoint_keys
+from mergekit.common import ModelReference
+
+from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.models.model_files import ModelFiles, TensorInfo
 
 
 def _skeleton(config, trust_remote_code: bool):
@@ -73,3 +78,34 @@ class WeightUnits:
     def all_weights(self) -> List[WeightInfo]:
         blocks = (w for i in range(self.num_layers()) for w in self.layer_weights(i))
         return [*self._pre, *blocks, *self._post]
+
+
+def converted(weight: WeightInfo, *models: ModelFiles) -> bool:
+    """Whether transformers builds the tensor from others that every model stores (a
+    mixture of experts' fused matrices, from one matrix per expert), as mergekit reads it."""
+    return all(can_convert_checkpoint_keys(m.config.model_type, set(m.tensors), weight.name)
+               for m in models)
+
+
+def stored_for_conversion(weights, files: ModelFiles) -> Dict[str, TensorInfo]:
+    """The decoder blocks' stored tensors that no weight names, when some weight is built
+    from stored ones: those the conversions read."""
+    if not any(w.name not in files.tensors and converted(w, files) for w in weights):
+        return {}
+    named = {n for w in weights for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+    return {n: t for n, t in files.tensors.items() if ".layers." in n and n not in named}
+
+
+def check_stored_alike(recipe, models: Dict[ModelReference, ModelFiles], weights) -> None:
+    """Tensors read through a conversion (one matrix per expert): every expert stores the
+    base's, with the base's shapes."""
+    base = models[recipe.base]
+    for name, info in stored_for_conversion(weights, base).items():
+        for expert in recipe.experts:
+            other = models[expert.model].tensors.get(name)
+            if other is None:
+                raise ProDistillError(f"model {expert.model} has no tensor {name}")
+            if other.shape != info.shape:
+                raise ProDistillError(
+                    f"tensor {name}: model {expert.model} has shape {other.shape} but the base "
+                    f"model has {info.shape}; experts must be fine-tuned from the base")

@@ -29,7 +29,7 @@ import torch
 from mergekit_prodistill import layout, parallel
 from mergekit_prodistill.inputs import expert_placement
 from mergekit_prodistill.models import dtypes
-from mergekit_prodistill.models.blocks import check_supported
+from mergekit_prodistill.models.families import check_supported
 from mergekit_prodistill.models.model_files import ModelFiles, model_config
 from mergekit_prodistill.models.shapes import ModelShape, Workload, dtype_bytes, model_shape
 from mergekit_prodistill.plan import devices, generation_plan, plan_time, workload

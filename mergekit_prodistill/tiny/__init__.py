@@ -182,8 +182,9 @@ def _write_experts(model, tokenizer, root: Path, added: list[tuple[str, ...]], *
     """Save one expert per entry of `added` (the tokens it adds) as root/expert_{i}; each is
     the base `model` perturbed by its own seed. Leaves the last expert's weights in `model`."""
     # named_parameters() skips tied duplicates, so lm_head follows embed_tokens when tied.
-    base_state = {n: p.detach().clone() for n, p in model.named_parameters()}
-    params = dict(model.named_parameters())
+    # Persistent floating buffers are stored weights too (DeepSeek-V3's router bias).
+    params = {**dict(model.named_parameters()), **_stored_buffers(model)}
+    base_state = {n: t.detach().clone() for n, t in params.items()}
     experts = []
     for i, tokens in enumerate(added):
         state = expert_state(base_state, seed=seed * 1000 + 17 * (i + 1), scale=scale)
@@ -198,6 +199,13 @@ def _write_experts(model, tokenizer, root: Path, added: list[tuple[str, ...]], *
             _save(model, tokenizer, d, max_shard_size)
         experts.append(d)
     return experts
+
+
+def _stored_buffers(model) -> dict:
+    """The model's persistent floating-point buffers, by their checkpoint names."""
+    return {f"{prefix}.{name}".lstrip("."): buffer for prefix, module in model.named_modules()
+            for name, buffer in module.named_buffers(recurse=False)
+            if name not in module._non_persistent_buffers_set and buffer.is_floating_point()}
 
 
 def _write_calibration(calib_dir: Path, n_experts: int, prompts_per_expert: int,

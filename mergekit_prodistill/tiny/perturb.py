@@ -23,7 +23,9 @@ def perturb_base(model: torch.nn.Module, gen: torch.Generator) -> None:
     for module in model.modules():
         # RMSNorm, Cohere's LayerNorm, Qwen3.5's RMSNormGated
         is_norm = "RMSNorm" in type(module).__name__ or type(module).__name__.endswith("LayerNorm")
-        for pname, p in module.named_parameters(recurse=False):
+        stored = [(n, b) for n, b in module.named_buffers(recurse=False)
+                  if n not in module._non_persistent_buffers_set and b.is_floating_point()]
+        for pname, p in [*module.named_parameters(recurse=False), *stored]:
             if pname.endswith("bias"):  # Qwen3.5: dt_bias
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             elif is_norm:

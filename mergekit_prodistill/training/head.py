@@ -20,7 +20,8 @@ import transformers
 from torch.func import functional_call
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.models.blocks import family_of
+from mergekit_prodistill.models.blocks import decoder_of
+from mergekit_prodistill.models.families import family_of
 from mergekit_prodistill.training.activations import on_device
 from mergekit_prodistill.training.coefficients import (EpochLosses, MergedPart, fit, gathered_stats,
                                                        init_coefficients, masked_kl,
@@ -57,7 +58,7 @@ def final_norm(config) -> torch.nn.Module:
     """The architecture's own final norm module, without weights (on ``meta``)."""
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config)
-    norm = getattr(skeleton.get_decoder(), "norm", None)
+    norm = getattr(decoder_of(skeleton), "norm", None)
     if norm is None:
         raise ProDistillError(
             f"architecture {type(skeleton).__name__}: no final norm found; set head_epochs: 0"

@@ -204,6 +204,8 @@ class TrainingStep:
 
     def update(self) -> None:
         """Chain rule, Adam and the next merged weights from the weights' gradients."""
+        for weight in (self.weights[n] for n in self.trained if self.weights[n].grad is None):
+            weight.grad = torch.zeros_like(weight)  # e.g. a router bias that only selects
         # Every process's experts' share of dL/dW, all sums started at once: each
         # tensor's pass waits for its own while the later ones are still being summed.
         summed = {name: self.world.sum_later(self.weights[name].grad) for name in self.trained}

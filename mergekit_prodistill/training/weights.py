@@ -1,9 +1,11 @@
 """Lazy tensor access through mergekit's loader, and one tensor merged by task arithmetic."""
 
+import functools
 from typing import Dict, List, Optional, Sequence
 
 import torch
 from mergekit.architecture import WeightInfo
+from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.common import ModelReference
 from mergekit.io.tasks import LoaderCache, LoadTensor
 
@@ -21,8 +23,16 @@ class ModelTensors:
         self.device = device
 
     def has(self, weight: WeightInfo) -> bool:
+        """Whether the checkpoint stores the tensor, or the ones transformers builds it
+        from (a mixture of experts' fused matrices, from one per expert)."""
         names = LoaderCache().get(self.model).index.tensor_paths
-        return any(n in names for n in [weight.name, *(weight.aliases or ())])
+        wanted = [weight.name, *(weight.aliases or ())]
+        return any(n in names for n in wanted) or any(
+            can_convert_checkpoint_keys(self._model_type(), set(names), n) for n in wanted)
+
+    @functools.lru_cache(maxsize=None)
+    def _model_type(self) -> str:
+        return self.model.config(trust_remote_code=LoaderCache().trust_remote_code).model_type
 
     def load(self, weight: WeightInfo) -> Optional[torch.Tensor]:
         return LoadTensor(

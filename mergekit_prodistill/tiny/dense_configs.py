@@ -1,0 +1,163 @@
+"""The tiny configs of the dense families: one function per architecture, (head_dim,
+num_layers, the settings every family shares) -> that family's config, with the features
+its real checkpoints have (GQA, sliding windows, soft-capping, multipliers, ...)."""
+
+from __future__ import annotations
+
+# Small window so prompts of ordinary length really cross it.
+SLIDING_WINDOW = 6
+# One sliding and one full attention layer first, so two layers already hold both kinds.
+_ALTERNATING = ("sliding_attention", "full_attention")
+
+
+def _llama(head_dim, num_layers, common):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**common)
+
+
+def _mistral(head_dim, num_layers, common):
+    from transformers import MistralConfig
+
+    return MistralConfig(sliding_window=SLIDING_WINDOW, **common)
+
+
+def _qwen2(head_dim, num_layers, common):
+    from transformers import Qwen2Config
+
+    # Qwen2 derives layer_types from these: layers with index >= max_window_layers
+    # slide, so with max_window_layers=1 every layer after the first is sliding.
+    return Qwen2Config(use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                       max_window_layers=1, **common)
+
+
+def _qwen3(head_dim, num_layers, common):
+    from transformers import Qwen3Config
+
+    # Qwen3Config defaults head_dim to 128 instead of hidden/heads.
+    return Qwen3Config(head_dim=head_dim, **common)
+
+
+def _gemma(head_dim, num_layers, common):
+    from transformers import GemmaConfig
+
+    # Gemma configs default head_dim to 256 instead of hidden/heads.
+    return GemmaConfig(head_dim=head_dim, **common)
+
+
+def _gemma2(head_dim, num_layers, common):
+    from transformers import Gemma2Config
+
+    # Soft-capping thresholds low enough that the tiny model's logits reach them.
+    return Gemma2Config(head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                        sliding_window=SLIDING_WINDOW, layer_types=layer_types(num_layers),
+                        attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **common)
+
+
+def _gemma3(head_dim, num_layers, common):
+    from transformers import Gemma3TextConfig
+
+    # Sliding layers take their own rotary base, as in real Gemma3 checkpoints.
+    return Gemma3TextConfig(
+        head_dim=head_dim, query_pre_attn_scalar=head_dim, sliding_window=SLIDING_WINDOW,
+        layer_types=layer_types(num_layers), final_logit_softcapping=3.0,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+        **common)
+
+
+def _granite(head_dim, num_layers, common):
+    from transformers import GraniteConfig
+
+    # Multipliers away from 1, as in Granite 3 checkpoints, so that ignoring any shows.
+    return GraniteConfig(embedding_multiplier=12.0, residual_multiplier=0.22,
+                         attention_multiplier=1 / head_dim, logits_scaling=8.0, **common)
+
+
+def _phi3(head_dim, num_layers, common):
+    from transformers import Phi3Config
+
+    # Phi-3 slides every layer; Phi-4-mini rotates part of each head (fused qkv, gate_up).
+    return Phi3Config(sliding_window=SLIDING_WINDOW, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, **common)
+
+
+def _olmo2(head_dim, num_layers, common):
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**common)  # norms after attention and MLP, q/k norms over all heads
+
+
+def _olmo3(head_dim, num_layers, common):
+    from transformers import Olmo3Config
+
+    return Olmo3Config(sliding_window=SLIDING_WINDOW, layer_types=layer_types(num_layers),
+                       **common)
+
+
+def _cohere2(head_dim, num_layers, common):
+    from transformers import Cohere2Config
+
+    # Attention and MLP in parallel off one LayerNorm; logits scaled by logit_scale.
+    return Cohere2Config(logit_scale=0.5, sliding_window=SLIDING_WINDOW,
+                         layer_types=layer_types(num_layers), **common)
+
+
+def _smollm3(head_dim, num_layers, common):
+    from transformers import SmolLM3Config
+
+    # Every second layer without rotary embeddings (NoPE), as every fourth in SmolLM3.
+    return SmolLM3Config(no_rope_layer_interval=2, **common)
+
+
+def _glm4(head_dim, num_layers, common):
+    from transformers import Glm4Config
+
+    return Glm4Config(head_dim=head_dim, attention_bias=True, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}, **common)
+
+
+def _exaone4(head_dim, num_layers, common):
+    from transformers import Exaone4Config
+
+    return Exaone4Config(sliding_window=SLIDING_WINDOW, layer_types=layer_types(num_layers),
+                         **common)
+
+
+def _seed_oss(head_dim, num_layers, common):
+    from transformers import SeedOssConfig
+
+    # Its defaults drop out 10% of attention and residuals while training: not the experts'.
+    return SeedOssConfig(head_dim=head_dim, attention_bias=True, attention_dropout=0.0,
+                         residual_dropout=0.0, **common)
+
+
+def _ernie4_5(head_dim, num_layers, common):
+    from transformers import Ernie4_5Config
+
+    return Ernie4_5Config(head_dim=head_dim, **common)
+
+
+def layer_types(num_layers: int) -> list[str]:
+    return [_ALTERNATING[i % 2] for i in range(num_layers)]
+
+
+CONFIGS = {
+    "llama": _llama,
+    "mistral": _mistral,
+    "qwen2": _qwen2,
+    "qwen3": _qwen3,
+    "gemma": _gemma,
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
+    "granite": _granite,
+    "phi3": _phi3,
+    "olmo2": _olmo2,
+    "olmo3": _olmo3,
+    "cohere2": _cohere2,
+    "smollm3": _smollm3,
+    "glm4": _glm4,
+    "exaone4": _exaone4,
+    "seed_oss": _seed_oss,
+    "ernie4_5": _ernie4_5,
+}

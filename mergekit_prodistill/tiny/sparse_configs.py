@@ -1,0 +1,112 @@
+"""The tiny configs of the families whose blocks are not plain dense transformer blocks:
+linear attention beside attention (Qwen3.5), and mixtures of experts."""
+
+from __future__ import annotations
+
+from .dense_configs import SLIDING_WINDOW, layer_types
+from .text import MAX_POSITIONS
+
+
+def _qwen3_5(head_dim, num_layers, common):
+    from transformers import Qwen3_5TextConfig
+
+    # Gated delta-net (linear attention) layers before each full attention layer, as in
+    # Qwen3.5 (three to one there); multimodal rotary sections over half of each head.
+    return Qwen3_5TextConfig(
+        head_dim=head_dim, layer_types=[("linear_attention", "full_attention")[i % 2]
+                                        for i in range(num_layers)],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim, linear_conv_kernel_dim=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True}, **common)
+
+
+def _qwen3_moe(head_dim, num_layers, common):
+    from transformers import Qwen3MoeConfig
+
+    # 4 experts, 2 per token, every block sparse.
+    return Qwen3MoeConfig(head_dim=head_dim, num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=common["intermediate_size"] // 2,
+                          norm_topk_prob=True, **common)
+
+
+def _mixtral(head_dim, num_layers, common):
+    from transformers import MixtralConfig
+
+    return MixtralConfig(num_local_experts=4, num_experts_per_tok=2,
+                         sliding_window=SLIDING_WINDOW, **common)
+
+
+def _qwen2_moe(head_dim, num_layers, common):
+    from transformers import Qwen2MoeConfig
+
+    # Routed experts beside a gated shared expert, as in Qwen1.5/Qwen2-MoE.
+    return Qwen2MoeConfig(num_experts=4, num_experts_per_tok=2,
+                          moe_intermediate_size=common["intermediate_size"] // 2,
+                          shared_expert_intermediate_size=common["intermediate_size"], **common)
+
+
+def _qwen3_next(head_dim, num_layers, common):
+    from transformers import Qwen3NextConfig
+
+    # Qwen3.5's gated delta-net beside attention, every block a mixture of experts.
+    return Qwen3NextConfig(
+        head_dim=head_dim, layer_types=[("linear_attention", "full_attention")[i % 2]
+                                        for i in range(num_layers)],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim, linear_conv_kernel_dim=4, num_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=common["intermediate_size"] // 2,
+        shared_expert_intermediate_size=common["intermediate_size"] // 2, **common)
+
+
+def _deepseek_v3(head_dim, num_layers, common):
+    from transformers import DeepseekV3Config
+
+    # Multi-head latent attention; a dense first block, then routed experts (two groups,
+    # one chosen) beside a shared one.
+    common = dict(common, num_key_value_heads=common["num_attention_heads"])
+    return DeepseekV3Config(
+        kv_lora_rank=head_dim, q_lora_rank=2 * head_dim, qk_rope_head_dim=head_dim // 2,
+        qk_nope_head_dim=head_dim // 2, v_head_dim=head_dim, n_routed_experts=4,
+        n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
+        first_k_dense_replace=1, moe_intermediate_size=common["intermediate_size"] // 2,
+        **common)
+
+
+def _gpt_oss(head_dim, num_layers, common):
+    from transformers import GptOssConfig
+
+    # Attention sinks, biases, alternating sliding layers, experts with biases; YaRN
+    # rotary stretching a 32 times shorter original context to MAX_POSITIONS.
+    return GptOssConfig(head_dim=head_dim, num_local_experts=4, num_experts_per_tok=2,
+                        sliding_window=SLIDING_WINDOW, layer_types=layer_types(num_layers),
+                        rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0,
+                                         "beta_slow": 1.0, "rope_theta": 150000.0,
+                                         "original_max_position_embeddings": MAX_POSITIONS // 32},
+                        **common)
+
+
+def _llama4(head_dim, num_layers, common):
+    from transformers import Llama4TextConfig
+
+    # Chunked attention with rotary, every second block full attention without (NoPE);
+    # every second block a mixture of experts (top-1 beside a shared expert).
+    return Llama4TextConfig(head_dim=head_dim, num_local_experts=4, num_experts_per_tok=1,
+                            interleave_moe_layer_step=2, no_rope_layer_interval=2,
+                            attention_chunk_size=SLIDING_WINDOW,
+                            intermediate_size_mlp=common["intermediate_size"],
+                            **dict(common, intermediate_size=common["intermediate_size"] // 2))
+
+
+
+
+CONFIGS = {
+    "qwen3_5": _qwen3_5,
+    "qwen3_moe": _qwen3_moe,
+    "mixtral": _mixtral,
+    "qwen2_moe": _qwen2_moe,
+    "qwen3_next": _qwen3_next,
+    "deepseek_v3": _deepseek_v3,
+    "gpt_oss": _gpt_oss,
+    "llama4": _llama4,
+}

@@ -72,10 +72,10 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
     weights = module.all_weights()
     dropped = module.dropped(models[recipe.base].tensors)
     if dropped:
+        more = " ..." if len(dropped) > 3 else ""
         raise ProDistillError(
-            f"the base model's tensors {', '.join(dropped[:3])}{' ...' if len(dropped) > 3 else ''} "
-            f"({len(dropped)}) are not in mergekit's layout of {_arch_name(base)}, so the merge "
-            "would drop them")
+            f"the base model's tensors {', '.join(dropped[:3])}{more} ({len(dropped)}) are not "
+            f"in mergekit's layout of {_arch_name(base)}, so the merge would drop them")
     check_tensors(recipe, models, weights)
     check_stored_alike(recipe, models, weights)
     rows = {ref: _vocabulary_rows(weights, files) for ref, files in models.items()}

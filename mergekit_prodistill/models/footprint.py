@@ -123,7 +123,8 @@ def block_kinds(runner: BlockRunner) -> List[int]:
     mixture-of-experts ones)."""
     first, kinds = {}, []
     for index, attention in enumerate(runner.attention_types):
-        params = tuple((n, tuple(p.shape)) for n, p in runner.layer(index).state_dict(keep_vars=True).items())
+        stored = runner.layer(index).state_dict(keep_vars=True)
+        params = tuple((n, tuple(p.shape)) for n, p in stored.items())
         kinds.append(first.setdefault((attention, params), index))
     return kinds
 

@@ -259,9 +259,9 @@ def test_a_tensor_the_layout_leaves_out_is_refused_not_dropped(families, tmp_pat
 
 
 def test_a_kind_of_layer_not_run_block_by_block_is_named():
-    config = {"layer_types": ["chunked_attention", "full_attention"]}
+    config = {"layer_types": ["conv", "full_attention"]}
     with pytest.raises(ProDistillError, match=r"^m: architecture X4ForCausalLM is not supported: "
-                       r"its chunked_attention layers are not run block by block yet; "):
+                       r"its conv layers are not run block by block yet; "):
         check_supported(["X4ForCausalLM"], config, "m")
 
 

@@ -107,7 +107,7 @@ def _most_of_any_kind(config, dtype: torch.dtype, rows: int, width: int, fake: b
     """From each kind's coefficients where they are exact (every kind but chunked linear
     attention, whose kernels keep more than a linear function of the shape), else
     measured at this shape."""
-    runner = _remembered(config, None, "runner", lambda: BlockRunner(config, torch.device("cpu")))
+    runner = _runner(config)
     kept = []
     for index in sorted(set(_remembered(config, None, "kinds", lambda: block_kinds(runner)))):
         measure = functools.partial(_saved_bytes, runner, index, dtype=dtype, fake=fake)
@@ -131,10 +131,13 @@ def block_kinds(runner: BlockRunner) -> List[int]:
 
 def context_footprint(config, dtype: torch.dtype) -> Footprint:
     """What ``BlockRunner.context`` keeps for one batch, with the batch's attention mask."""
-    def measure():
-        runner = BlockRunner(config, torch.device("cpu"))
-        return Footprint.fitted(functools.partial(_context_bytes, runner, dtype=dtype))
-    return _remembered(config, dtype, "context", measure)
+    return _remembered(config, dtype, "context", lambda: Footprint.fitted(
+        functools.partial(_context_bytes, _runner(config), dtype=dtype)))
+
+
+def _runner(config) -> BlockRunner:
+    """One CPU block runner per config, for every measurement of it."""
+    return _remembered(config, None, "runner", lambda: BlockRunner(config, torch.device("cpu")))
 
 
 _MEASURED = {}

@@ -229,8 +229,6 @@ UNCHECKED = "its blocks are not yet checked against its own forward"
 
 @pytest.mark.parametrize("model_type,architecture,missing", [
     ("olmoe", "OlmoeForCausalLM", UNCHECKED),
-    ("gemma4_text", "Gemma4ForCausalLM",
-     "its per-layer inputs are not carried beside the streams yet"),
     ("stablelm", "StableLmForCausalLM", UNCHECKED),
     ("gemma3", "Gemma3ForConditionalGeneration", "only the language model of a multimodal "
      "checkpoint could be merged, and that is not done yet"),
@@ -242,6 +240,22 @@ def test_an_unsupported_family_is_refused_naming_what_is_missing(model_type, arc
         check_supported([architecture], config, "model m")
     assert str(refusal.value) == (f"model m: architecture {architecture} is not supported: "
                                   f"{missing}; prodistill supports {', '.join(FAMILIES)}")
+
+
+@pytest.mark.parametrize("settings,missing", [
+    ({}, "its per-layer inputs are not carried beside the streams yet"),
+    ({"hidden_size_per_layer_input": 0, "num_kv_shared_layers": 2},
+     "its layers that reuse an earlier layer's keys and values are not run block by block yet"),
+])
+def test_a_supported_family_with_a_feature_not_run_yet_is_refused_naming_it(settings, missing):
+    # Gemma 4's config class defaults to per-layer inputs (E2B/E4B); without them and
+    # without shared keys and values its blocks run (the tiny gemma4 family).
+    config = transformers.AutoConfig.for_model("gemma4_text", **settings).to_dict()
+    with pytest.raises(ProDistillError) as refusal:
+        check_supported(["Gemma4ForCausalLM"], config, "model m")
+    assert str(refusal.value) == f"model m: architecture Gemma4ForCausalLM is not supported: {missing}"
+    check_supported(["Gemma4ForCausalLM"],
+                    {**config, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0})
 
 
 def test_a_tensor_the_layout_leaves_out_is_refused_not_dropped(families, tmp_path,

@@ -17,6 +17,7 @@ import torch
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.formatting import fmt_bytes
+from mergekit_prodistill.models.families import head_dims
 
 # Share of the free memory this pass may plan to use: the rest covers the allocator's
 # slack and what the estimate below leaves out (the growing cache's copies, small buffers).
@@ -65,8 +66,7 @@ def _measure(config, es: int, trust_remote_code: bool) -> ExpertShape:
     text = config.get_text_config()
     layers = text.num_hidden_layers
     heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    dims = head_dims(text)
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     total = sum(p.numel() for p in model.parameters())  # tied weights count once
@@ -80,12 +80,12 @@ def _measure(config, es: int, trust_remote_code: bool) -> ExpertShape:
         weight_bytes=total * es,
         largest_bytes=max(block, embed.numel(), head.numel()) * es,
         layers=layers,
-        kv_bytes_per_token=2 * layers * kv_heads * head_dim * es,
+        kv_bytes_per_token=2 * sum(kv_heads * head_dim for kv_heads, head_dim in dims) * es,
         work_bytes_per_token=(4 * text.hidden_size + 3 * intermediate) * es,
         score_bytes_per_pair=heads * es,
         flops_per_token=2 * (total - outside),
         head_flops=2 * head.numel(),
-        attention_width=heads * head_dim,
+        attention_width=heads * max(head_dim for _, head_dim in dims),
     )
 
 

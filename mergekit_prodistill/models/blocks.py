@@ -81,6 +81,10 @@ class BlockRunner:
         self.rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.embedding = _with_buffers(skeleton, decoder.embed_tokens, device)
         self.attention_types = [self._attention_type(i) for i in range(len(decoder.layers))]
+        # Gemma 4's blocks write the keys and values later blocks could share into a dict
+        # the decoder passes; no block here reads one (families.UNRUN_FEATURES).
+        self.takes_shared_kv = "shared_kv_states" in inspect.signature(
+            self.layer_class.forward).parameters
 
     def _attention_type(self, index: int) -> str:
         layer_types = getattr(self.config, "layer_types", None)
@@ -137,17 +141,12 @@ class BlockRunner:
         hidden: torch.Tensor,
         ctx: BatchContext,
     ) -> torch.Tensor:
-        out = functional_call(
-            layer,
-            weights,
-            (hidden,),
-            {
-                "attention_mask": ctx.masks[self.attention_types[index]],
-                "position_ids": ctx.position_ids,
-                "position_embeddings": ctx.position_embeddings[self.attention_types[index]],
-            },
-            strict=True,
-        )
+        kind = self.attention_types[index]
+        kwargs = {"attention_mask": ctx.masks[kind], "position_ids": ctx.position_ids,
+                  "position_embeddings": ctx.position_embeddings[kind]}
+        if self.takes_shared_kv:
+            kwargs["shared_kv_states"] = {}
+        out = functional_call(layer, weights, (hidden,), kwargs, strict=True)
         return out[0] if isinstance(out, tuple) else out
 
 

@@ -8,7 +8,7 @@ before any weight is read, in one line that names what is missing for it.
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
@@ -80,13 +80,19 @@ FAMILIES = {
     "DeepseekV3ForCausalLM": PLAIN,
     "GptOssForCausalLM": PLAIN,
     "Llama4ForCausalLM": PLAIN,
+    "Gemma4ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
 }
 
 
-# Config keys that give a family's blocks a mixture of experts (the plan measures them
-# apart), and per-layer inputs.
+# Config keys that give a family's blocks a mixture of experts (the plan measures them apart).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-PER_LAYER_INPUT_KEYS = ("hidden_size_per_layer_input",)
+# Config keys whose features take inputs from outside the block that the streams do not
+# carry yet (Gemma 4 E2B/E4B, Gemma 3n): a model that sets one is refused, saying why.
+UNRUN_FEATURES = {
+    "hidden_size_per_layer_input": "its per-layer inputs are not carried beside the streams yet",
+    "num_kv_shared_layers": "its layers that reuse an earlier layer's keys and values are not "
+                            "run block by block yet",
+}
 
 
 def missing_for(architecture: str, config: dict) -> str:
@@ -98,8 +104,6 @@ def missing_for(architecture: str, config: dict) -> str:
     kinds = sorted(set(config.get("layer_types") or ()) - set(MASK_FUNCTIONS))
     if kinds:
         return f"its {' and '.join(kinds)} layers are not run block by block yet"
-    if any(config.get(k) for k in PER_LAYER_INPUT_KEYS):
-        return "its per-layer inputs are not carried beside the streams yet"
     return "its blocks are not yet checked against its own forward"
 
 
@@ -114,11 +118,31 @@ def check_supported(architectures: Optional[Sequence[str]], config: dict, where:
             f"{where}architecture {'/'.join(names) or 'unknown'} is not supported{why}; "
             f"prodistill supports {', '.join(FAMILIES)}"
         )
+    unrun = [why for key, why in UNRUN_FEATURES.items() if config.get(key)]
+    if unrun:
+        raise ProDistillError(f"{where}architecture {names[0]} is not supported: {unrun[0]}")
     if config.get("use_bidirectional_attention"):
         raise ProDistillError(
             f"{where}{names[0]} with use_bidirectional_attention is not supported; "
             "prodistill merges causal language models"
         )
+
+
+def head_dims(config) -> List[Tuple[int, int]]:
+    """(key/value heads, head dimension) of every layer: Gemma 4's full attention layers
+    have their own (``per_layer_config``)."""
+    dims = []
+    for layer in config.per_layer_config:
+        heads = layer.num_attention_heads
+        dims.append((getattr(layer, "num_key_value_heads", None) or heads,
+                     getattr(layer, "head_dim", None) or layer.hidden_size // heads))
+    return dims
+
+
+def experts_per_token(config) -> int:
+    """How many of a mixture's experts each token is routed to (1 without one)."""
+    return next((getattr(config, k) for k in ("num_experts_per_tok", "top_k_experts")
+                 if getattr(config, k, None)), 1)
 
 
 def model_class(config) -> type:

@@ -28,7 +28,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from mergekit_prodistill.models.blocks import BatchContext, BlockRunner
-from mergekit_prodistill.models.families import EXPERT_COUNT_KEYS
+from mergekit_prodistill.models.families import EXPERT_COUNT_KEYS, experts_per_token
 
 # Chunked kernels (transformers' gated delta rule, in torch and in fla) pad the width to
 # a multiple of this length; the widths measured are multiples of it, and one is not.
@@ -91,7 +91,7 @@ def saved_bytes(config, dtype: torch.dtype, rows: int, width: int) -> int:
     # than top-k; whole groups, with enough in the chosen groups, for DeepSeek's routing).
     # A token's activations are the same for any number of experts, the router's scores
     # grow with it: extrapolated to them all.
-    top_k, groups = config.num_experts_per_tok, getattr(config, "n_group", None) or 1
+    top_k, groups = experts_per_token(config), getattr(config, "n_group", None) or 1
     chosen = getattr(config, "topk_group", None) or groups
     counts = [c for c in range(groups, 4 * (top_k + 1) * groups, groups)
               if c > top_k and c // groups * chosen >= top_k][:2]

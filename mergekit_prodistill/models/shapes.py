@@ -8,6 +8,7 @@ import torch
 from mergekit.common import dtype_from_name
 
 from mergekit_prodistill.models.blocks import BlockRunner
+from mergekit_prodistill.models.families import experts_per_token, head_dims
 from mergekit_prodistill.models.footprint import (Footprint, block_kinds, context_footprint,
                                                   saved_bytes)
 
@@ -31,7 +32,7 @@ class ModelShape:
     num_layers: int
     hidden: int
     heads: int
-    head_dim: int
+    head_dim: float  # averaged over the depth
     intermediate: int
     block_numel: int  # parameters of one block
     block_tensors: int
@@ -108,11 +109,12 @@ def model_shape(base_config, expert_configs) -> ModelShape:
     attention = runner.attention_types
     hidden = base_config.hidden_size
     heads = base_config.num_attention_heads
+    dims = head_dims(base_config)
     return ModelShape(
         num_layers=len(kinds),
         hidden=hidden,
         heads=heads,
-        head_dim=getattr(base_config, "head_dim", None) or hidden // heads,
+        head_dim=sum(d for _, d in dims) / len(dims),
         intermediate=getattr(base_config, "intermediate_size", 4 * hidden),
         block_numel=sum(largest),
         block_tensors=max(map(len, numels.values())),
@@ -135,5 +137,5 @@ def _routed_numel(parameter, config) -> float:
     if parameter.dim() == 2:
         return parameter.numel()
     if parameter.dim() == 3:
-        return parameter.numel() * getattr(config, "num_experts_per_tok", 1) / parameter.shape[0]
+        return parameter.numel() * experts_per_token(config) / parameter.shape[0]
     return 0

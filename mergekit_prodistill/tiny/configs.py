@@ -16,7 +16,7 @@ __all__ = ["ARCHITECTURES", "ARCH_CLASS", "SLIDING_WINDOW", "make_config"]
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite",
                  "phi3", "olmo2", "olmo3", "cohere2", "smollm3", "glm4", "exaone4", "seed_oss",
                  "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next",
-                 "deepseek_v3", "gpt_oss", "llama4")
+                 "deepseek_v3", "gpt_oss", "llama4", "gemma4")
 
 ARCH_CLASS = {
     "llama": "LlamaForCausalLM",
@@ -44,6 +44,7 @@ ARCH_CLASS = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
     "llama4": "Llama4ForCausalLM",
+    "gemma4": "Gemma4ForCausalLM",
 }
 
 
@@ -65,8 +66,8 @@ def make_config(
     if tie_embeddings is None:
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
         tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3", "cohere2", "smollm3",
-                                  "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3",
-                 "gpt_oss", "llama4")
+                                  "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe",
+                                  "qwen3_next", "deepseek_v3", "gpt_oss", "llama4", "gemma4")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

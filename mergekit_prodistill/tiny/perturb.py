@@ -30,6 +30,9 @@ def perturb_base(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             elif is_norm:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.numel() and p.flatten()[0] != 0 and bool((p == p.flatten()[0]).all()):
+                # Other scales that start constant: Gemma 4's layer scalar and router scales.
+                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
 
 
 @torch.no_grad()

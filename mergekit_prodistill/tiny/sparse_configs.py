@@ -100,6 +100,25 @@ def _llama4(head_dim, num_layers, common):
 
 
 
+def _gemma4(head_dim, num_layers, common):
+    from transformers import Gemma4TextConfig
+
+    # A dense MLP beside a mixture of experts in every block; sliding layers, and full
+    # attention layers with wider heads, one key/value head whose keys are its values and
+    # rotary over a quarter of each head; soft-capped logits. Without per-layer inputs
+    # and key/value sharing between layers (refused: families.UNRUN_FEATURES).
+    return Gemma4TextConfig(
+        head_dim=head_dim, global_head_dim=2 * head_dim, num_global_key_value_heads=1,
+        attention_k_eq_v=True, sliding_window=SLIDING_WINDOW, layer_types=layer_types(num_layers),
+        enable_moe_block=True, num_experts=4, top_k_experts=2,
+        moe_intermediate_size=common["intermediate_size"] // 2, final_logit_softcapping=3.0,
+        hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                            "partial_rotary_factor": 0.25}},
+        **common)
+
+
 CONFIGS = {
     "qwen3_5": _qwen3_5,
     "qwen3_moe": _qwen3_moe,
@@ -109,4 +128,5 @@ CONFIGS = {
     "deepseek_v3": _deepseek_v3,
     "gpt_oss": _gpt_oss,
     "llama4": _llama4,
+    "gemma4": _gemma4,
 }

@@ -177,8 +177,8 @@ def planned_peak(recipe, **options) -> int:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan.planner import make_plan
+    from mergekit_prodistill.recipe import parse_recipe
 
     config = MergeConfiguration.model_validate(yaml.safe_load(Path(recipe).read_text()))
     return make_plan(parse_recipe(config), MergeOptions(**options)).total("cpu")

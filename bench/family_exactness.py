@@ -16,11 +16,12 @@ from pathlib import Path
 import torch
 import transformers
 
-from mergekit_prodistill.models.blocks import BlockRunner, attention_implementation, layer_weight_names
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
-from mergekit_prodistill.training.head import HeadForward
+from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation, decoder_of,
+                                               layer_weight_names)
 from mergekit_prodistill.tiny import ARCHITECTURES, build_tiny_family
+from mergekit_prodistill.training.head import HeadForward
 
 
 @torch.no_grad()
@@ -30,13 +31,13 @@ def errors(base: Path, batch, dtype: torch.dtype):
         base, dtype=dtype, attn_implementation=attention_implementation(config))
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.model.layers]
+             for layer in decoder_of(model).layers]
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     for h in hooks:
         h.remove()
 
     runner = BlockRunner(model.config, torch.device("cpu"))
-    state = model.model.state_dict()
+    state = decoder_of(model).state_dict()  # a multimodal model's: its language model's
     hidden = runner.embed(state["embed_tokens.weight"], batch.input_ids)
     ctx = runner.context(batch.attention_mask, dtype)
     real = batch.attention_mask.bool()

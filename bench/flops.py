@@ -26,13 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-from mergekit_prodistill.training import distill, optimizer  # noqa: E402
-from mergekit_prodistill.models.blocks import BlockRunner  # noqa: E402
 from mergekit_prodistill.inputs.calibration import Batch  # noqa: E402
+from mergekit_prodistill.models.blocks import BlockRunner  # noqa: E402
 from mergekit_prodistill.models.dtypes import Precision  # noqa: E402
-from mergekit_prodistill.recipe import ProDistillParameters  # noqa: E402
-from mergekit_prodistill.plan.memory import batch_flops  # noqa: E402
 from mergekit_prodistill.models.shapes import model_shape  # noqa: E402
+from mergekit_prodistill.plan.memory import batch_flops  # noqa: E402
+from mergekit_prodistill.recipe import ProDistillParameters  # noqa: E402
+from mergekit_prodistill.training import distill, optimizer  # noqa: E402
 
 
 def build(args):

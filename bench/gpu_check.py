@@ -65,9 +65,9 @@ def plan_figures(recipe: Path, device: str) -> dict:
     from mergekit.options import MergeOptions
 
     from mergekit_prodistill.models import erasure
-    from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.plan.devices import DEVICE_CLASSES
     from mergekit_prodistill.plan.planner import make_plan
+    from mergekit_prodistill.recipe import parse_recipe
 
     config = MergeConfiguration.model_validate(yaml.safe_load(recipe.read_text()))
     recipe_ = parse_recipe(config)

@@ -50,9 +50,9 @@ def worker(warmup: str, recipe: str, out: str, results: str) -> None:
 
     from mergekit_prodistill import parallel
     from mergekit_prodistill.plan import memory, planner
-    from mergekit_prodistill.training import optimizer
     from mergekit_prodistill.recipe import parse_recipe
     from mergekit_prodistill.run import run_prodistill
+    from mergekit_prodistill.training import optimizer
 
     held = {"lambda_state": 0}
     init = optimizer.Optimizer.__init__

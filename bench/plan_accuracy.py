@@ -100,10 +100,10 @@ def child(warmup: str, recipe: str, out: str) -> dict:
     from mergekit.config import MergeConfiguration
     from mergekit.options import MergeOptions
 
-    from mergekit_prodistill.recipe import parse_recipe
-    from mergekit_prodistill.run import run_prodistill
     from mergekit_prodistill.plan.devices import DEVICE_CLASSES
     from mergekit_prodistill.plan.planner import make_plan
+    from mergekit_prodistill.recipe import parse_recipe
+    from mergekit_prodistill.run import run_prodistill
 
     options = MergeOptions(quiet=True)
 

@@ -202,9 +202,9 @@ def _module(recipe, merge_config, options, models):
         arch_info = get_architecture_info(merge_config, options)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ProDistillError(f"recipe: cannot work out the models' architecture ({one_line(exc)})") from None
-    module = WeightUnits(ConfiguredModelArchitecture(
-        info=arch_info, config=models[recipe.base].config).get_module("default"),
-        options.trust_remote_code)
+    base = models[recipe.base]
+    module = WeightUnits(ConfiguredModelArchitecture(info=arch_info, config=base.config),
+                         base.tensors, options.trust_remote_code)
     layers = module.num_layers()
     for expert in recipe.experts:
         n = module.info.num_layers(models[expert.model].config)

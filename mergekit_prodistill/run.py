@@ -94,6 +94,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     precision = dtypes.Precision.of(decided.dtypes)
     facts = {"activation_dtype": decided.dtypes["cache"],
              "epochs": decided.epochs} if p.epochs else {}
+    facts["towers"] = checked.module.towers or None
 
     # 5. The staging folder; with training, the progress a resumed run continues from.
     # Rank 0 alone writes the output; the others save their own streams beside it.

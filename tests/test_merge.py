@@ -13,7 +13,7 @@ from mergekit.options import MergeOptions
 
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
-from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation,
+from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation, decoder_of,
                                                layer_weight_names)
 from mergekit_prodistill.models.weight_units import WeightUnits
 from mergekit_prodistill.tiny import ARCHITECTURES, ModelSpec, make_prompts
@@ -39,14 +39,20 @@ def test_the_units_are_the_embedding_each_block_and_the_head(families, arch):
     doc = yaml.safe_load(fam.recipe("task_arithmetic", weight=0.5))
     info = get_architecture_info(MergeConfiguration.model_validate(doc), MergeOptions())
     config = transformers.AutoConfig.from_pretrained(fam.base)
-    units = WeightUnits(ConfiguredModelArchitecture(info=info, config=config)
-                        .get_module("default"))
     stored = load_tensors(fam.base)
-    assert [w.name for w in units.pre_weights()] == ["model.embed_tokens.weight"]
+    units = WeightUnits(ConfiguredModelArchitecture(info=info, config=config), stored)
+    # A multimodal checkpoint's language model sits under a prefix; its other tensors
+    # (vision tower, projector) follow the embedding, merged by task arithmetic.
+    prefix = units.module.weight_prefix or ""
+    pre = [w.name for w in units.pre_weights()]
+    assert pre[0] == prefix + "model.embed_tokens.weight"
+    assert set(pre[1:]) == {n for n in stored if not n.startswith(prefix)}
+    assert bool(pre[1:]) == (arch == "gemma3_vl")
     after = [w.name for w in units.post_weights() if w.name in stored]
-    assert "model.norm.weight" in after and set(after) <= {"model.norm.weight", "lm_head.weight"}
-    model = [n for n in transformers.AutoModelForCausalLM.from_config(config).state_dict()
-             if n.startswith("model.layers.1.")]
+    assert prefix + "model.norm.weight" in after
+    assert set(after) <= {prefix + "model.norm.weight", prefix + "lm_head.weight"}
+    model = [prefix + n for n in transformers.AutoModelForCausalLM.from_config(
+        config.get_text_config()).state_dict() if n.startswith("model.layers.1.")]
     # Optional tensors the family does not store (Granite's biases) left out; fused
     # tensors (a mixture of experts') are read converted from the stored ones.
     held = [w.name for w in units.layer_weights(1) if not w.optional or w.name in stored
@@ -75,10 +81,12 @@ def test_zero_epochs_equals_mergekit_task_arithmetic(families, tmp_path, arch, n
             tau = sum(m[k].double() - models[0][k].double() for m in models[1:])
             torch.testing.assert_close(b[k].double(), models[0][k].double() + 0.5 * tau,
                                        rtol=0, atol=1e-7)
-    # The merge really is different from the base (the comparison can fail).
+    # Every stored tensor is written (a multimodal checkpoint's vision tower and projector
+    # too), and the merge really is different from the base (the comparison can fail).
     base = load_tensors(fam.base)
-    assert not torch.equal(base["model.layers.1.self_attn.o_proj.weight"],
-                           b["model.layers.1.self_attn.o_proj.weight"])
+    assert set(base) <= set(b)
+    (o_proj,) = [k for k in base if k.endswith("model.layers.1.self_attn.o_proj.weight")]
+    assert not torch.equal(base[o_proj], b[o_proj])
 
 
 def full_forward(path, batch):
@@ -88,7 +96,7 @@ def full_forward(path, batch):
         path, attn_implementation=attention_implementation(config))
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
-             for layer in model.model.layers]
+             for layer in decoder_of(model).layers]
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
     for h in hooks:
@@ -106,8 +114,9 @@ def test_block_by_block_forward_equals_full_model(families, arch):
     assert batch.attention_mask.min() == 0, "the batch should contain padding"
     model, captured, full_log_probs = full_forward(fam.base, batch)
 
+    # A multimodal model's blocks are its language model's, run as its causal LM.
     runner = BlockRunner(model.config, torch.device("cpu"))
-    state = model.model.state_dict()
+    state = decoder_of(model).state_dict()
     with torch.no_grad():
         hidden = runner.embed(state["embed_tokens.weight"], batch.input_ids)
     ctx = runner.context(batch.attention_mask, hidden.dtype)

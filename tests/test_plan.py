@@ -288,9 +288,10 @@ def test_refusal_names_the_knob_of_the_largest_part(families, tmp_path, monkeypa
 
 def tiny_block_config(arch):
     """A block config of ``arch`` as the tiny families build it, wide enough that the
-    per-token and per-pair terms dominate, with grouped-query attention."""
+    per-token and per-pair terms dominate, with grouped-query attention (a multimodal
+    family's: its language model's)."""
     return tiny._make_config(arch, 100, num_layers=2, hidden_size=256, intermediate_size=704,
-                             num_heads=8, num_kv_heads=4, tie_embeddings=None)
+                             num_heads=8, num_kv_heads=4, tie_embeddings=None).get_text_config()
 
 
 def tiny_block_runner(arch, dtype):

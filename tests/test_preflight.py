@@ -230,8 +230,10 @@ UNCHECKED = "its blocks are not yet checked against its own forward"
 @pytest.mark.parametrize("model_type,architecture,missing", [
     ("olmoe", "OlmoeForCausalLM", UNCHECKED),
     ("stablelm", "StableLmForCausalLM", UNCHECKED),
-    ("gemma3", "Gemma3ForConditionalGeneration", "only the language model of a multimodal "
-     "checkpoint could be merged, and that is not done yet"),
+    ("mistral3", "Mistral3ForConditionalGeneration", "its language model (MistralForCausalLM) "
+     "is, but the multimodal checkpoint is not yet checked against its own forward"),
+    ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
+     "its language model (qwen2_5_vl_text) is not one of the families below"),
 ])
 def test_an_unsupported_family_is_refused_naming_what_is_missing(model_type, architecture,
                                                                  missing):
@@ -256,6 +258,19 @@ def test_a_supported_family_with_a_feature_not_run_yet_is_refused_naming_it(sett
     assert str(refusal.value) == f"model m: architecture Gemma4ForCausalLM is not supported: {missing}"
     check_supported(["Gemma4ForCausalLM"],
                     {**config, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0})
+
+
+def test_a_multimodal_checkpoint_without_a_layout_of_its_language_model_is_refused():
+    # Without mergekit's modular layout, the tensor names alone cannot tell the language
+    # model's blocks from the vision tower's.
+    from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_config
+
+    llama = arch_info_for_config(transformers.LlamaConfig(architectures=["LlamaForCausalLM"]))
+    config = transformers.AutoConfig.for_model("gemma3", architectures=["Gemma3ForConditionalGeneration"])
+    with pytest.raises(ProDistillError, match=r"^architecture Gemma3ForConditionalGeneration: "
+                       r"mergekit's architecture list has no layout of it, and without one its "
+                       r"language model's tensors cannot be told from its vision tower's"):
+        WeightUnits(ConfiguredModelArchitecture(info=llama, config=config))
 
 
 def test_a_tensor_the_layout_leaves_out_is_refused_not_dropped(families, tmp_path,

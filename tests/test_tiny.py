@@ -66,7 +66,7 @@ def test_layout_and_reload(families, arch):
     # transformers' default attention (Gemma2 has no sdpa).
     model = AutoModelForCausalLM.from_pretrained(fam.base, dtype=torch.float32)
     assert type(model).__name__ == json.loads((fam.base / "config.json").read_text())["architectures"][0]
-    assert model.config.vocab_size == len(tok)
+    assert model.config.get_text_config().vocab_size == len(tok)
     # Reloaded weights equal what was written (a mixture of experts' fused tensors as
     # transformers saves them: one matrix per expert).
     from transformers.core_model_loading import revert_weight_conversion

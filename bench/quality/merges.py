@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
-
 from models import Checkpoints
 
 REPO = Path(__file__).resolve().parents[2]

@@ -51,16 +51,16 @@ def torch_free_kernels():
 KERNELS = torch_free_kernels().KERNELS
 os.environ.update(KERNELS)
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-import yaml  # noqa: E402
-from mergekit_prodistill.output.report import Report  # noqa: E402
-from mergekit_prodistill.tiny.skills import scoring  # noqa: E402
-
 import diagnose  # noqa: E402
 import merges  # noqa: E402
 import models  # noqa: E402
 import report  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import yaml  # noqa: E402
+
+from mergekit_prodistill.output.report import Report  # noqa: E402
+from mergekit_prodistill.tiny.skills import scoring  # noqa: E402
 
 RESULTS = {"novel": HERE / "results", "competent": HERE / "results" / "competent",
            "hard": HERE / "results" / "hard"}

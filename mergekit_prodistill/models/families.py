@@ -81,6 +81,9 @@ FAMILIES = {
     "GptOssForCausalLM": PLAIN,
     "Llama4ForCausalLM": PLAIN,
     "Gemma4ForCausalLM": Family(logits_softcap="final_logit_softcapping"),
+    # Multimodal: the language model merged block by block, the vision tower and
+    # projector by task arithmetic. Gemma 3's forward does not soft-cap its logits.
+    "Gemma3ForConditionalGeneration": PLAIN,
 }
 
 
@@ -95,12 +98,28 @@ UNRUN_FEATURES = {
 }
 
 
+def language_model(architecture: str, config: dict) -> Tuple[str, dict]:
+    """The causal LM class name and config of a checkpoint's language model: the model's
+    own, or a multimodal checkpoint's text model (its ``text_config``)."""
+    text = config.get("text_config")
+    if architecture.endswith("ForConditionalGeneration") and isinstance(text, dict):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.get("model_type"), ""), text
+    return architecture, config
+
+
 def missing_for(architecture: str, config: dict) -> str:
     """What the block-by-block merge lacks for a family it does not accept, in words."""
+    name, text = language_model(architecture, config)
+    if name != architecture:
+        if name in FAMILIES:
+            return (f"its language model ({name}) is, but the multimodal checkpoint is not "
+                    "yet checked against its own forward")
+        return (f"its language model ({name or text.get('model_type')}) is not one of the "
+                "families below")
     if not architecture.endswith("ForCausalLM"):
-        return ("only the language model of a multimodal checkpoint could be merged, and that "
-                "is not done yet" if architecture.endswith("ForConditionalGeneration")
-                else "it is not a causal language model")
+        return "it is not a causal language model"
     kinds = sorted(set(config.get("layer_types") or ()) - set(MASK_FUNCTIONS))
     if kinds:
         return f"its {' and '.join(kinds)} layers are not run block by block yet"
@@ -108,20 +127,22 @@ def missing_for(architecture: str, config: dict) -> str:
 
 
 def check_supported(architectures: Optional[Sequence[str]], config: dict, where: str = "") -> None:
-    """Refuse a model whose family the block-by-block merge is not known to run exactly,
-    naming what is missing."""
+    """Refuse a model whose family the block-by-block merge is not known to run exactly
+    (a multimodal checkpoint's, as its own forward runs its language model), naming what
+    is missing."""
     names = list(architectures or [])
     where = f"{where}: " if where else ""
+    text = language_model(names[0], config)[1] if len(names) == 1 else config
     if len(names) != 1 or names[0] not in FAMILIES:
         why = f": {missing_for(names[0], config)}" if len(names) == 1 else ""
         raise ProDistillError(
             f"{where}architecture {'/'.join(names) or 'unknown'} is not supported{why}; "
             f"prodistill supports {', '.join(FAMILIES)}"
         )
-    unrun = [why for key, why in UNRUN_FEATURES.items() if config.get(key)]
+    unrun = [why for key, why in UNRUN_FEATURES.items() if text.get(key)]
     if unrun:
         raise ProDistillError(f"{where}architecture {names[0]} is not supported: {unrun[0]}")
-    if config.get("use_bidirectional_attention"):
+    if text.get("use_bidirectional_attention"):
         raise ProDistillError(
             f"{where}{names[0]} with use_bidirectional_attention is not supported; "
             "prodistill merges causal language models"

@@ -101,6 +101,9 @@ class Workload:
 def model_shape(base_config, expert_configs) -> ModelShape:
     """The shape of the largest kind of block (memory is counted for it); the matrices
     and attention of every block averaged over the depth (FLOPs are counted for them)."""
+    # A multimodal checkpoint's: its language model's (the towers are merged by task
+    # arithmetic, one tensor at a time).
+    base_config = base_config.get_text_config()
     runner = BlockRunner(base_config, torch.device("meta"))
     kinds = block_kinds(runner)
     blocks = {kind: runner.layer(kind).state_dict(keep_vars=True) for kind in set(kinds)}
@@ -121,7 +124,7 @@ def model_shape(base_config, expert_configs) -> ModelShape:
         largest=max(map(max, numels.values())),
         matmul_numel=sum(_routed_numel(p, base_config) for kind in kinds
                          for p in blocks[kind].values()) / len(kinds),
-        vocab=tuple(c.vocab_size for c in (base_config, *expert_configs)),
+        vocab=tuple(c.get_text_config().vocab_size for c in (base_config, *expert_configs)),
         tied=bool(getattr(base_config, "tie_word_embeddings", False)),
         attention_types=len(set(attention)),
         heap_share=sum(n for n in largest if 4 * n < HEAP_LIMIT) / sum(largest),

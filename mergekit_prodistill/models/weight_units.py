@@ -1,6 +1,10 @@
 """The checkpoint's tensors in the order the merge walks them: the input embedding, each
 decoder block, then everything after the blocks (the final norm and the LM head).
 
+A multimodal checkpoint's units are its language model's, from the text decoder of
+mergekit's layout; its other tensors (vision tower, projector) are merged by task
+arithmetic in the first unit, beside the embedding, by the names they are stored under.
+
 mergekit describes a model's tensors as the weights before the blocks, each block's, and
 the weights after them. For families on its list that grouping is written down; for the
 others it infers the tensor names from the transformers model built on the meta device
@@ -11,16 +15,37 @@ blocks after them; each group in the order the model's modules register their te
 so that every process of a merge lists the same tensors in the same order.
 """
 
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 import torch
 import transformers
-from mergekit.architecture import WeightInfo
+from mergekit.architecture import ConfiguredModelArchitecture, WeightInfo
 from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.common import ModelReference
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.models.model_files import ModelFiles, TensorInfo
+
+# mergekit's name for the language model among a multimodal layout's modules.
+LANGUAGE_MODULE = "text_decoder"
+
+
+def is_multimodal(config) -> bool:
+    return config.get_text_config() is not config
+
+
+def language_module(model_arch: ConfiguredModelArchitecture):
+    """mergekit's module of the model's language model: its one module, or the text
+    decoder of a multimodal layout."""
+    if not is_multimodal(model_arch.config):
+        return model_arch.get_module("default")
+    if LANGUAGE_MODULE not in model_arch.info.modules:
+        name = "/".join(model_arch.config.architectures or [model_arch.config.model_type])
+        raise ProDistillError(
+            f"architecture {name}: mergekit's architecture list has no layout of it, and "
+            "without one its language model's tensors cannot be told from its vision "
+            "tower's by their names")
+    return model_arch.get_module(LANGUAGE_MODULE)
 
 
 def _skeleton(config, trust_remote_code: bool):
@@ -34,23 +59,34 @@ def _named(weight: WeightInfo) -> set:
 
 
 class WeightUnits:
-    """mergekit's configured module of the base, regrouped (see the module doc)."""
+    """mergekit's configured module of the base's language model, regrouped (see the
+    module doc); ``stored`` names the base's stored tensors."""
 
-    def __init__(self, module, trust_remote_code: bool = False):
+    def __init__(self, model_arch: ConfiguredModelArchitecture, stored: Iterable[str] = (),
+                 trust_remote_code: bool = False):
+        module = language_module(model_arch)
         self.module = module
         self.info = module.info
-        self.config = module.config
-        skeleton = _skeleton(module.config, trust_remote_code)
+        self.config = model_arch.config
+        # The language model on its own, its names under the module's prefix.
+        prefix = module.weight_prefix or ""
+        skeleton = _skeleton(self.config.get_text_config(), trust_remote_code)
         # The tensors the model loads, in the order its modules register them, and the
         # names each shares its tensor with (a tied LM head is the embedding).
-        state = skeleton.state_dict(keep_vars=True)
+        state = {prefix + n: t for n, t in skeleton.state_dict(keep_vars=True).items()}
         self._order = {name: i for i, name in enumerate(state)}
         self._same = {name: {n for n, u in state.items() if u is t} for name, t in state.items()}
         matrix = skeleton.get_input_embeddings().weight
-        embedding = next(name for name, p in skeleton.named_parameters() if p is matrix)
+        embedding = prefix + next(n for n, p in skeleton.named_parameters() if p is matrix)
         outside = self._ordered([*module.pre_weights(), *module.post_weights()])
         self._pre = [w for w in outside if embedding in _named(w)]
         self._post = [w for w in outside if embedding not in _named(w)]
+        self.towers: List[str] = []  # the parts outside the language model, by name
+        if is_multimodal(model_arch.config):
+            others = [WeightInfo(name=n) for n in sorted(set(stored) - self._held())
+                      if not n.startswith(prefix)]
+            self._pre += others
+            self.towers = sorted({w.name.split(".")[0] for w in others})
 
     def num_layers(self) -> int:
         return self.module.num_layers()
@@ -68,10 +104,13 @@ class WeightUnits:
         """In the model's own order; names it does not register last, by name."""
         return sorted(weights, key=lambda w: (self._order.get(w.name, len(self._order)), w.name))
 
+    def _held(self) -> set:
+        return {n for w in self.all_weights()
+                for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+
     def dropped(self, checkpoint_names) -> List[str]:
         """The checkpoint's tensors that the model loads and no unit merges."""
-        merged = {n for w in self.all_weights()
-                  for n in (w.name, *(w.aliases or ()), *(w.tied_names or ()))}
+        merged = self._held()
         return sorted(n for n in checkpoint_names
                       if n in self._order and not self._same[n] & merged)
 

@@ -114,6 +114,10 @@ def _prodistill_section(report: Report, plot: Optional[str]) -> List[str]:
         "Embeddings, the final norm and the LM head were merged by task arithmetic with "
         f"weight {params['init']}."
     )
+    if report.towers:
+        ending += (f" The parts outside the language model ({', '.join(report.towers)}) were "
+                   f"merged by task arithmetic with weight {params['init']}: the calibration "
+                   "prompts are text, which never reaches them.")
     return [
         "### ProDistill",
         "",

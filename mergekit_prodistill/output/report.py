@@ -125,6 +125,9 @@ class Report:
     activation_dtype: Optional[str] = None  # the three training facts: only with epochs
     epochs: Optional[int] = None
     continuation_seconds: Optional[float] = None  # only with continue_tokens
+    # A multimodal checkpoint's parts outside its language model (vision tower,
+    # projector), merged by task arithmetic with weight init.
+    towers: Optional[List[str]] = None
     calibration: List[CalibrationEntry]
     vocabulary: Optional[str]  # how the output vocabulary was built; None: the base's
     blocks: List[BlockReport]  # empty without training
@@ -144,8 +147,8 @@ class Report:
                **facts) -> "Report":
         """The report of a run ending now: its inputs, results, time and peak memory.
 
-        ``facts`` are ``processes``, ``activation_dtype``, ``epochs`` and
-        ``continuation_seconds``.
+        ``facts`` are ``processes``, ``activation_dtype``, ``epochs``,
+        ``continuation_seconds`` and ``towers``.
         """
         return cls(
             parameters=recipe.params.model_dump(),

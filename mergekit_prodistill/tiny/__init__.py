@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from .configs import ARCH_CLASS, ARCHITECTURES, SLIDING_WINDOW, make_config
+from .configs import ARCH_CLASS, ARCHITECTURES, HUB_NAMES, SLIDING_WINDOW, make_config
 from .perturb import expert_state, perturb_base, with_added_tokens
 from .text import (BOS_ID, EOS_ID, FLAVOUR_NAMES, MAX_POSITIONS, PAD_ID, SPECIAL_TOKENS,
                    TOKENIZER_VOCAB_SIZE, UNK_ID, build_tokenizer, make_prompts)
@@ -239,3 +239,25 @@ def _save(model, tokenizer, directory: Path, max_shard_size) -> None:
         if bars:
             hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(directory)
+    renames = HUB_NAMES.get(type(model).__name__)
+    if renames:
+        _rename_stored(directory, renames)
+
+
+def _rename_stored(directory: Path, renames: dict) -> None:
+    """Store the tensors under the names the Hub's checkpoints of this class use (which
+    transformers loads too), where transformers would save other ones."""
+    from safetensors.torch import load_file, save_file
+
+    def renamed(name: str) -> str:
+        old = next((o for o in renames if name.startswith(o)), None)
+        return renames[old] + name[len(old):] if old else name
+
+    for path in directory.glob("*.safetensors"):
+        tensors = load_file(path)
+        save_file({renamed(n): t for n, t in tensors.items()}, path, metadata={"format": "pt"})
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        doc = json.loads(index.read_text())
+        doc["weight_map"] = {renamed(n): f for n, f in doc["weight_map"].items()}
+        index.write_text(json.dumps(doc, indent=2))

@@ -11,11 +11,11 @@ from . import dense_configs, sparse_configs
 from .dense_configs import SLIDING_WINDOW
 from .text import BOS_ID, EOS_ID, MAX_POSITIONS, PAD_ID
 
-__all__ = ["ARCHITECTURES", "ARCH_CLASS", "SLIDING_WINDOW", "make_config"]
+__all__ = ["ARCHITECTURES", "ARCH_CLASS", "HUB_NAMES", "SLIDING_WINDOW", "make_config"]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "granite",
-                 "phi3", "olmo2", "olmo3", "cohere2", "smollm3", "glm4", "exaone4", "seed_oss",
-                 "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next",
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_vl",
+                 "granite", "phi3", "olmo2", "olmo3", "cohere2", "smollm3", "glm4", "exaone4",
+                 "seed_oss", "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next",
                  "deepseek_v3", "gpt_oss", "llama4", "gemma4")
 
 ARCH_CLASS = {
@@ -26,6 +26,7 @@ ARCH_CLASS = {
     "gemma": "GemmaForCausalLM",
     "gemma2": "Gemma2ForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
+    "gemma3_vl": "Gemma3ForConditionalGeneration",
     "granite": "GraniteForCausalLM",
     "phi3": "Phi3ForCausalLM",
     "olmo2": "Olmo2ForCausalLM",
@@ -47,6 +48,12 @@ ARCH_CLASS = {
     "gemma4": "Gemma4ForCausalLM",
 }
 
+# Name prefixes transformers saves under, and those the Hub's checkpoints of the class
+# use instead (and mergekit's layout names): Gemma 3's SigLIP tower sits one level deeper.
+HUB_NAMES = {
+    "Gemma3ForConditionalGeneration": {"vision_tower.": "vision_tower.vision_model."},
+}
+
 
 def make_config(
     arch: str,
@@ -65,7 +72,7 @@ def make_config(
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
     if tie_embeddings is None:
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
-        tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3", "cohere2", "smollm3",
+        tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3", "gemma3_vl", "cohere2", "smollm3",
                                   "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe",
                                   "qwen3_next", "deepseek_v3", "gpt_oss", "llama4", "gemma4")
     common = dict(

@@ -66,6 +66,22 @@ def _gemma3(head_dim, num_layers, common):
         **common)
 
 
+def _gemma3_vl(head_dim, num_layers, common):
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    # Gemma 3's multimodal checkpoints: the tiny gemma3 language model beside a one-layer
+    # SigLIP vision tower and Gemma 3's projector; the image token is the last row.
+    text = _gemma3(head_dim, num_layers, dict(common, architectures=None))
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14,
+                                vision_use_head=False)
+    ids = {k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                        mm_tokens_per_image=4, image_token_index=common["vocab_size"] - 1,
+                        architectures=common["architectures"],
+                        tie_word_embeddings=common["tie_word_embeddings"], **ids)
+
+
 def _granite(head_dim, num_layers, common):
     from transformers import GraniteConfig
 
@@ -150,6 +166,7 @@ CONFIGS = {
     "gemma": _gemma,
     "gemma2": _gemma2,
     "gemma3": _gemma3,
+    "gemma3_vl": _gemma3_vl,
     "granite": _granite,
     "phi3": _phi3,
     "olmo2": _olmo2,

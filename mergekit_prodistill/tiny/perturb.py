@@ -30,9 +30,11 @@ def perturb_base(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             elif is_norm:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
-            elif p.numel() and p.flatten()[0] != 0 and bool((p == p.flatten()[0]).all()):
-                # Other scales that start constant: Gemma 4's layer scalar and router scales.
-                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.numel() and bool((p == p.flatten()[0]).all()):
+                # Others that start constant: Gemma 4's layer scalar and router scales,
+                # Gemma 3's image projection (zeros).
+                noise = torch.randn(p.shape, generator=gen)
+                p.copy_(p * (1.0 + 0.1 * noise) if p.flatten()[0] != 0 else 0.02 * noise)
 
 
 @torch.no_grad()

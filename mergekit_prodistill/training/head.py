@@ -72,9 +72,11 @@ class HeadForward:
     (Granite) or soft-capping (Gemma2, Gemma3) its forward applies."""
 
     def __init__(self, config):
-        self.config = config
+        # A multimodal model's own forward decides what follows the head (Gemma 3's does
+        # not soft-cap where its causal LM does); the values are its language model's.
         self.family = family_of(config)
-        self.norm = final_norm(config)
+        self.config = config.get_text_config()
+        self.norm = final_norm(self.config)
 
     def __call__(self, norm_w, head_w, hidden):
         normed = functional_call(self.norm, {"weight": norm_w}, (hidden,))

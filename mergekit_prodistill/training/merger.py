@@ -172,7 +172,7 @@ class Merger:
         def store(holdout: bool):
             shapes = calib.shapes(holdout)
             self.stores.append(ActivationStore(
-                [shapes[i] for i in self.owned], self.module.config.hidden_size,
+                [shapes[i] for i in self.owned], self.module.config.get_text_config().hidden_size,
                 dtype_from_name(decided.dtypes["cache"]), decided.placement, self.ctx.device,
                 decided.activation_dir))
             return self.stores[-1]

@@ -17,6 +17,9 @@ CARD = "README.md"
 PLOT = "prodistill_loss.png"
 RECIPE = "mergekit_config.yml"  # the recipe as mergekit writes it beside the card
 WEIGHT_PREFIXES = ("model.safetensors", "model-", "pytorch_model")
+# A multimodal base's files that its processor loads, copied beside its merged weights.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 # What a merge writes at the top of its output folder: finding one of these there means
 # the folder already holds a model that this run would overwrite.
 OUTPUT_FILES = ("config.json", CARD, RECIPE, REPORT)

@@ -16,7 +16,7 @@ from mergekit_prodistill.inputs.sources import read_prompts
 from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation, decoder_of,
                                                layer_weight_names)
 from mergekit_prodistill.models.weight_units import WeightUnits
-from mergekit_prodistill.tiny import ARCHITECTURES, ModelSpec, make_prompts
+from mergekit_prodistill.tiny import ARCH_CLASS, ARCHITECTURES, ModelSpec, make_prompts
 from mergekit_prodistill.training.head import HeadForward
 
 from helpers import load_tensors, merge
@@ -30,6 +30,11 @@ def test_supported_families_are_the_tested_ones():
     assert set(FAMILIES) == {tiny._ARCH_CLASS[arch] for arch in ARCHITECTURES}
 
 
+# How the multimodal tiny families store their language model's tensors.
+TEXT_NAMES = {"gemma3_vl": lambda name: "language_model." + name,
+              "gemma4_vl": lambda name: name.replace("model.", "model.language_model.", 1)}
+
+
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_the_units_are_the_embedding_each_block_and_the_head(families, arch):
     """Whether mergekit's list has the family (llama) or mergekit infers its tensors
@@ -41,18 +46,20 @@ def test_the_units_are_the_embedding_each_block_and_the_head(families, arch):
     config = transformers.AutoConfig.from_pretrained(fam.base)
     stored = load_tensors(fam.base)
     units = WeightUnits(ConfiguredModelArchitecture(info=info, config=config), stored)
-    # A multimodal checkpoint's language model sits under a prefix; its other tensors
-    # (vision tower, projector) follow the embedding, merged by task arithmetic.
-    prefix = units.module.weight_prefix or ""
+    # A multimodal checkpoint's language model is stored under its own names: under
+    # mergekit's layout prefix (Gemma 3), or as its model registers it (Gemma 4).
+    named = TEXT_NAMES.get(arch, lambda name: name)
+    text = [named(n) for n in transformers.AutoModelForCausalLM.from_config(
+        config.get_text_config()).state_dict()]
     pre = [w.name for w in units.pre_weights()]
-    assert pre[0] == prefix + "model.embed_tokens.weight"
-    assert set(pre[1:]) == {n for n in stored if not n.startswith(prefix)}
-    assert bool(pre[1:]) == (arch == "gemma3_vl")
+    assert pre[0] == named("model.embed_tokens.weight")
+    # Its other tensors (vision tower, projector) follow the embedding.
+    assert set(pre[1:]) == set(stored) - set(text)
+    assert bool(pre[1:]) == arch.endswith("_vl")
     after = [w.name for w in units.post_weights() if w.name in stored]
-    assert prefix + "model.norm.weight" in after
-    assert set(after) <= {prefix + "model.norm.weight", prefix + "lm_head.weight"}
-    model = [prefix + n for n in transformers.AutoModelForCausalLM.from_config(
-        config.get_text_config()).state_dict() if n.startswith("model.layers.1.")]
+    assert named("model.norm.weight") in after
+    assert set(after) <= {named("model.norm.weight"), named("lm_head.weight")}
+    model = [n for n in text if n.startswith(named("model.layers.1."))]
     # Optional tensors the family does not store (Granite's biases) left out; fused
     # tensors (a mixture of experts') are read converted from the stored ones.
     held = [w.name for w in units.layer_weights(1) if not w.optional or w.name in stored
@@ -85,8 +92,12 @@ def test_zero_epochs_equals_mergekit_task_arithmetic(families, tmp_path, arch, n
     # projector) are written, and the merge really is different from the base (the
     # comparison can fail).
     base = load_tensors(fam.base)
-    towers = {n for n in base if not n.startswith(("model.", "language_model.", "lm_head."))}
-    assert towers <= set(b) and bool(towers) == arch.endswith("_vl")
+    if arch.endswith("_vl"):
+        named = TEXT_NAMES[arch]
+        text = {named(n) for n in transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.from_pretrained(fam.base).get_text_config()).state_dict()}
+        towers = set(base) - text
+        assert towers and towers <= set(b)
     (o_proj,) = [k for k in base if k.endswith("model.layers.1.self_attn.o_proj.weight")]
     assert not torch.equal(base[o_proj], b[o_proj])
 
@@ -232,3 +243,26 @@ def test_a_trained_merge_loads_whole_and_is_closer_to_each_expert(families, tmp_
         (batch,) = make_batches(tokenize(make_prompts(i, 8, seed=12345), tokenizer, 64), 8)
         kl_trained, kl_untrained = (next_token_kl(expert, m, batch) for m in (trained, untrained))
         assert kl_trained < kl_untrained, (i, kl_trained, kl_untrained)
+
+
+@pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl"])
+def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_processor(
+        families, tmp_path, arch):
+    fam = families(arch, 2)
+    processor = '{"processor_class": "TinyProcessor"}'
+    (fam.base / "preprocessor_config.json").write_text(processor)
+    try:
+        out = merge(fam.recipe("prodistill", epochs=1, shots=4, continue_tokens=4),
+                    tmp_path / "out", write_model_card=True)
+    finally:
+        (fam.base / "preprocessor_config.json").unlink()
+    assert (out / "preprocessor_config.json").read_text() == processor
+    towers = json.loads((out / "prodistill_report.json").read_text())["towers"]
+    assert towers == ({"gemma3_vl": ["multi_modal_projector", "vision_tower"],
+                       "gemma4_vl": ["embed_vision", "vision_tower"]}[arch])
+    assert (f"The parts outside the language model ({', '.join(towers)}) were merged by task "
+            "arithmetic with weight 0.5") in (out / "README.md").read_text()
+    # Loaded with its own class, nothing missing or unexpected.
+    model, info = transformers.AutoModelForImageTextToText.from_pretrained(
+        out, output_loading_info=True)
+    assert type(model).__name__ == ARCH_CLASS[arch] and not any(info.values()), info

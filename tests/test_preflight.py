@@ -261,15 +261,16 @@ def test_a_supported_family_with_a_feature_not_run_yet_is_refused_naming_it(sett
 
 
 def test_a_multimodal_checkpoint_without_a_layout_of_its_language_model_is_refused():
-    # Without mergekit's modular layout, the tensor names alone cannot tell the language
-    # model's blocks from the vision tower's.
+    # Neither mergekit's modular layout (a text decoder) nor its inferred one (a module per
+    # stack of layers): nothing tells the language model's blocks from other tensors.
     from mergekit.architecture import ConfiguredModelArchitecture, arch_info_for_config
 
     llama = arch_info_for_config(transformers.LlamaConfig(architectures=["LlamaForCausalLM"]))
     config = transformers.AutoConfig.for_model("gemma3", architectures=["Gemma3ForConditionalGeneration"])
     with pytest.raises(ProDistillError, match=r"^architecture Gemma3ForConditionalGeneration: "
-                       r"mergekit's architecture list has no layout of it, and without one its "
-                       r"language model's tensors cannot be told from its vision tower's"):
+                       r"mergekit's layout of it names no stack of layers "
+                       r"'model\.language_model\.layers', so its language model's blocks cannot "
+                       r"be told apart$"):
         WeightUnits(ConfiguredModelArchitecture(info=llama, config=config))
 
 

@@ -84,6 +84,7 @@ FAMILIES = {
     # Multimodal: the language model merged block by block, the vision tower and
     # projector by task arithmetic. Gemma 3's forward does not soft-cap its logits.
     "Gemma3ForConditionalGeneration": PLAIN,
+    "Gemma4ForConditionalGeneration": Family(logits_softcap="final_logit_softcapping"),
 }
 
 

@@ -1,9 +1,11 @@
 """The checkpoint's tensors in the order the merge walks them: the input embedding, each
 decoder block, then everything after the blocks (the final norm and the LM head).
 
-A multimodal checkpoint's units are its language model's, from the text decoder of
-mergekit's layout; its other tensors (vision tower, projector) are merged by task
-arithmetic in the first unit, beside the embedding, by the names they are stored under.
+A multimodal checkpoint's units are its language model's: the text decoder of mergekit's
+layout, or, where mergekit infers the layout, its decoder's stack of layers and the
+tensors around it that the transformers model's module tree puts in the decoder. Its
+other tensors (vision tower, projector) are merged by task arithmetic in the first unit,
+beside the embedding, by the names they are stored under.
 
 mergekit describes a model's tensors as the weights before the blocks, each block's, and
 the weights after them. For families on its list that grouping is written down; for the
@@ -24,6 +26,7 @@ from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.common import ModelReference
 
 from mergekit_prodistill.errors import ProDistillError
+from mergekit_prodistill.models.blocks import decoder_of
 from mergekit_prodistill.models.model_files import ModelFiles, TensorInfo
 
 # mergekit's name for the language model among a multimodal layout's modules.
@@ -34,28 +37,61 @@ def is_multimodal(config) -> bool:
     return config.get_text_config() is not config
 
 
-def language_module(model_arch: ConfiguredModelArchitecture):
-    """mergekit's module of the model's language model: its one module, or the text
-    decoder of a multimodal layout."""
-    if not is_multimodal(model_arch.config):
-        return model_arch.get_module("default")
-    if LANGUAGE_MODULE not in model_arch.info.modules:
-        name = "/".join(model_arch.config.architectures or [model_arch.config.model_type])
-        raise ProDistillError(
-            f"architecture {name}: mergekit's architecture list has no layout of it, and "
-            "without one its language model's tensors cannot be told from its vision "
-            "tower's by their names")
-    return model_arch.get_module(LANGUAGE_MODULE)
-
-
 def _skeleton(config, trust_remote_code: bool):
     with torch.device("meta"):
         return transformers.AutoModelForCausalLM.from_config(
             config, trust_remote_code=trust_remote_code)
 
 
+def _embedding(skeleton, prefix: str = "") -> str:
+    """The input embedding's name in ``skeleton`` (under ``prefix``)."""
+    matrix = skeleton.get_input_embeddings().weight
+    return prefix + next(n for n, p in skeleton.named_parameters() if p is matrix)
+
+
 def _named(weight: WeightInfo) -> set:
     return {weight.name, *(weight.aliases or ())}
+
+
+def _language_model(model_arch: ConfiguredModelArchitecture, trust_remote_code: bool):
+    """mergekit's module holding the language model's blocks, the language model's
+    tensors outside them (as mergekit names them), and the language model's tensors as
+    its transformers model registers them, under the names they are stored by; and the
+    input embedding's name.
+
+    One module for a text model; a multimodal layout's text decoder (its names under a
+    prefix); or, where mergekit infers a multimodal layout (one module per stack of
+    layers), the module of the decoder's layers, with the rest told apart by the
+    transformers model's own module tree.
+    """
+    config, modules = model_arch.config, model_arch.info.modules
+    if not is_multimodal(config):
+        module, skeleton = model_arch.get_module("default"), _skeleton(config, trust_remote_code)
+        return (module, [*module.pre_weights(), *module.post_weights()],
+                skeleton.state_dict(keep_vars=True), _embedding(skeleton))
+    if LANGUAGE_MODULE in modules:
+        module = model_arch.get_module(LANGUAGE_MODULE)
+        prefix = module.weight_prefix or ""
+        text = _skeleton(config.get_text_config(), trust_remote_code)
+        state = {prefix + n: t for n, t in text.state_dict(keep_vars=True).items()}
+        return (module, [*module.pre_weights(), *module.post_weights()], state,
+                _embedding(text, prefix))
+    skeleton = _skeleton(config, trust_remote_code)
+    decoder = decoder_of(skeleton)
+    path = next(n for n, m in skeleton.named_modules() if m is decoder)
+    if f"{path}.layers" not in modules or "default" not in modules:
+        name = "/".join(config.architectures or [config.model_type])
+        raise ProDistillError(
+            f"architecture {name}: mergekit's layout of it names no stack of layers "
+            f"'{path}.layers', so its language model's blocks cannot be told apart")
+    head = skeleton.get_output_embeddings()
+    own = {*(f"{path}.{n}" for n in decoder.state_dict(keep_vars=True)),
+           *(n for n, p in skeleton.named_parameters(remove_duplicate=False)
+             if head is not None and p is head.weight)}
+    state = {n: t for n, t in skeleton.state_dict(keep_vars=True).items() if n in own}
+    default = model_arch.get_module("default")
+    outside = [w for w in [*default.pre_weights(), *default.post_weights()] if w.name in own]
+    return model_arch.get_module(f"{path}.layers"), outside, state, _embedding(skeleton)
 
 
 class WeightUnits:
@@ -64,29 +100,24 @@ class WeightUnits:
 
     def __init__(self, model_arch: ConfiguredModelArchitecture, stored: Iterable[str] = (),
                  trust_remote_code: bool = False):
-        module = language_module(model_arch)
+        module, outside, state, embedding = _language_model(model_arch, trust_remote_code)
         self.module = module
         self.info = module.info
         self.config = model_arch.config
-        # The language model on its own, its names under the module's prefix.
-        prefix = module.weight_prefix or ""
-        skeleton = _skeleton(self.config.get_text_config(), trust_remote_code)
         # The tensors the model loads, in the order its modules register them, and the
         # names each shares its tensor with (a tied LM head is the embedding).
-        state = {prefix + n: t for n, t in skeleton.state_dict(keep_vars=True).items()}
         self._order = {name: i for i, name in enumerate(state)}
         self._same = {name: {n for n, u in state.items() if u is t} for name, t in state.items()}
-        matrix = skeleton.get_input_embeddings().weight
-        embedding = prefix + next(n for n, p in skeleton.named_parameters() if p is matrix)
-        outside = self._ordered([*module.pre_weights(), *module.post_weights()])
+        outside = self._ordered(outside)
         self._pre = [w for w in outside if embedding in _named(w)]
         self._post = [w for w in outside if embedding not in _named(w)]
         self.towers: List[str] = []  # the parts outside the language model, by name
         if is_multimodal(model_arch.config):
             others = [WeightInfo(name=n) for n in sorted(set(stored) - self._held())
-                      if not n.startswith(prefix)]
+                      if n not in self._order]
             self._pre += others
-            self.towers = sorted({w.name.split(".")[0] for w in others})
+            self.towers = sorted({n.removeprefix("model.").split(".")[0]
+                                  for n in (w.name for w in others)})
 
     def num_layers(self) -> int:
         return self.module.num_layers()

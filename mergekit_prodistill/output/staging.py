@@ -7,8 +7,8 @@ only when complete, so an interrupted merge never leaves a folder that looks fin
 import os
 import shutil
 
-from mergekit_prodistill.layout import (PROGRESS, RECIPE, REPORT, SCRATCH, WEIGHT_PREFIXES,
-                                        staging_dir)
+from mergekit_prodistill.layout import (PROCESSOR_FILES, PROGRESS, RECIPE, REPORT, SCRATCH,
+                                        WEIGHT_PREFIXES, staging_dir)
 from mergekit_prodistill.output import card, mergekit_internals
 from mergekit_prodistill.output.report import Report
 
@@ -54,9 +54,12 @@ def finish(staging: str, out_path: str, merge_config, arch_info, options, vocabu
     elif options.copy_tokenizer:
         mergekit_internals.copy_tokenizer(merge_config, staging, options=options)
     cfg.save_pretrained(staging)
-    mergekit_internals.copy_tagalong_files(
-        merge_config, staging, files=arch_info.tagalong_files or [], options=options
-    )
+    # mergekit's layout lists the files to copy where it has one; a multimodal model's
+    # processor files come along even where it infers the layout.
+    tagalong = [*(arch_info.tagalong_files or []),
+                *(f for f in PROCESSOR_FILES if report.towers)]
+    mergekit_internals.copy_tagalong_files(merge_config, staging,
+                                           files=list(dict.fromkeys(tagalong)), options=options)
     if options.write_model_card:
         name = os.path.basename(os.path.abspath(out_path))
         card.write_card(staging, merge_config, name, report)

@@ -16,7 +16,7 @@ __all__ = ["ARCHITECTURES", "ARCH_CLASS", "HUB_NAMES", "SLIDING_WINDOW", "make_c
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_vl",
                  "granite", "phi3", "olmo2", "olmo3", "cohere2", "smollm3", "glm4", "exaone4",
                  "seed_oss", "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next",
-                 "deepseek_v3", "gpt_oss", "llama4", "gemma4")
+                 "deepseek_v3", "gpt_oss", "llama4", "gemma4", "gemma4_vl")
 
 ARCH_CLASS = {
     "llama": "LlamaForCausalLM",
@@ -46,6 +46,7 @@ ARCH_CLASS = {
     "gpt_oss": "GptOssForCausalLM",
     "llama4": "Llama4ForCausalLM",
     "gemma4": "Gemma4ForCausalLM",
+    "gemma4_vl": "Gemma4ForConditionalGeneration",
 }
 
 # Name prefixes transformers saves under, and those the Hub's checkpoints of the class
@@ -74,7 +75,8 @@ def make_config(
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
         tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3", "gemma3_vl", "cohere2", "smollm3",
                                   "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe",
-                                  "qwen3_next", "deepseek_v3", "gpt_oss", "llama4", "gemma4")
+                                  "qwen3_next", "deepseek_v3", "gpt_oss", "llama4", "gemma4",
+                                  "gemma4_vl")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

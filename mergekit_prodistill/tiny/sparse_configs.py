@@ -119,6 +119,21 @@ def _gemma4(head_dim, num_layers, common):
         **common)
 
 
+def _gemma4_vl(head_dim, num_layers, common):
+    from transformers import Gemma4Config
+    from transformers.models.gemma4.configuration_gemma4 import Gemma4VisionConfig
+
+    # Gemma 4's multimodal checkpoints (its larger sizes): the tiny gemma4 language model
+    # beside a one-layer vision tower; mergekit has no layout of them and infers one.
+    text = _gemma4(head_dim, num_layers, dict(common, architectures=None))
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    ids = {k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                        audio_config=None, architectures=common["architectures"],
+                        tie_word_embeddings=common["tie_word_embeddings"], **ids)
+
+
 CONFIGS = {
     "qwen3_5": _qwen3_5,
     "qwen3_moe": _qwen3_moe,
@@ -129,4 +144,5 @@ CONFIGS = {
     "gpt_oss": _gpt_oss,
     "llama4": _llama4,
     "gemma4": _gemma4,
+    "gemma4_vl": _gemma4_vl,
 }

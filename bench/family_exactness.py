@@ -20,6 +20,7 @@ from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
 from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation, decoder_of,
                                                layer_weight_names)
+from mergekit_prodistill.models.families import load_model
 from mergekit_prodistill.tiny import ARCHITECTURES, build_tiny_family
 from mergekit_prodistill.training.head import HeadForward
 
@@ -27,8 +28,8 @@ from mergekit_prodistill.training.head import HeadForward
 @torch.no_grad()
 def errors(base: Path, batch, dtype: torch.dtype):
     config = transformers.AutoConfig.from_pretrained(base)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        base, dtype=dtype, attn_implementation=attention_implementation(config))
+    model = load_model(base, config, dtype=dtype,
+                       attn_implementation=attention_implementation(config))
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
              for layer in decoder_of(model).layers]

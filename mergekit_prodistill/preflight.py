@@ -204,7 +204,7 @@ def _module(recipe, merge_config, options, models):
         raise ProDistillError(f"recipe: cannot work out the models' architecture ({one_line(exc)})") from None
     base = models[recipe.base]
     module = WeightUnits(ConfiguredModelArchitecture(info=arch_info, config=base.config),
-                         base.tensors, options.trust_remote_code)
+                         base.tensors)
     layers = module.num_layers()
     for expert in recipe.experts:
         n = module.info.num_layers(models[expert.model].config)

@@ -15,6 +15,7 @@ from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
 from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation, decoder_of,
                                                layer_weight_names)
+from mergekit_prodistill.models.families import load_model
 from mergekit_prodistill.models.weight_units import WeightUnits
 from mergekit_prodistill.tiny import ARCH_CLASS, ARCHITECTURES, ModelSpec, make_prompts
 from mergekit_prodistill.training.head import HeadForward
@@ -32,7 +33,8 @@ def test_supported_families_are_the_tested_ones():
 
 # How the multimodal tiny families store their language model's tensors.
 TEXT_NAMES = {"gemma3_vl": lambda name: "language_model." + name,
-              "gemma4_vl": lambda name: name.replace("model.", "model.language_model.", 1)}
+              "gemma4_vl": lambda name: name.replace("model.", "model.language_model.", 1),
+              "qwen3_5_vl": lambda name: name.replace("model.", "model.language_model.", 1)}
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -105,8 +107,8 @@ def test_zero_epochs_equals_mergekit_task_arithmetic(families, tmp_path, arch, n
 def full_forward(path, batch):
     """The model at ``path``, every block's output and its next-token log-probabilities."""
     config = transformers.AutoConfig.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, attn_implementation=attention_implementation(config))
+    # Its own class: the one its config names (a multimodal model's, not its text model's).
+    model = load_model(path, config, attn_implementation=attention_implementation(config))
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
              for layer in decoder_of(model).layers]
@@ -236,7 +238,8 @@ def test_a_trained_merge_loads_whole_and_is_closer_to_each_expert(families, tmp_
     trained = merge(fam.recipe("prodistill", epochs=10, lr=0.05, shots=16, batch_size=4,
                                continue_tokens=0, holdout=0), tmp_path / "trained")
     untrained = merge(fam.recipe("prodistill", epochs=0, shots=16), tmp_path / "untrained")
-    _, info = transformers.AutoModelForCausalLM.from_pretrained(trained, output_loading_info=True)
+    _, info = load_model(trained, transformers.AutoConfig.from_pretrained(trained),
+                         output_loading_info=True)
     assert not any(info.values()), info
     tokenizer = transformers.AutoTokenizer.from_pretrained(fam.base)
     for i, expert in enumerate(fam.experts):
@@ -245,7 +248,7 @@ def test_a_trained_merge_loads_whole_and_is_closer_to_each_expert(families, tmp_
         assert kl_trained < kl_untrained, (i, kl_trained, kl_untrained)
 
 
-@pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl"])
+@pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl", "qwen3_5_vl"])
 def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_processor(
         families, tmp_path, arch):
     fam = families(arch, 2)
@@ -259,7 +262,8 @@ def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_proce
     assert (out / "preprocessor_config.json").read_text() == processor
     towers = json.loads((out / "prodistill_report.json").read_text())["towers"]
     assert towers == ({"gemma3_vl": ["multi_modal_projector", "vision_tower"],
-                       "gemma4_vl": ["embed_vision", "vision_tower"]}[arch])
+                       "gemma4_vl": ["embed_vision", "vision_tower"],
+                       "qwen3_5_vl": ["visual"]}[arch])
     assert (f"The parts outside the language model ({', '.join(towers)}) were merged by task "
             "arithmetic with weight 0.5") in (out / "README.md").read_text()
     # Loaded with its own class, nothing missing or unexpected.

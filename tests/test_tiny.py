@@ -45,7 +45,9 @@ def families(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_layout_and_reload(families, arch):
+    import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
     fam = families[arch]
     assert len(fam.experts) == 3 and len(fam.calibration) == 3
@@ -64,7 +66,13 @@ def test_layout_and_reload(families, arch):
     assert tok.decode(enc.input_ids, skip_special_tokens=True) == "What is 17 plus 25?"
 
     # transformers' default attention (Gemma2 has no sdpa).
-    model = AutoModelForCausalLM.from_pretrained(fam.base, dtype=torch.float32)
+    # By the Auto class a user would load it with (the causal LM one where transformers
+    # maps the config to the class the config names, else the image-text one).
+    config = transformers.AutoConfig.from_pretrained(fam.base)
+    auto = AutoModelForCausalLM if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING and \
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(config)].__name__ == config.architectures[0] \
+        else transformers.AutoModelForImageTextToText
+    model = auto.from_pretrained(fam.base, dtype=torch.float32)
     assert type(model).__name__ == json.loads((fam.base / "config.json").read_text())["architectures"][0]
     assert model.config.get_text_config().vocab_size == len(tok)
     # Reloaded weights equal what was written (a mixture of experts' fused tensors as

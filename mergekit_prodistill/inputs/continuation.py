@@ -19,6 +19,7 @@ import torch
 
 from mergekit_prodistill.inputs import expert_placement
 from mergekit_prodistill.inputs.expert_placement import Placement
+from mergekit_prodistill.models.families import load_model
 from mergekit_prodistill.models.model_files import model_config
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -45,15 +46,13 @@ def cut_at_stop(tokens: List[int], stop_ids: Sequence[int], pad_id: int) -> List
 def load_expert(path: str, dtype, device: torch.device, placement: Placement,
                 offload_dir: str, trust_remote_code: bool):
     """The expert, whole on ``device`` (no hooks), or dispatched by accelerate as placed."""
-    import transformers
-
     if placement.offloaded:
         where = dict(device_map="auto", max_memory=placement.max_memory,
                      offload_folder=offload_dir)
     else:
         where = dict(device_map={"": device})
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, **where).eval()
+    # Its own class: a multimodal checkpoint generates text as it was trained to.
+    return load_model(path, model_config(path, trust_remote_code), dtype=dtype, **where).eval()
 
 
 @torch.no_grad()

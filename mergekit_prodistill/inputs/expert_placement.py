@@ -17,7 +17,7 @@ import torch
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.formatting import fmt_bytes
-from mergekit_prodistill.models.families import head_dims
+from mergekit_prodistill.models.families import head_dims, meta_model
 
 # Share of the free memory this pass may plan to use: the rest covers the allocator's
 # slack and what the estimate below leaves out (the growing cache's copies, small buffers).
@@ -58,11 +58,7 @@ def expert_shape(config, dtype_bytes: int, trust_remote_code: bool = False) -> E
 
 def _measure(config, es: int, trust_remote_code: bool) -> ExpertShape:
     """Count parameters on a model built on the meta device (no memory, no weights)."""
-    import transformers
-
-    with torch.device("meta"):
-        model = transformers.AutoModelForCausalLM.from_config(
-            config, trust_remote_code=trust_remote_code)
+    model = meta_model(config)
     text = config.get_text_config()
     layers = text.num_hidden_layers
     heads = text.num_attention_heads

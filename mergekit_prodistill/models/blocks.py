@@ -20,7 +20,7 @@ import transformers
 from torch.func import functional_call
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.models.families import MASK_FUNCTIONS, family_of, model_class
+from mergekit_prodistill.models.families import MASK_FUNCTIONS, family_of, meta_model, model_class
 
 
 def cache_argument(mask_function) -> str:
@@ -71,9 +71,7 @@ class BlockRunner:
         self.config = copy.deepcopy(config)
         self.config._attn_implementation = attention_implementation(config)
         self.device = device
-        with torch.device("meta"):
-            skeleton = transformers.AutoModelForCausalLM.from_config(
-                self.config, trust_remote_code=trust_remote_code)
+        skeleton = meta_model(self.config)
         # The experts kernel transformers chose for this model (grouped_mm where it can
         # dispatch), so that blocks run as the loaded model runs them.
         self.config._experts_implementation = skeleton.config._experts_implementation

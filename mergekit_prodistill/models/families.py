@@ -85,6 +85,7 @@ FAMILIES = {
     # projector by task arithmetic. Gemma 3's forward does not soft-cap its logits.
     "Gemma3ForConditionalGeneration": PLAIN,
     "Gemma4ForConditionalGeneration": Family(logits_softcap="final_logit_softcapping"),
+    "Qwen3_5ForConditionalGeneration": PLAIN,
 }
 
 
@@ -168,15 +169,34 @@ def experts_per_token(config) -> int:
 
 
 def model_class(config) -> type:
-    """The causal LM class transformers builds for ``config``."""
+    """The class transformers builds ``config``'s model with: the one its checkpoint names
+    (``architectures``) where transformers has it for this config (Qwen3.5's multimodal
+    checkpoints, which the causal LM mapping would load as their text model alone), else
+    the causal LM class transformers maps the config to."""
+    import transformers
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
+    if isinstance(named, type) and isinstance(config, getattr(named, "config_class", ())):
+        return named
     try:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     except KeyError:
         raise ProDistillError(
             f"model_type '{config.model_type}' has no causal language model in transformers"
         ) from None
+
+
+def meta_model(config) -> "torch.nn.Module":
+    """``config``'s model, built by its own class (:func:`model_class`) on the meta
+    device: its modules and tensor names, no memory."""
+    with torch.device("meta"):
+        return model_class(config)._from_config(config)
+
+
+def load_model(path: str, config, **kwargs) -> "torch.nn.Module":
+    """The checkpoint at ``path`` (whose config is ``config``), loaded by its own class."""
+    return model_class(config).from_pretrained(path, **kwargs)
 
 
 def family_of(config) -> Family:

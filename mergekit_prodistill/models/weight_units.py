@@ -19,14 +19,13 @@ so that every process of a merge lists the same tensors in the same order.
 
 from typing import Dict, Iterable, List
 
-import torch
-import transformers
 from mergekit.architecture import ConfiguredModelArchitecture, WeightInfo
 from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.common import ModelReference
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.models.blocks import decoder_of
+from mergekit_prodistill.models.families import meta_model
 from mergekit_prodistill.models.model_files import ModelFiles, TensorInfo
 
 # mergekit's name for the language model among a multimodal layout's modules.
@@ -37,10 +36,6 @@ def is_multimodal(config) -> bool:
     return config.get_text_config() is not config
 
 
-def _skeleton(config, trust_remote_code: bool):
-    with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(
-            config, trust_remote_code=trust_remote_code)
 
 
 def _embedding(skeleton, prefix: str = "") -> str:
@@ -53,7 +48,7 @@ def _named(weight: WeightInfo) -> set:
     return {weight.name, *(weight.aliases or ())}
 
 
-def _language_model(model_arch: ConfiguredModelArchitecture, trust_remote_code: bool):
+def _language_model(model_arch: ConfiguredModelArchitecture):
     """mergekit's module holding the language model's blocks, the language model's
     tensors outside them (as mergekit names them), and the language model's tensors as
     its transformers model registers them, under the names they are stored by; and the
@@ -66,17 +61,17 @@ def _language_model(model_arch: ConfiguredModelArchitecture, trust_remote_code: 
     """
     config, modules = model_arch.config, model_arch.info.modules
     if not is_multimodal(config):
-        module, skeleton = model_arch.get_module("default"), _skeleton(config, trust_remote_code)
+        module, skeleton = model_arch.get_module("default"), meta_model(config)
         return (module, [*module.pre_weights(), *module.post_weights()],
                 skeleton.state_dict(keep_vars=True), _embedding(skeleton))
     if LANGUAGE_MODULE in modules:
         module = model_arch.get_module(LANGUAGE_MODULE)
         prefix = module.weight_prefix or ""
-        text = _skeleton(config.get_text_config(), trust_remote_code)
+        text = meta_model(config.get_text_config())
         state = {prefix + n: t for n, t in text.state_dict(keep_vars=True).items()}
         return (module, [*module.pre_weights(), *module.post_weights()], state,
                 _embedding(text, prefix))
-    skeleton = _skeleton(config, trust_remote_code)
+    skeleton = meta_model(config)
     decoder = decoder_of(skeleton)
     path = next(n for n, m in skeleton.named_modules() if m is decoder)
     if f"{path}.layers" not in modules or "default" not in modules:
@@ -98,9 +93,8 @@ class WeightUnits:
     """mergekit's configured module of the base's language model, regrouped (see the
     module doc); ``stored`` names the base's stored tensors."""
 
-    def __init__(self, model_arch: ConfiguredModelArchitecture, stored: Iterable[str] = (),
-                 trust_remote_code: bool = False):
-        module, outside, state, embedding = _language_model(model_arch, trust_remote_code)
+    def __init__(self, model_arch: ConfiguredModelArchitecture, stored: Iterable[str] = ()):
+        module, outside, state, embedding = _language_model(model_arch)
         self.module = module
         self.info = module.info
         self.config = model_arch.config

@@ -165,13 +165,16 @@ def build_tiny_family(
 
 def _base_model(config, seed: int):
     """The base: a model of `config` drawn from `seed`, every parameter then perturbed."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     # Fork the RNG so building a family does not disturb the caller's torch seed.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        # transformers' default attention: sdpa, or eager where a family has no sdpa (Gemma2).
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        # The class the config names (Qwen3.5's multimodal one, which the causal LM
+        # mapping does not build); transformers' default attention: sdpa, or eager where
+        # a family has no sdpa (Gemma2).
+        model = getattr(transformers, config.architectures[0])._from_config(
+            config, dtype=torch.float32)
     model.eval()
     perturb_base(model, torch.Generator().manual_seed(seed + 1))
     return model

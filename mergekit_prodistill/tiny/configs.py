@@ -15,8 +15,9 @@ __all__ = ["ARCHITECTURES", "ARCH_CLASS", "HUB_NAMES", "SLIDING_WINDOW", "make_c
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_vl",
                  "granite", "phi3", "olmo2", "olmo3", "cohere2", "smollm3", "glm4", "exaone4",
-                 "seed_oss", "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next",
-                 "deepseek_v3", "gpt_oss", "llama4", "gemma4", "gemma4_vl")
+                 "seed_oss", "ernie4_5", "qwen3_5", "qwen3_5_vl", "qwen3_moe", "mixtral",
+                 "qwen2_moe", "qwen3_next", "deepseek_v3", "gpt_oss", "llama4", "gemma4",
+                 "gemma4_vl")
 
 ARCH_CLASS = {
     "llama": "LlamaForCausalLM",
@@ -38,6 +39,7 @@ ARCH_CLASS = {
     "seed_oss": "SeedOssForCausalLM",
     "ernie4_5": "Ernie4_5ForCausalLM",
     "qwen3_5": "Qwen3_5ForCausalLM",
+    "qwen3_5_vl": "Qwen3_5ForConditionalGeneration",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -73,10 +75,8 @@ def make_config(
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
     if tie_embeddings is None:
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
-        tie_embeddings = arch in ("qwen3", "gemma", "gemma2", "gemma3", "gemma3_vl", "cohere2", "smollm3",
-                                  "ernie4_5", "qwen3_5", "qwen3_moe", "mixtral", "qwen2_moe",
-                                  "qwen3_next", "deepseek_v3", "gpt_oss", "llama4", "gemma4",
-                                  "gemma4_vl")
+        tie_embeddings = arch not in ("llama", "mistral", "qwen2", "granite", "phi3", "olmo2",
+                                      "olmo3", "glm4", "exaone4", "seed_oss")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -21,6 +21,21 @@ def _qwen3_5(head_dim, num_layers, common):
                          "mrope_section": [2, 1, 1], "mrope_interleaved": True}, **common)
 
 
+def _qwen3_5_vl(head_dim, num_layers, common):
+    from transformers import Qwen3_5Config
+
+    # Qwen3.5's checkpoints as they ship: the tiny qwen3_5 language model beside a
+    # one-block vision encoder and its patch merger; mergekit infers their layout.
+    text = _qwen3_5(head_dim, num_layers, dict(common, architectures=None))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=common["hidden_size"], patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2)
+    ids = {k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return Qwen3_5Config(text_config=text.to_dict(), vision_config=vision,
+                         architectures=common["architectures"],
+                         tie_word_embeddings=common["tie_word_embeddings"], **ids)
+
+
 def _qwen3_moe(head_dim, num_layers, common):
     from transformers import Qwen3MoeConfig
 
@@ -136,6 +151,7 @@ def _gemma4_vl(head_dim, num_layers, common):
 
 CONFIGS = {
     "qwen3_5": _qwen3_5,
+    "qwen3_5_vl": _qwen3_5_vl,
     "qwen3_moe": _qwen3_moe,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,

@@ -16,12 +16,11 @@ import logging
 from typing import Dict, Tuple
 
 import torch
-import transformers
 from torch.func import functional_call
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.models.blocks import decoder_of
-from mergekit_prodistill.models.families import family_of
+from mergekit_prodistill.models.families import family_of, meta_model
 from mergekit_prodistill.training.activations import on_device
 from mergekit_prodistill.training.coefficients import (EpochLosses, MergedPart, fit, gathered_stats,
                                                        init_coefficients, masked_kl,
@@ -56,8 +55,7 @@ def find_norm_and_head(pre_weights, post_weights, is_present):
 
 def final_norm(config) -> torch.nn.Module:
     """The architecture's own final norm module, without weights (on ``meta``)."""
-    with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    skeleton = meta_model(config)
     norm = getattr(decoder_of(skeleton), "norm", None)
     if norm is None:
         raise ProDistillError(

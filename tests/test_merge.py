@@ -33,6 +33,8 @@ def test_supported_families_are_the_tested_ones():
 
 # How the multimodal tiny families store their language model's tensors.
 TEXT_NAMES = {"gemma3_vl": lambda name: "language_model." + name,
+              "mistral3_vl": lambda name: "language_model." + name,
+              "llama4_vl": lambda name: "language_model." + name,
               "gemma4_vl": lambda name: name.replace("model.", "model.language_model.", 1),
               "qwen3_5_vl": lambda name: name.replace("model.", "model.language_model.", 1)}
 
@@ -248,7 +250,8 @@ def test_a_trained_merge_loads_whole_and_is_closer_to_each_expert(families, tmp_
         assert kl_trained < kl_untrained, (i, kl_trained, kl_untrained)
 
 
-@pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl", "qwen3_5_vl"])
+@pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl", "mistral3_vl", "qwen3_5_vl",
+                                  "llama4_vl"])
 def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_processor(
         families, tmp_path, arch):
     fam = families(arch, 2)
@@ -263,6 +266,8 @@ def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_proce
     towers = json.loads((out / "prodistill_report.json").read_text())["towers"]
     assert towers == ({"gemma3_vl": ["multi_modal_projector", "vision_tower"],
                        "gemma4_vl": ["embed_vision", "vision_tower"],
+                       "mistral3_vl": ["multi_modal_projector", "vision_tower"],
+                       "llama4_vl": ["multi_modal_projector", "vision_model"],
                        "qwen3_5_vl": ["visual"]}[arch])
     assert (f"The parts outside the language model ({', '.join(towers)}) were merged by task "
             "arithmetic with weight 0.5") in (out / "README.md").read_text()

@@ -35,9 +35,14 @@ CACHE_ARGUMENTS = {kind: cache_argument(function) for kind, function in MASK_FUN
 def decoder_of(model) -> torch.nn.Module:
     """The model's decoder (its blocks, final norm and rotary module). ``get_decoder``
     finds it by the class's base-model prefix, which Llama 4's text-only class names for
-    its multimodal sibling (``language_model``); its decoder is ``model`` there."""
+    its multimodal sibling (``language_model``; its decoder is ``model`` there), and which
+    is the whole causal LM in Llama 4's multimodal class: the decoder is the first module
+    down the ``model`` attributes that holds the blocks."""
     decoder = model.get_decoder()
-    return decoder if hasattr(decoder, "layers") else model.model
+    for candidate in (decoder, getattr(decoder, "model", None), getattr(model, "model", None)):
+        if hasattr(candidate, "layers"):
+            return candidate
+    raise ProDistillError(f"{type(model).__name__}: no decoder with layers found")
 
 
 def attention_implementation(config) -> str:

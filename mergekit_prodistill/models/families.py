@@ -86,6 +86,8 @@ FAMILIES = {
     "Gemma3ForConditionalGeneration": PLAIN,
     "Gemma4ForConditionalGeneration": Family(logits_softcap="final_logit_softcapping"),
     "Qwen3_5ForConditionalGeneration": PLAIN,
+    "Mistral3ForConditionalGeneration": PLAIN,
+    "Llama4ForConditionalGeneration": PLAIN,
 }
 
 

@@ -13,15 +13,16 @@ from .text import BOS_ID, EOS_ID, MAX_POSITIONS, PAD_ID
 
 __all__ = ["ARCHITECTURES", "ARCH_CLASS", "HUB_NAMES", "SLIDING_WINDOW", "make_config"]
 
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_vl",
-                 "granite", "phi3", "olmo2", "olmo3", "cohere2", "smollm3", "glm4", "exaone4",
-                 "seed_oss", "ernie4_5", "qwen3_5", "qwen3_5_vl", "qwen3_moe", "mixtral",
-                 "qwen2_moe", "qwen3_next", "deepseek_v3", "gpt_oss", "llama4", "gemma4",
-                 "gemma4_vl")
+ARCHITECTURES = ("llama", "mistral", "mistral3_vl", "qwen2", "qwen3", "gemma", "gemma2",
+                 "gemma3", "gemma3_vl", "granite", "phi3", "olmo2", "olmo3", "cohere2",
+                 "smollm3", "glm4", "exaone4", "seed_oss", "ernie4_5", "qwen3_5", "qwen3_5_vl",
+                 "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3", "gpt_oss",
+                 "llama4", "llama4_vl", "gemma4", "gemma4_vl")
 
 ARCH_CLASS = {
     "llama": "LlamaForCausalLM",
     "mistral": "MistralForCausalLM",
+    "mistral3_vl": "Mistral3ForConditionalGeneration",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gemma": "GemmaForCausalLM",
@@ -47,6 +48,7 @@ ARCH_CLASS = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
     "llama4": "Llama4ForCausalLM",
+    "llama4_vl": "Llama4ForConditionalGeneration",
     "gemma4": "Gemma4ForCausalLM",
     "gemma4_vl": "Gemma4ForConditionalGeneration",
 }
@@ -75,8 +77,8 @@ def make_config(
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHITECTURES}")
     if tie_embeddings is None:
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
-        tie_embeddings = arch not in ("llama", "mistral", "qwen2", "granite", "phi3", "olmo2",
-                                      "olmo3", "glm4", "exaone4", "seed_oss")
+        tie_embeddings = arch not in ("llama", "mistral", "mistral3_vl", "qwen2", "granite",
+                                      "phi3", "olmo2", "olmo3", "glm4", "exaone4", "seed_oss")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -10,6 +10,21 @@ SLIDING_WINDOW = 6
 _ALTERNATING = ("sliding_attention", "full_attention")
 
 
+def multimodal(config_class, text, vision, common, **settings):
+    """A multimodal checkpoint's config around a tiny text config: the checkpoint's class,
+    its tying and token ids on the outer config, as the Hub's checkpoints have them."""
+    ids = {k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    return config_class(text_config=text.to_dict(),
+                        vision_config=vision if isinstance(vision, dict) else vision.to_dict(),
+                        architectures=common["architectures"],
+                        tie_word_embeddings=common["tie_word_embeddings"], **ids, **settings)
+
+
+def text_of(family, head_dim, num_layers, common):
+    """``family``'s tiny text config, for a multimodal config to hold."""
+    return family(head_dim, num_layers, dict(common, architectures=None))
+
+
 def _llama(head_dim, num_layers, common):
     from transformers import LlamaConfig
 
@@ -20,6 +35,17 @@ def _mistral(head_dim, num_layers, common):
     from transformers import MistralConfig
 
     return MistralConfig(sliding_window=SLIDING_WINDOW, **common)
+
+
+def _mistral3_vl(head_dim, num_layers, common):
+    from transformers import Mistral3Config, PixtralVisionConfig
+
+    # Mistral Small 3's multimodal checkpoints: the tiny mistral language model beside a
+    # one-layer Pixtral vision tower and Mistral 3's patch-merging projector.
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, image_size=56, patch_size=14)
+    return multimodal(Mistral3Config, text_of(_mistral, head_dim, num_layers, common), vision,
+                      common, image_token_index=common["vocab_size"] - 1, spatial_merge_size=2)
 
 
 def _qwen2(head_dim, num_layers, common):
@@ -71,15 +97,11 @@ def _gemma3_vl(head_dim, num_layers, common):
 
     # Gemma 3's multimodal checkpoints: the tiny gemma3 language model beside a one-layer
     # SigLIP vision tower and Gemma 3's projector; the image token is the last row.
-    text = _gemma3(head_dim, num_layers, dict(common, architectures=None))
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                 num_attention_heads=2, image_size=28, patch_size=14,
                                 vision_use_head=False)
-    ids = {k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                        mm_tokens_per_image=4, image_token_index=common["vocab_size"] - 1,
-                        architectures=common["architectures"],
-                        tie_word_embeddings=common["tie_word_embeddings"], **ids)
+    return multimodal(Gemma3Config, text_of(_gemma3, head_dim, num_layers, common), vision,
+                      common, mm_tokens_per_image=4, image_token_index=common["vocab_size"] - 1)
 
 
 def _granite(head_dim, num_layers, common):
@@ -161,6 +183,7 @@ def layer_types(num_layers: int) -> list[str]:
 CONFIGS = {
     "llama": _llama,
     "mistral": _mistral,
+    "mistral3_vl": _mistral3_vl,
     "qwen2": _qwen2,
     "qwen3": _qwen3,
     "gemma": _gemma,

@@ -3,7 +3,7 @@ linear attention beside attention (Qwen3.5), and mixtures of experts."""
 
 from __future__ import annotations
 
-from .dense_configs import SLIDING_WINDOW, layer_types
+from .dense_configs import SLIDING_WINDOW, layer_types, multimodal, text_of
 from .text import MAX_POSITIONS
 
 
@@ -26,14 +26,11 @@ def _qwen3_5_vl(head_dim, num_layers, common):
 
     # Qwen3.5's checkpoints as they ship: the tiny qwen3_5 language model beside a
     # one-block vision encoder and its patch merger; mergekit infers their layout.
-    text = _qwen3_5(head_dim, num_layers, dict(common, architectures=None))
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
                   out_hidden_size=common["hidden_size"], patch_size=14, spatial_merge_size=2,
                   temporal_patch_size=2)
-    ids = {k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return Qwen3_5Config(text_config=text.to_dict(), vision_config=vision,
-                         architectures=common["architectures"],
-                         tie_word_embeddings=common["tie_word_embeddings"], **ids)
+    return multimodal(Qwen3_5Config, text_of(_qwen3_5, head_dim, num_layers, common), vision,
+                      common)
 
 
 def _qwen3_moe(head_dim, num_layers, common):
@@ -115,6 +112,20 @@ def _llama4(head_dim, num_layers, common):
 
 
 
+def _llama4_vl(head_dim, num_layers, common):
+    from transformers import Llama4Config, Llama4VisionConfig
+
+    # Llama 4's checkpoints as they ship: the tiny llama4 language model beside a
+    # one-layer vision model and its projector.
+    hidden = common["hidden_size"]
+    vision = Llama4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=56, patch_size=14,
+                                vision_output_dim=hidden, projector_input_dim=hidden,
+                                projector_output_dim=hidden)
+    return multimodal(Llama4Config, text_of(_llama4, head_dim, num_layers, common), vision,
+                      common, image_token_index=common["vocab_size"] - 1)
+
+
 def _gemma4(head_dim, num_layers, common):
     from transformers import Gemma4TextConfig
 
@@ -140,13 +151,10 @@ def _gemma4_vl(head_dim, num_layers, common):
 
     # Gemma 4's multimodal checkpoints (its larger sizes): the tiny gemma4 language model
     # beside a one-layer vision tower; mergekit has no layout of them and infers one.
-    text = _gemma4(head_dim, num_layers, dict(common, architectures=None))
     vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                 num_attention_heads=2, num_key_value_heads=2, head_dim=16)
-    ids = {k: common[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-    return Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
-                        audio_config=None, architectures=common["architectures"],
-                        tie_word_embeddings=common["tie_word_embeddings"], **ids)
+    return multimodal(Gemma4Config, text_of(_gemma4, head_dim, num_layers, common), vision,
+                      common, audio_config=None)
 
 
 CONFIGS = {
@@ -159,6 +167,7 @@ CONFIGS = {
     "deepseek_v3": _deepseek_v3,
     "gpt_oss": _gpt_oss,
     "llama4": _llama4,
+    "llama4_vl": _llama4_vl,
     "gemma4": _gemma4,
     "gemma4_vl": _gemma4_vl,
 }

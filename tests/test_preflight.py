@@ -256,8 +256,12 @@ def test_a_supported_family_with_a_feature_not_run_yet_is_refused_naming_it(sett
     with pytest.raises(ProDistillError) as refusal:
         check_supported(["Gemma4ForCausalLM"], config, "model m")
     assert str(refusal.value) == f"model m: architecture Gemma4ForCausalLM is not supported: {missing}"
-    check_supported(["Gemma4ForCausalLM"],
-                    {**config, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0})
+    runnable = {**config, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0}
+    check_supported(["Gemma4ForCausalLM"], runnable)
+    # Bidirectional attention within images leaves text causal; over everything it does not.
+    check_supported(["Gemma4ForCausalLM"], {**runnable, "use_bidirectional_attention": "vision"})
+    with pytest.raises(ProDistillError, match="with use_bidirectional_attention is not supported"):
+        check_supported(["Gemma4ForCausalLM"], {**runnable, "use_bidirectional_attention": "all"})
 
 
 def test_a_multimodal_checkpoint_without_a_layout_of_its_language_model_is_refused():

@@ -146,7 +146,9 @@ def check_supported(architectures: Optional[Sequence[str]], config: dict, where:
     unrun = [why for key, why in UNRUN_FEATURES.items() if text.get(key)]
     if unrun:
         raise ProDistillError(f"{where}architecture {names[0]} is not supported: {unrun[0]}")
-    if text.get("use_bidirectional_attention"):
+    # Gemma 4's larger checkpoints attend bidirectionally within images ("vision"), and
+    # causally over text, the only input the merge feeds them.
+    if text.get("use_bidirectional_attention") in (True, "all"):
         raise ProDistillError(
             f"{where}{names[0]} with use_bidirectional_attention is not supported; "
             "prodistill merges causal language models"

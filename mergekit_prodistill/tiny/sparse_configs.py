@@ -153,8 +153,10 @@ def _gemma4_vl(head_dim, num_layers, common):
     # beside a one-layer vision tower; mergekit has no layout of them and infers one.
     vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                 num_attention_heads=2, num_key_value_heads=2, head_dim=16)
-    return multimodal(Gemma4Config, text_of(_gemma4, head_dim, num_layers, common), vision,
-                      common, audio_config=None)
+    # Bidirectional attention within images, as the larger sizes have it; text is causal.
+    text = text_of(_gemma4, head_dim, num_layers, common)
+    text.use_bidirectional_attention = "vision"
+    return multimodal(Gemma4Config, text, vision, common, audio_config=None)
 
 
 CONFIGS = {

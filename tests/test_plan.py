@@ -89,6 +89,22 @@ def test_a_hybrid_27b_plans_every_kind_of_block(tmp_path):
     assert p.total("cuda") > 2 * (1 + 2) * p.shape.block_numel  # base and task vectors, bf16
 
 
+QWEN35_27B_MULTIMODAL = Path(__file__).parent / "data" / "qwen3.5-27b"
+
+
+def test_a_multimodal_27b_plans_its_language_model(tmp_path):
+    """Qwen3.5-27B as it ships (Qwen3_5ForConditionalGeneration, config only: the text
+    model's config above, the vision encoder's defaults): the plan is its language
+    model's, block for block; the vision encoder is merged by task arithmetic."""
+    multimodal = plan_for(_config_only_recipe(QWEN35_27B_MULTIMODAL, tmp_path / "mm"),
+                          {"cuda": None, "cpu": None}, device="cuda")
+    text = plan_for(_config_only_recipe(QWEN35_27B, tmp_path / "text"),
+                    {"cuda": None, "cpu": None}, device="cuda")
+    same = ("num_layers", "hidden", "block_numel", "matmul_numel", "quadratic_share", "vocab")
+    assert [getattr(multimodal.shape, k) for k in same] == [getattr(text.shape, k) for k in same]
+    assert multimodal.flops == text.flops
+
+
 QWEN3_30B_A3B = Path(__file__).parent / "data" / "qwen3-30b-a3b"
 
 

@@ -17,6 +17,7 @@ import torch
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.formatting import fmt_bytes
+from mergekit_prodistill.models.blocks import decoder_of
 from mergekit_prodistill.models.families import head_dims, meta_model
 
 # Share of the free memory this pass may plan to use: the rest covers the allocator's
@@ -70,7 +71,6 @@ def _measure(config, es: int, trust_remote_code: bool) -> ExpertShape:
     blocks = [m for m in model.modules() if type(m).__name__ in no_split]
     block = max((sum(p.numel() for p in m.parameters()) for m in blocks),
                 default=total // max(layers, 1))
-    outside = embed.numel() + (0 if head is embed else head.numel())
     intermediate = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
     return ExpertShape(
         weight_bytes=total * es,
@@ -79,7 +79,9 @@ def _measure(config, es: int, trust_remote_code: bool) -> ExpertShape:
         kv_bytes_per_token=2 * sum(kv_heads * head_dim for kv_heads, head_dim in dims) * es,
         work_bytes_per_token=(4 * text.hidden_size + 3 * intermediate) * es,
         score_bytes_per_pair=heads * es,
-        flops_per_token=2 * (total - outside),
+        # The language model's blocks: a multimodal model's vision tower does not run on text.
+        flops_per_token=2 * (sum(p.numel() for p in decoder_of(model).parameters())
+                             - embed.numel()),
         head_flops=2 * head.numel(),
         attention_width=heads * max(head_dim for _, head_dim in dims),
     )

@@ -31,12 +31,26 @@ def test_supported_families_are_the_tested_ones():
     assert set(FAMILIES) == {tiny._ARCH_CLASS[arch] for arch in ARCHITECTURES}
 
 
-# How the multimodal tiny families store their language model's tensors.
-TEXT_NAMES = {"gemma3_vl": lambda name: "language_model." + name,
-              "mistral3_vl": lambda name: "language_model." + name,
-              "llama4_vl": lambda name: "language_model." + name,
-              "gemma4_vl": lambda name: name.replace("model.", "model.language_model.", 1),
-              "qwen3_5_vl": lambda name: name.replace("model.", "model.language_model.", 1)}
+# How the multimodal tiny families store their language model's tensors: under mergekit's
+# layout prefix, or as the multimodal model registers them.
+def _under_prefix(name):
+    return "language_model." + name
+
+
+def _registered(name):
+    return name.replace("model.", "model.language_model.", 1)
+
+
+TEXT_NAMES = {"gemma3_vl": _under_prefix, "mistral3_vl": _under_prefix,
+              "llama4_vl": _under_prefix, "gemma4_vl": _registered, "qwen3_5_vl": _registered}
+
+
+def text_names(arch, config):
+    """The language model's tensor names of an ``arch`` checkpoint with ``config``, as
+    stored (the text model's own for a text family)."""
+    named = TEXT_NAMES.get(arch, lambda name: name)
+    return [named(n) for n in transformers.AutoModelForCausalLM.from_config(
+        config.get_text_config()).state_dict()]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -53,8 +67,7 @@ def test_the_units_are_the_embedding_each_block_and_the_head(families, arch):
     # A multimodal checkpoint's language model is stored under its own names: under
     # mergekit's layout prefix (Gemma 3), or as its model registers it (Gemma 4).
     named = TEXT_NAMES.get(arch, lambda name: name)
-    text = [named(n) for n in transformers.AutoModelForCausalLM.from_config(
-        config.get_text_config()).state_dict()]
+    text = text_names(arch, config)
     pre = [w.name for w in units.pre_weights()]
     assert pre[0] == named("model.embed_tokens.weight")
     # Its other tensors (vision tower, projector) follow the embedding.
@@ -97,10 +110,8 @@ def test_zero_epochs_equals_mergekit_task_arithmetic(families, tmp_path, arch, n
     # comparison can fail).
     base = load_tensors(fam.base)
     if arch.endswith("_vl"):
-        named = TEXT_NAMES[arch]
-        text = {named(n) for n in transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.from_pretrained(fam.base).get_text_config()).state_dict()}
-        towers = set(base) - text
+        towers = set(base) - set(text_names(arch, transformers.AutoConfig.from_pretrained(
+            fam.base)))
         assert towers and towers <= set(b)
     (o_proj,) = [k for k in base if k.endswith("model.layers.1.self_attn.o_proj.weight")]
     assert not torch.equal(base[o_proj], b[o_proj])

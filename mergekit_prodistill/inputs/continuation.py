@@ -44,15 +44,16 @@ def cut_at_stop(tokens: List[int], stop_ids: Sequence[int], pad_id: int) -> List
 
 
 def load_expert(path: str, dtype, device: torch.device, placement: Placement,
-                offload_dir: str, trust_remote_code: bool):
-    """The expert, whole on ``device`` (no hooks), or dispatched by accelerate as placed."""
+                offload_dir: str, config):
+    """The expert (whose config is ``config``), whole on ``device`` (no hooks), or
+    dispatched by accelerate as placed."""
     if placement.offloaded:
         where = dict(device_map="auto", max_memory=placement.max_memory,
                      offload_folder=offload_dir)
     else:
         where = dict(device_map={"": device})
     # Its own class: a multimodal checkpoint generates text as it was trained to.
-    return load_model(path, model_config(path, trust_remote_code), dtype=dtype, **where).eval()
+    return load_model(path, config, dtype=dtype, **where).eval()
 
 
 @torch.no_grad()
@@ -77,7 +78,7 @@ def continue_prompts(
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     config = model_config(model_path, trust_remote_code)
     torch_dtype = getattr(torch, dtype)
-    shape = expert_placement.expert_shape(config, torch_dtype.itemsize, trust_remote_code)
+    shape = expert_placement.expert_shape(config, torch_dtype.itemsize)
     placement = expert_placement.place_expert(shape, [len(s) for s in sequences],
                                               max_new_tokens, device, free)
     placement.check(device, model_path)
@@ -86,8 +87,7 @@ def continue_prompts(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
     continued: Dict[int, List[int]] = {}
     with tempfile.TemporaryDirectory(prefix="prodistill-offload-") as offload_dir:
-        model = load_expert(model_path, torch_dtype, device, placement, offload_dir,
-                            trust_remote_code)
+        model = load_expert(model_path, torch_dtype, device, placement, offload_dir, config)
         stop = model.generation_config.eos_token_id
         stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
         if tokenizer.eos_token_id is not None:

@@ -49,15 +49,15 @@ class ExpertShape:
 _measured: Dict[tuple, ExpertShape] = {}
 
 
-def expert_shape(config, dtype_bytes: int, trust_remote_code: bool = False) -> ExpertShape:
+def expert_shape(config, dtype_bytes: int) -> ExpertShape:
     """The :class:`ExpertShape` of a model with this config, its weights ``dtype_bytes`` each."""
-    key = (config.to_json_string(), dtype_bytes, trust_remote_code)
+    key = (config.to_json_string(), dtype_bytes)
     if key not in _measured:  # experts of one family share a config: measure it once
-        _measured[key] = _measure(config, dtype_bytes, trust_remote_code)
+        _measured[key] = _measure(config, dtype_bytes)
     return _measured[key]
 
 
-def _measure(config, es: int, trust_remote_code: bool) -> ExpertShape:
+def _measure(config, es: int) -> ExpertShape:
     """Count parameters on a model built on the meta device (no memory, no weights)."""
     model = meta_model(config)
     text = config.get_text_config()

@@ -68,7 +68,7 @@ class BatchContext:
 
 class BlockRunner:
     def __init__(self, config: transformers.PretrainedConfig, device: torch.device,
-                 trust_remote_code: bool = False):
+):
         # A multimodal checkpoint's blocks and embedding are its language model's, run as
         # its causal LM runs them.
         config = config.get_text_config()

@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+import transformers
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
+                                                    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 from mergekit_prodistill.errors import ProDistillError
 
@@ -107,8 +110,6 @@ def language_model(architecture: str, config: dict) -> Tuple[str, dict]:
     own, or a multimodal checkpoint's text model (its ``text_config``)."""
     text = config.get("text_config")
     if architecture.endswith("ForConditionalGeneration") and isinstance(text, dict):
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
         return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(text.get("model_type"), ""), text
     return architecture, config
 
@@ -177,9 +178,6 @@ def model_class(config) -> type:
     (``architectures``) where transformers has it for this config (Qwen3.5's multimodal
     checkpoints, which the causal LM mapping would load as their text model alone), else
     the causal LM class transformers maps the config to."""
-    import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
     named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
     if isinstance(named, type) and isinstance(config, getattr(named, "config_class", ())):
         return named
@@ -191,14 +189,14 @@ def model_class(config) -> type:
         ) from None
 
 
-def meta_model(config) -> "torch.nn.Module":
+def meta_model(config) -> torch.nn.Module:
     """``config``'s model, built by its own class (:func:`model_class`) on the meta
     device: its modules and tensor names, no memory."""
     with torch.device("meta"):
         return model_class(config)._from_config(config)
 
 
-def load_model(path: str, config, **kwargs) -> "torch.nn.Module":
+def load_model(path: str, config, **kwargs) -> torch.nn.Module:
     """The checkpoint at ``path`` (whose config is ``config``), loaded by its own class."""
     return model_class(config).from_pretrained(path, **kwargs)
 

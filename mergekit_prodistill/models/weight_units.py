@@ -36,8 +36,6 @@ def is_multimodal(config) -> bool:
     return config.get_text_config() is not config
 
 
-
-
 def _embedding(skeleton, prefix: str = "") -> str:
     """The input embedding's name in ``skeleton`` (under ``prefix``)."""
     matrix = skeleton.get_input_embeddings().weight

@@ -30,15 +30,14 @@ class Generation:
 
 
 def generations(recipe, expert_configs, weight_bytes: List[int], work: Workload,
-                device: torch.device, available: Dict[str, Optional[int]],
-                trust_remote_code: bool) -> List[Generation]:
+                device: torch.device, available: Dict[str, Optional[int]]) -> List[Generation]:
     """Every expert's generation pass; none without ``continue_tokens`` or training."""
     p = recipe.params
     if not (p.epochs and p.continue_tokens):
         return []
     passes = []
     for config, es, lengths in zip(expert_configs, weight_bytes, work.prompt_lengths):
-        shape = expert_placement.expert_shape(config, es, trust_remote_code)
+        shape = expert_placement.expert_shape(config, es)
         placed = expert_placement.place_expert(shape, lengths, p.continue_tokens, device, available)
         forwards = placed.batches * p.continue_tokens  # the prefill and one per new token
         passes.append(Generation(

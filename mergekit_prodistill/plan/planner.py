@@ -206,7 +206,7 @@ def _memory(b: _Basis, available: Dict[str, Optional[int]], out_shard_size: int)
     generating = generation_plan.generations(
         b.recipe, [b.configs[m] for m in b.mine],
         [dtype_bytes(dtypes.generation_dtype(b.recipe, b.stored[m])) for m in b.mine], b.own,
-        b.ctx.device, available, b.ctx.trust_remote_code) if b.world.contributes else []
+        b.ctx.device, available) if b.world.contributes else []
     if generating:
         generation_plan.add_phase(phases, dev, max(generating, key=Generation.device_total),
                                   shape.heap_share)

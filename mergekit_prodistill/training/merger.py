@@ -111,7 +111,7 @@ class Merger:
 
     def _trained(self, calib, decided, resumed, progress: Progress) -> MergeResults:
         p, device = self.recipe.params, self.ctx.device
-        runner = BlockRunner(self.module.config, device, self.ctx.trust_remote_code)
+        runner = BlockRunner(self.module.config, device)
         # Processes that share an expert each take some rows of its batches.
         whole, calib = calib, calib.rows(*self.world.part(len(self.experts)))
         streams = self._streams(calib, decided)

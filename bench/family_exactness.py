@@ -2,7 +2,8 @@
 
 For every tiny family (mergekit_prodistill.tiny), runs the base model's own forward on a
 padded batch of calibration prompts, then the merge's path: the model's embedding module
-(BlockRunner.embed), every block through BlockRunner, and the head training's path to
+(BlockRunner.start, with the per-layer inputs of the families that have them), every
+block through BlockRunner, and the head training's path to
 log-probabilities (head.HeadForward). Prints, per family and dtype, the largest absolute
 difference of any block's output (and the hidden RMS, for scale) and of the log-probs.
 
@@ -18,8 +19,8 @@ import transformers
 
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
-from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation, decoder_of,
-                                               layer_weight_names)
+from mergekit_prodistill.models.blocks import (BlockRunner, decoder_of, layer_weight_names,
+                                               loading_attention)
 from mergekit_prodistill.models.families import load_model
 from mergekit_prodistill.tiny import ARCHITECTURES, build_tiny_family
 from mergekit_prodistill.training.head import HeadForward
@@ -29,7 +30,7 @@ from mergekit_prodistill.training.head import HeadForward
 def errors(base: Path, batch, dtype: torch.dtype):
     config = transformers.AutoConfig.from_pretrained(base)
     model = load_model(base, config, dtype=dtype,
-                       attn_implementation=attention_implementation(config))
+                       attn_implementation=loading_attention(config))
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
              for layer in decoder_of(model).layers]
@@ -39,14 +40,17 @@ def errors(base: Path, batch, dtype: torch.dtype):
 
     runner = BlockRunner(model.config, torch.device("cpu"))
     state = decoder_of(model).state_dict()  # a multimodal model's: its language model's
-    hidden = runner.embed(state["embed_tokens.weight"], batch.input_ids)
+    stream = runner.start(state, batch.input_ids)  # with what blocks read beside it
     ctx = runner.context(batch.attention_mask, dtype)
     real = batch.attention_mask.bool()
     block_error, rms = 0.0, 0.0
     for index, expected in enumerate(outputs):
         layer = runner.layer(index)
         names = layer_weight_names(layer, [f"layers.{index}.{n}" for n in layer.state_dict()])
-        hidden = runner.forward(index, layer, {o: state[f] for f, o in names.items()}, hidden, ctx)
+        stored = {}
+        hidden = runner.forward(index, layer, {o: state[f] for f, o in names.items()}, stream,
+                                ctx, stored)
+        runner.layout.write(stream, stream, hidden, stored, index)
         block_error = max(block_error, float((hidden - expected)[real].abs().max()))
         rms = max(rms, float(expected[real].float().pow(2).mean().sqrt()))
     log_probs = HeadForward(model.config)(state["norm.weight"], model.get_output_embeddings().weight,

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.training.distill import EarlyStop
+from mergekit_prodistill.training.early_stop import EarlyStop
 
 from helpers import merge
 

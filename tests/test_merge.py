@@ -13,8 +13,8 @@ from mergekit.options import MergeOptions
 
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
-from mergekit_prodistill.models.blocks import (BlockRunner, attention_implementation, decoder_of,
-                                               layer_weight_names)
+from mergekit_prodistill.models.blocks import (BlockRunner, decoder_of, layer_weight_names,
+                                               loading_attention)
 from mergekit_prodistill.models.families import load_model
 from mergekit_prodistill.models.weight_units import WeightUnits
 from mergekit_prodistill.tiny import ARCH_CLASS, ARCHITECTURES, ModelSpec, make_prompts
@@ -42,7 +42,8 @@ def _registered(name):
 
 
 TEXT_NAMES = {"gemma3_vl": _under_prefix, "mistral3_vl": _under_prefix,
-              "llama4_vl": _under_prefix, "gemma4_vl": _registered, "qwen3_5_vl": _registered}
+              "llama4_vl": _under_prefix, "gemma4_vl": _registered, "gemma4_e2b_vl": _registered,
+              "qwen3_5_vl": _registered}
 
 
 def text_names(arch, config):
@@ -70,9 +71,13 @@ def test_the_units_are_the_embedding_each_block_and_the_head(families, arch):
     text = text_names(arch, config)
     pre = [w.name for w in units.pre_weights()]
     assert pre[0] == named("model.embed_tokens.weight")
-    # Its other tensors (vision tower, projector) follow the embedding.
+    # What computes the per-layer inputs (Gemma 4 E2B) and a multimodal checkpoint's other
+    # tensors (vision tower, projector) follow the embedding.
     towers = set(stored) - set(text) if arch.endswith("_vl") else set()
-    assert set(pre[1:]) == towers and bool(towers) == arch.endswith("_vl")
+    per_layer = {named(f"model.{m}.weight") for m in ("embed_tokens_per_layer",
+                 "per_layer_model_projection", "per_layer_projection_norm")
+                 } if arch.startswith("gemma4_e2b") else set()
+    assert set(pre[1:]) == towers | per_layer and bool(towers) == arch.endswith("_vl")
     after = [w.name for w in units.post_weights() if w.name in stored]
     assert named("model.norm.weight") in after
     assert set(after) <= {named("model.norm.weight"), named("lm_head.weight")}
@@ -121,7 +126,7 @@ def full_forward(path, batch):
     """The model at ``path``, every block's output and its next-token log-probabilities."""
     config = transformers.AutoConfig.from_pretrained(path)
     # Its own class: the one its config names (a multimodal model's, not its text model's).
-    model = load_model(path, config, attn_implementation=attention_implementation(config))
+    model = load_model(path, config, attn_implementation=loading_attention(config))
     outputs = []
     hooks = [layer.register_forward_hook(lambda m, i, o: outputs.append(o[0] if isinstance(o, tuple) else o))
              for layer in decoder_of(model).layers]
@@ -146,15 +151,17 @@ def test_block_by_block_forward_equals_full_model(families, arch):
     runner = BlockRunner(model.config, torch.device("cpu"))
     state = decoder_of(model).state_dict()
     with torch.no_grad():
-        hidden = runner.embed(state["embed_tokens.weight"], batch.input_ids)
-    ctx = runner.context(batch.attention_mask, hidden.dtype)
+        stream = runner.start(state, batch.input_ids)  # with what blocks read beside it
+    ctx = runner.context(batch.attention_mask, stream.dtype)
     real = batch.attention_mask.bool()
     for index, expected in enumerate(captured):
         layer = runner.layer(index)
         names = layer_weight_names(layer, [f"layers.{index}.{n}" for n in layer.state_dict()])
         weights = {own: state[full] for full, own in names.items()}
         with torch.no_grad():
-            hidden = runner.forward(index, layer, weights, hidden, ctx)
+            stored = {}
+            hidden = runner.forward(index, layer, weights, stream, ctx, stored)
+            runner.layout.write(stream, stream, hidden, stored, index)
         torch.testing.assert_close(hidden[real], expected[real], rtol=0, atol=1e-5)
 
     # The head training's path from the last block to the next-token distribution.
@@ -261,8 +268,8 @@ def test_a_trained_merge_loads_whole_and_is_closer_to_each_expert(families, tmp_
         assert kl_trained < kl_untrained, (i, kl_trained, kl_untrained)
 
 
-@pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl", "mistral3_vl", "qwen3_5_vl",
-                                  "llama4_vl"])
+@pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl", "gemma4_e2b_vl", "mistral3_vl",
+                                  "qwen3_5_vl", "llama4_vl"])
 def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_processor(
         families, tmp_path, arch):
     fam = families(arch, 2)
@@ -277,6 +284,8 @@ def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_proce
     towers = json.loads((out / "prodistill_report.json").read_text())["towers"]
     assert towers == ({"gemma3_vl": ["multi_modal_projector", "vision_tower"],
                        "gemma4_vl": ["embed_vision", "vision_tower"],
+                       "gemma4_e2b_vl": ["audio_tower", "embed_audio", "embed_vision",
+                                         "vision_tower"],
                        "mistral3_vl": ["multi_modal_projector", "vision_tower"],
                        "llama4_vl": ["multi_modal_projector", "vision_model"],
                        "qwen3_5_vl": ["visual"]}[arch])

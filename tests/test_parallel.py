@@ -112,10 +112,12 @@ def test_two_processes_merge_bit_for_bit_as_one(three_experts, tmp_path, launche
 
 
 def test_tied_head_and_scalar_coefficients_merge_as_in_one_process(families, tmp_path):
-    """Gemma2: scaled embeddings, a tied head (only the final norm trains), soft-capping;
-    one coefficient per tensor and expert, single-input distillation."""
+    """Gemma 4 E2B: scaled embeddings, a tied head (only the final norm trains),
+    soft-capping, per-layer inputs and shared keys and values carried in the streams; one
+    coefficient per tensor and expert, single-input distillation (the teacher outputs
+    carry what the merged stream carried)."""
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(families("gemma2", 2).recipe(
+    recipe.write_text(families("gemma4_e2b", 2).recipe(
         "prodistill", epochs=3, lr=0.05, shots=8, batch_size=4, continue_tokens=0,
         head_epochs=2, granularity="tensor", inputs="merged"))
     one = merge_in_one_thread(recipe.read_text(), tmp_path / "one")

@@ -20,6 +20,7 @@ from mergekit_prodistill.inputs.calibration import Batch
 from mergekit_prodistill.models import families, shapes
 from mergekit_prodistill.models.blocks import BlockRunner
 from mergekit_prodistill.plan import devices, fits, memory, planner
+from mergekit_prodistill.plan.plan_table import render
 from mergekit_prodistill.recipe import parse_recipe
 
 from helpers import merge, run_cli
@@ -103,6 +104,28 @@ def test_a_multimodal_27b_plans_its_language_model(tmp_path):
     same = ("num_layers", "hidden", "block_numel", "matmul_numel", "quadratic_share", "vocab")
     assert [getattr(multimodal.shape, k) for k in same] == [getattr(text.shape, k) for k in same]
     assert multimodal.flops == text.flops
+
+
+GEMMA4_E2B = Path(__file__).parent / "data" / "gemma-4-e2b"
+
+
+def test_gemma4_e2b_plans_what_its_streams_carry_beside_the_hidden_states(tmp_path):
+    """Gemma 4 E2B as it ships (config only; vision and audio towers at their defaults):
+    its streams carry each of its 35 blocks' 256-wide per-layer input, and the keys and
+    values its last 20 blocks reuse (one head of 256 for sliding attention, of 512 for
+    full attention); the per-layer embeddings start them beside the embedding."""
+    p = plan_for(_config_only_recipe(GEMMA4_E2B, tmp_path), {"cuda": None, "cpu": None},
+                 device="cuda")
+    h, layers, per_layer, v = 1536, 35, 256, 262144
+    width = h + layers * per_layer + 2 * (256 + 512)
+    assert p.shape.stream_width == width == 12032
+    assert p.shape.input_numel == v * h + v * layers * per_layer + h * layers * per_layer \
+        + per_layer
+    work, cache_b = p.work, shapes.dtype_bytes(p.dtypes["cache"])
+    slots = memory.STREAMS * sum(work.slots(i) for i in range(2)) \
+        + memory.HOLDOUT_STREAMS * work.holdout_slots()
+    assert p.cache_bytes == slots * width * cache_b
+    assert "streams carry 12032 values per token" in render(p)
 
 
 QWEN3_30B_A3B = Path(__file__).parent / "data" / "qwen3-30b-a3b"
@@ -325,11 +348,11 @@ def tiny_block_runner(arch, dtype):
 def test_saved_activations_match_autograd(arch, dtype):
     config, runner, batch, ctx = tiny_block_runner(arch, dtype)
     rows, width = batch.input_ids.shape
-    hidden = torch.randn(rows, width, config.hidden_size, dtype=dtype)
+    hidden = torch.randn(rows, width, runner.layout.width, dtype=dtype)
     shape = shapes.model_shape(config, [])
     predicted = memory.saved_bytes(shape, rows, width, dtype.itemsize)
     measured = []
-    for index in range(2):  # both kinds of layer where the family alternates them
+    for index in range(len(runner.attention_types)):  # every kind of layer
         layer = runner.layer(index)
         weights = {n: (0.02 * torch.randn(p.shape)).to(dtype).requires_grad_()
                    for n, p in layer.state_dict(keep_vars=True).items()}

@@ -244,24 +244,15 @@ def test_an_unsupported_family_is_refused_naming_what_is_missing(model_type, arc
                                   f"{missing}; prodistill supports {', '.join(FAMILIES)}")
 
 
-@pytest.mark.parametrize("settings,missing", [
-    ({}, "its per-layer inputs are not carried beside the streams yet"),
-    ({"hidden_size_per_layer_input": 0, "num_kv_shared_layers": 2},
-     "its layers that reuse an earlier layer's keys and values are not run block by block yet"),
-])
-def test_a_supported_family_with_a_feature_not_run_yet_is_refused_naming_it(settings, missing):
-    # Gemma 4's config class defaults to per-layer inputs (E2B/E4B); without them and
-    # without shared keys and values its blocks run (the tiny gemma4 family).
-    config = transformers.AutoConfig.for_model("gemma4_text", **settings).to_dict()
-    with pytest.raises(ProDistillError) as refusal:
-        check_supported(["Gemma4ForCausalLM"], config, "model m")
-    assert str(refusal.value) == f"model m: architecture Gemma4ForCausalLM is not supported: {missing}"
-    runnable = {**config, "hidden_size_per_layer_input": 0, "num_kv_shared_layers": 0}
-    check_supported(["Gemma4ForCausalLM"], runnable)
+def test_gemma4_is_accepted_with_per_layer_inputs_and_shared_keys_not_attending_both_ways():
+    # Gemma 4's config class defaults to per-layer inputs (E2B/E4B), which run beside
+    # shared keys and values (the tiny gemma4_e2b family).
+    config = transformers.AutoConfig.for_model("gemma4_text", num_kv_shared_layers=2).to_dict()
+    check_supported(["Gemma4ForCausalLM"], config)
     # Bidirectional attention within images leaves text causal; over everything it does not.
-    check_supported(["Gemma4ForCausalLM"], {**runnable, "use_bidirectional_attention": "vision"})
+    check_supported(["Gemma4ForCausalLM"], {**config, "use_bidirectional_attention": "vision"})
     with pytest.raises(ProDistillError, match="with use_bidirectional_attention is not supported"):
-        check_supported(["Gemma4ForCausalLM"], {**runnable, "use_bidirectional_attention": "all"})
+        check_supported(["Gemma4ForCausalLM"], {**config, "use_bidirectional_attention": "all"})
 
 
 def test_a_multimodal_checkpoint_without_a_layout_of_its_language_model_is_refused():

@@ -111,27 +111,49 @@ def test_a_signal_that_surfaces_as_another_error_still_stops_cleanly(
     assert progress(out) >= 1 and not (out / "config.json").exists()
 
 
+def whole_and_stopped(monkeypatch, tmp_path, recipe, method: str, when=lambda *_: True):
+    """``recipe``'s merge (seed 3) whole, and the folder of the same merge stopped by
+    Ctrl-C just after ``Progress.<method>`` saved what it saves (where ``when`` its
+    arguments)."""
+    whole, out = load_tensors(merge(recipe, tmp_path / "whole", random_seed=3)), tmp_path / "out"
+    save = getattr(Progress, method)
+
+    def save_then_stop(self, *args):
+        save(self, *args)
+        if when(*args):
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Progress, method, save_then_stop)
+        with pytest.raises(Interrupted, match="run the same command again"):
+            merge(recipe, out, random_seed=3)
+    return whole, out
+
+
+def resumes_to(whole, recipe, out) -> bool:
+    resumed = load_tensors(merge(recipe, out, random_seed=3))
+    return sorted(whole) == sorted(resumed) and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_resume_reads_the_saved_continuations_instead_of_generating_them(
         families, tmp_path, monkeypatch):
     fam = families("llama", 2)
     recipe = fam.recipe("prodistill", epochs=3, lr=0.05, shots=6, batch_size=4,
                         continue_tokens=6)
-    whole = load_tensors(merge(recipe, tmp_path / "whole", random_seed=3))
-
-    save = Progress.save_continuations
-
-    def save_then_stop(self, sequences):
-        save(self, sequences)
-        raise KeyboardInterrupt
-
-    out = tmp_path / "resumed"
-    monkeypatch.setattr(Progress, "save_continuations", save_then_stop)
-    with pytest.raises(Interrupted, match="run the same command again"):
-        merge(recipe, out, random_seed=3)
+    whole, out = whole_and_stopped(monkeypatch, tmp_path, recipe, "save_continuations")
     assert (out / STAGING / ".progress" / "continuations.json").exists()
-
-    monkeypatch.setattr(Progress, "save_continuations", save)
     monkeypatch.setattr(continuation, "continue_prompts", refuse_to_generate)
-    resumed = load_tensors(merge(recipe, out, random_seed=3))
-    assert sorted(whole) == sorted(resumed)
-    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert resumes_to(whole, recipe, out)
+
+
+def test_a_resume_keeps_what_later_blocks_read_beside_the_hidden_states(
+        families, tmp_path, monkeypatch):
+    # Gemma 4 E2B's blocks each read a per-layer input, and its last two the keys and values
+    # blocks 0 and 1 stored: a merge stopped after block 2 reads them from the saved streams.
+    fam = families("gemma4_e2b", 2)
+    recipe = fam.recipe("prodistill", epochs=3, lr=0.05, shots=6, batch_size=4,
+                        continue_tokens=0)
+    whole, out = whole_and_stopped(monkeypatch, tmp_path, recipe, "save_state",
+                                   when=lambda blocks_done, *_: blocks_done == 2)
+    assert progress(out) == 2
+    assert resumes_to(whole, recipe, out)

@@ -48,6 +48,20 @@ def test_tiny_family_with_an_added_token(families):
     assert load_tensors(fam.base).keys() == load_tensors(plain.base).keys()
 
 
+def test_an_added_token_keeps_its_per_layer_embedding_row_too(families, tmp_path):
+    # Gemma 4 E2B's per-layer embeddings are indexed by token, as its embedding is.
+    fam = families("gemma4_e2b", 2, extra_tokens=((), ("[PAD]",)))
+    doc = yaml.safe_load(fam.recipe("prodistill", epochs=2, lr=0.05, shots=8, batch_size=8,
+                                    continue_tokens=0))
+    doc["models"][1]["parameters"]["calibration"] = with_prompt(fam, tmp_path, 1, "Hi [PAD] there")
+    out = merge(yaml.safe_dump(doc), tmp_path / "pd")
+    merged, expert = load_tensors(out), load_tensors(fam.experts[1])
+    name = "model.embed_tokens_per_layer.weight"
+    assert merged[name].shape[0] == 769 and torch.equal(merged[name][768], expert[name][768])
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not any(info.values()) and model.config.vocab_size_per_layer_input == 769
+
+
 def tokens_setting(fam):
     """mergekit's per-token settings: a forced zero row, and a row from a chosen model."""
     return {"tokenizer": {"source": "union", "pad_to_multiple_of": 16, "tokens": {

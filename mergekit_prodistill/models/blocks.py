@@ -13,14 +13,16 @@ Only the families in :data:`~mergekit_prodistill.models.families.FAMILIES` are r
 import copy
 import inspect
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import transformers
 from torch.func import functional_call
 
 from mergekit_prodistill.errors import ProDistillError
-from mergekit_prodistill.models.families import MASK_FUNCTIONS, family_of, meta_model, model_class
+from mergekit_prodistill.models.families import (MASK_FUNCTIONS, PER_LAYER_INPUT_MODULES, family_of,
+                                                 meta_model, model_class)
+from mergekit_prodistill.models.stream_layout import Shared, StreamLayout
 
 
 def cache_argument(mask_function) -> str:
@@ -29,6 +31,7 @@ def cache_argument(mask_function) -> str:
     return "cache" if "cache" in inspect.signature(mask_function).parameters else "past_key_values"
 
 
+EMBEDDING = "embed_tokens.weight"  # the input embedding, as every decoder here names it
 CACHE_ARGUMENTS = {kind: cache_argument(function) for kind, function in MASK_FUNCTIONS.items()}
 
 
@@ -51,6 +54,15 @@ def attention_implementation(config) -> str:
     if not model_class(config)._supports_sdpa:
         return "eager"
     return "eager" if getattr(config, "attn_logit_softcapping", None) is not None else "sdpa"
+
+
+def loading_attention(config):
+    """The ``attn_implementation`` to load a model with so that its language model attends
+    as the runner's blocks do; a multimodal model's towers keep their own default (Gemma
+    4's audio tower has no sdpa)."""
+    text = config.get_text_config()
+    return attention_implementation(text) if text is config \
+        else {"text_config": attention_implementation(text)}
 
 
 @dataclass
@@ -87,10 +99,13 @@ class BlockRunner:
         self.rotary_per_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.embedding = _with_buffers(skeleton, decoder.embed_tokens, device)
         self.attention_types = [self._attention_type(i) for i in range(len(decoder.layers))]
-        # Gemma 4's blocks write the keys and values later blocks could share into a dict
-        # the decoder passes; no block here reads one (families.UNRUN_FEATURES).
+        self.layout = StreamLayout.of(self.config)
+        # Gemma 4's blocks write the keys and values later blocks reuse into a dict the
+        # decoder passes (the stream carries them from block to block).
         self.takes_shared_kv = "shared_kv_states" in inspect.signature(
             self.layer_class.forward).parameters
+        self.per_layer_inputs = PerLayerInputs(skeleton, decoder, device) \
+            if self.layout.per_layer else None
 
     def _attention_type(self, index: int) -> str:
         layer_types = getattr(self.config, "layer_types", None)
@@ -106,6 +121,28 @@ class BlockRunner:
         model's own forward computes them (scaled where the family scales them)."""
         rows = functional_call(self.embedding, {"weight": weight}, (input_ids.to(weight.device),))
         return self.family.scale_embeddings(self.config, rows)
+
+    def input_tensor(self, weight) -> Optional[str]:
+        """The decoder's own name of a tensor before the blocks that :meth:`start` reads
+        (the embedding, and what computes per-layer inputs); None for others (a vision
+        tower's)."""
+        per_layer = self.per_layer_inputs.names if self.per_layer_inputs else []
+        own = next((n for n in per_layer if weight.name.endswith("." + n)), None)
+        return own or (EMBEDDING if weight.vocabulary_axis == 0 else None)
+
+    def start(self, weights: Dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+        """The stream batch entering block 0 (``layout``), from ``weights`` (named as
+        :meth:`input_tensor` names them) and ``input_ids``: the embeddings, and each
+        block's per-layer input where the family has them."""
+        hidden = self.embed(weights[EMBEDDING], input_ids)
+        if not self.layout.carries:
+            return hidden
+        stream = hidden.new_zeros(*hidden.shape[:-1], self.layout.width)
+        self.layout.hidden_of(stream).copy_(hidden)
+        if self.per_layer_inputs:
+            self.layout.per_layer_inputs(stream).copy_(
+                self.per_layer_inputs.of(weights, input_ids.to(hidden.device), hidden).flatten(-2))
+        return stream
 
     def layer(self, index: int) -> torch.nn.Module:
         """A weightless block ``index`` (its index selects e.g. its attention type)."""
@@ -139,21 +176,45 @@ class BlockRunner:
         }
         return BatchContext(mask.bool(), position_ids, position_embeddings, masks)
 
-    def forward(
-        self,
-        index: int,
-        layer: torch.nn.Module,
-        weights: Dict[str, torch.Tensor],
-        hidden: torch.Tensor,
-        ctx: BatchContext,
-    ) -> torch.Tensor:
-        kind = self.attention_types[index]
+    def forward(self, index: int, layer: torch.nn.Module, weights: Dict[str, torch.Tensor],
+                stream: torch.Tensor, ctx: BatchContext, stored: Optional[Shared] = None
+                ) -> torch.Tensor:
+        """Block ``index``'s output hidden states for a stream batch; the keys and values
+        it keeps for later blocks go into ``stored`` where given."""
+        kind, layout = self.attention_types[index], self.layout
         kwargs = {"attention_mask": ctx.masks[kind], "position_ids": ctx.position_ids,
                   "position_embeddings": ctx.position_embeddings[kind]}
+        if layout.per_layer:
+            kwargs["per_layer_input"] = layout.per_layer_input(stream, index)
+        shared = layout.shared_kv(stream)  # what the blocks before stored, for reuse
         if self.takes_shared_kv:
-            kwargs["shared_kv_states"] = {}
-        out = functional_call(layer, weights, (hidden,), kwargs, strict=True)
+            kwargs["shared_kv_states"] = shared  # a storing block adds its own
+        out = functional_call(layer, weights, (layout.hidden_of(stream),), kwargs, strict=True)
+        if stored is not None:
+            stored.update(shared)
         return out[0] if isinstance(out, tuple) else out
+
+
+class PerLayerInputs(torch.nn.Module):
+    """Every block's per-layer input ``[batch, length, layers, size]`` from the token ids
+    and the embeddings, by the decoder's own methods (Gemma 4), on the weights passed."""
+
+    def __init__(self, skeleton, decoder, device: torch.device):
+        super().__init__()
+        for name in PER_LAYER_INPUT_MODULES:
+            _with_buffers(skeleton, getattr(decoder, name), device)
+        self.decoder = decoder
+        state = decoder.state_dict(keep_vars=True)
+        self.names = [n for n in state if n.split(".")[0] in PER_LAYER_INPUT_MODULES]
+        self.numel = sum(state[n].numel() for n in self.names)
+
+    def forward(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.decoder.project_per_layer_inputs(
+            embeddings, self.decoder.get_per_layer_inputs(input_ids, embeddings))
+
+    def of(self, weights: Dict[str, torch.Tensor], input_ids, embeddings) -> torch.Tensor:
+        own = {f"decoder.{n}": weights[n] for n in self.names}
+        return functional_call(self, own, (input_ids, embeddings))
 
 
 def _with_buffers(skeleton, module: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -8,7 +8,7 @@ before any weight is read, in one line that names what is missing for it.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import transformers
@@ -96,13 +96,21 @@ FAMILIES = {
 
 # Config keys that give a family's blocks a mixture of experts (the plan measures them apart).
 EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
-# Config keys whose features take inputs from outside the block that the streams do not
-# carry yet (Gemma 4 E2B/E4B, Gemma 3n): a model that sets one is refused, saying why.
-UNRUN_FEATURES = {
-    "hidden_size_per_layer_input": "its per-layer inputs are not carried beside the streams yet",
-    "num_kv_shared_layers": "its layers that reuse an earlier layer's keys and values are not "
-                            "run block by block yet",
-}
+# The decoder modules that compute Gemma 4's per-layer inputs from the token ids and the
+# embeddings, before the blocks (its E2B/E4B checkpoints have them).
+PER_LAYER_INPUT_MODULES = {"embed_tokens_per_layer", "per_layer_model_projection",
+                           "per_layer_projection_norm"}
+
+
+def vocabulary_indexed(config) -> Dict[str, str]:
+    """Decoder modules other than the embedding whose rows are the vocabulary's (Gemma 4's
+    per-layer embeddings), each with the config key that counts them: those whose count
+    is the vocabulary's in ``config``."""
+    text = config.get_text_config()
+    keys = {"embed_tokens_per_layer": "vocab_size_per_layer_input"}
+    return {m: k for m, k in keys.items()
+            if getattr(text, k, None) == text.vocab_size
+            and getattr(text, "hidden_size_per_layer_input", 0)}
 
 
 def language_model(architecture: str, config: dict) -> Tuple[str, dict]:
@@ -144,9 +152,6 @@ def check_supported(architectures: Optional[Sequence[str]], config: dict, where:
             f"{where}architecture {'/'.join(names) or 'unknown'} is not supported{why}; "
             f"prodistill supports {', '.join(FAMILIES)}"
         )
-    unrun = [why for key, why in UNRUN_FEATURES.items() if text.get(key)]
-    if unrun:
-        raise ProDistillError(f"{where}architecture {names[0]} is not supported: {unrun[0]}")
     # Gemma 4's larger checkpoints attend bidirectionally within images ("vision"), and
     # causally over text, the only input the merge feeds them.
     if text.get("use_bidirectional_attention") in (True, "all"):
@@ -165,6 +170,13 @@ def head_dims(config) -> List[Tuple[int, int]]:
         dims.append((getattr(layer, "num_key_value_heads", None) or heads,
                      getattr(layer, "head_dim", None) or layer.hidden_size // heads))
     return dims
+
+
+def kv_sharing_modes(config) -> List[Optional[str]]:
+    """Per block: "store" where it keeps its keys and values for later blocks, "reuse"
+    where it takes an earlier block's instead of computing its own (Gemma 4's last
+    blocks), None elsewhere."""
+    return list(getattr(config, "kv_sharing_modes", None) or [None] * config.num_hidden_layers)
 
 
 def experts_per_token(config) -> int:

@@ -190,7 +190,7 @@ def _saved_bytes(runner: BlockRunner, index: int, rows: int, width: int,
                                  for k, t in ctx.position_embeddings.items()})
         weights = {n: (0.02 * torch.randn(p.shape, generator=generator)).to(dtype)
                    .requires_grad_() for n, p in layer.state_dict(keep_vars=True).items()}
-        hidden = torch.randn(rows, width, runner.config.hidden_size, generator=generator
+        hidden = torch.randn(rows, width, runner.layout.width, generator=generator
                              ).to(dtype)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             runner.forward(index, layer, weights, hidden, ctx)

@@ -44,6 +44,9 @@ class ModelShape:
     heap_share: float  # share of the block's parameters in tensors under HEAP_LIMIT in fp32
     config: object = field(default=None, compare=False, repr=False)  # the base's
     quadratic_share: float = 1.0  # share of the blocks whose attention is softmax attention
+    stream_width: int = 0  # values per token of a stream (StreamLayout): hidden and carried
+    input_numel: int = 0  # elements of the tensors that start the streams (the embedding,
+    #                       and what computes per-layer inputs)
 
     def saved(self, rows: int, width: int, element_bytes: int) -> int:
         """What a block's forward keeps for backward on a batch, by compute dtype (its
@@ -130,6 +133,9 @@ def model_shape(base_config, expert_configs) -> ModelShape:
         heap_share=sum(n for n in largest if 4 * n < HEAP_LIMIT) / sum(largest),
         config=base_config,
         quadratic_share=sum(k in QUADRATIC for k in attention) / len(attention),
+        stream_width=runner.layout.width,
+        input_numel=hidden * base_config.vocab_size + (
+            runner.per_layer_inputs.numel if runner.per_layer_inputs else 0),
     )
 
 

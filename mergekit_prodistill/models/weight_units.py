@@ -1,5 +1,6 @@
-"""The checkpoint's tensors in the order the merge walks them: the input embedding, each
-decoder block, then everything after the blocks (the final norm and the LM head).
+"""The checkpoint's tensors in the order the merge walks them: the input embedding (and
+what computes per-layer inputs), each decoder block, then everything after the blocks (the
+final norm and the LM head).
 
 A multimodal checkpoint's units are its language model's: the text decoder of mergekit's
 layout, or, where mergekit infers the layout, its decoder's stack of layers and the
@@ -25,7 +26,8 @@ from mergekit.common import ModelReference
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.models.blocks import decoder_of
-from mergekit_prodistill.models.families import meta_model
+from mergekit_prodistill.models.families import (PER_LAYER_INPUT_MODULES, meta_model,
+                                                 vocabulary_indexed)
 from mergekit_prodistill.models.model_files import ModelFiles, TensorInfo
 
 # mergekit's name for the language model among a multimodal layout's modules.
@@ -101,8 +103,13 @@ class WeightUnits:
         self._order = {name: i for i, name in enumerate(state)}
         self._same = {name: {n for n, u in state.items() if u is t} for name, t in state.items()}
         outside = self._ordered(outside)
-        self._pre = [w for w in outside if embedding in _named(w)]
-        self._post = [w for w in outside if embedding not in _named(w)]
+        # Before the blocks: what starts the streams (the embedding, the per-layer inputs).
+        before = [w for w in outside
+                  if embedding in _named(w) or PER_LAYER_INPUT_MODULES & set(w.name.split("."))]
+        self._post = [w for w in outside if w not in before]
+        indexed = vocabulary_indexed(model_arch.config)
+        self._pre = [w.model_copy(update={"vocabulary_axis": 0})
+                     if indexed.keys() & set(w.name.split(".")) else w for w in before]
         self.towers: List[str] = []  # the parts outside the language model, by name
         if is_multimodal(model_arch.config):
             others = [WeightInfo(name=n) for n in sorted(set(stored) - self._held())

@@ -9,6 +9,7 @@ import shutil
 
 from mergekit_prodistill.layout import (PROCESSOR_FILES, PROGRESS, RECIPE, REPORT, SCRATCH,
                                         WEIGHT_PREFIXES, staging_dir)
+from mergekit_prodistill.models.families import vocabulary_indexed
 from mergekit_prodistill.output import card, mergekit_internals
 from mergekit_prodistill.output.report import Report
 
@@ -46,9 +47,13 @@ def finish(staging: str, out_path: str, merge_config, arch_info, options, vocabu
     """Write config, tokenizer, card and report into the staging folder, then publish."""
     cfg = mergekit_internals.model_out_config(merge_config, arch_info, options.trust_remote_code)
     if vocabulary.tokenizer is not None:
-        # A built vocabulary is always saved, and sets vocab_size, as mergekit does.
+        # A built vocabulary is always saved, and sets vocab_size, as mergekit does (and
+        # the row counts of tensors merged as the embedding is, Gemma 4's per-layer one).
+        indexed = vocabulary_indexed(cfg)
         mergekit_internals.update_config_vocab(cfg, arch_info, vocabulary.tokenizer,
                                         pad_to_multiple_of=vocabulary.pad_to_multiple_of)
+        for key in indexed.values():
+            setattr(cfg.get_text_config(), key, cfg.get_text_config().vocab_size)
         mergekit_internals.set_chat_template(vocabulary.tokenizer, merge_config)
         vocabulary.tokenizer.save_pretrained(staging)
     elif options.copy_tokenizer:

@@ -115,8 +115,9 @@ def phase_bytes(shape, work, p, stored: List[str], dtypes: Dict[str, str], devic
     lam = lambda_count(shape, T, p.granularity)
     widest = max((b for bs in work.batches for b in bs), key=lambda b: b[0] * b[1])
     cache = (STREAMS * sum(work.slots(i) for i in range(T))
-             + HOLDOUT_STREAMS * work.holdout_slots()) * shape.hidden * cache_b
-    embed = shape.hidden * shape.vocab[0]
+             + HOLDOUT_STREAMS * work.holdout_slots()) * shape.stream_width * cache_b
+    # The tensors that start the streams, each the merged and every expert's at once.
+    embed = shape.input_numel
     forward = forward_bytes(shape, *widest, cb)
     written, unit = write_bytes(shape, cb, out_b, forward, device_type)
     phases = {
@@ -240,8 +241,9 @@ def allreduce_bytes(processes: int, numel: int, element_bytes: int) -> float:
 def output_buffer(shape: ModelShape, out_b: int, shard_size: int) -> int:
     """The writer holds tensors until a shard is full: at most one shard (or tensor)."""
     embed = shape.hidden * shape.vocab[0]
-    total = out_b * (shape.num_layers * shape.block_numel + embed * (1 if shape.tied else 2))
-    largest = out_b * max(embed, shape.largest)
+    total = out_b * (shape.num_layers * shape.block_numel + shape.input_numel
+                     + (0 if shape.tied else embed))
+    largest = out_b * max(shape.input_numel, shape.largest)
     return min(total, max(largest, shard_size) if shard_size > 0 else total)
 
 

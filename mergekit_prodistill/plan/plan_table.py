@@ -35,6 +35,9 @@ def _header(plan) -> list:
         f"lambda float32 ({p.granularity}), cache {plan.dtypes['cache']} on "
         f"{plan.cache_at}, output {plan.dtypes['output']}",
     ]
+    if s.stream_width > s.hidden:
+        lines.append(f"  streams carry {s.stream_width} values per token: the hidden states "
+                     "and what later blocks read (per-layer inputs, shared keys and values)")
     w = plan.world
     if w.distributed:
         owned = [str(i + 1) for i in plan.owned]

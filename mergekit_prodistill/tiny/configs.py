@@ -17,7 +17,8 @@ ARCHITECTURES = ("llama", "mistral", "mistral3_vl", "qwen2", "qwen3", "gemma", "
                  "gemma3", "gemma3_vl", "granite", "phi3", "olmo2", "olmo3", "cohere2",
                  "smollm3", "glm4", "exaone4", "seed_oss", "ernie4_5", "qwen3_5", "qwen3_5_vl",
                  "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3", "gpt_oss",
-                 "llama4", "llama4_vl", "gemma4", "gemma4_vl")
+                 "llama4", "llama4_vl", "gemma4", "gemma4_e2b", "gemma4_e2b_vl",
+                 "gemma4_vl")
 
 ARCH_CLASS = {
     "llama": "LlamaForCausalLM",
@@ -50,6 +51,8 @@ ARCH_CLASS = {
     "llama4": "Llama4ForCausalLM",
     "llama4_vl": "Llama4ForConditionalGeneration",
     "gemma4": "Gemma4ForCausalLM",
+    "gemma4_e2b": "Gemma4ForCausalLM",
+    "gemma4_e2b_vl": "Gemma4ForConditionalGeneration",
     "gemma4_vl": "Gemma4ForConditionalGeneration",
 }
 

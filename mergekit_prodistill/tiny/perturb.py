@@ -30,6 +30,9 @@ def perturb_base(model: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
             elif is_norm:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif p.numel() and bool(torch.isinf(p).all()):
+                # Gemma 4's audio clipping bounds: infinite until a checkpoint sets them.
+                p.copy_(torch.sign(p) * (3.0 + 0.1 * torch.randn(p.shape, generator=gen)))
             elif p.numel() and bool((p == p.flatten()[0]).all()):
                 # Others that start constant: Gemma 4's layer scalar and router scales,
                 # Gemma 3's image projection (zeros).

@@ -132,7 +132,7 @@ def _gemma4(head_dim, num_layers, common):
     # A dense MLP beside a mixture of experts in every block; sliding layers, and full
     # attention layers with wider heads, one key/value head whose keys are its values and
     # rotary over a quarter of each head; soft-capped logits. Without per-layer inputs
-    # and key/value sharing between layers (refused: families.UNRUN_FEATURES).
+    # and key/value sharing between layers (the gemma4_e2b family has them).
     return Gemma4TextConfig(
         head_dim=head_dim, global_head_dim=2 * head_dim, num_global_key_value_heads=1,
         attention_k_eq_v=True, sliding_window=SLIDING_WINDOW, layer_types=layer_types(num_layers),
@@ -143,6 +143,25 @@ def _gemma4(head_dim, num_layers, common):
                          "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
                                             "partial_rotary_factor": 0.25}},
         **common)
+
+
+def _gemma4_e2b(head_dim, num_layers, common):
+    from transformers import Gemma4TextConfig
+
+    # Gemma 4's smallest checkpoints (E2B, E4B): every block takes a per-layer input, and
+    # the last two blocks (one of each attention kind, beyond the num_layers asked for)
+    # reuse the keys and values of the last earlier block of their kind, with MLPs twice
+    # as wide. No mixture of experts, as there.
+    layers = num_layers + 2
+    return Gemma4TextConfig(
+        head_dim=head_dim, global_head_dim=2 * head_dim, num_global_key_value_heads=1,
+        sliding_window=SLIDING_WINDOW, layer_types=layer_types(layers),
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=common["vocab_size"],
+        num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=3.0,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                         "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                            "partial_rotary_factor": 0.25}},
+        **dict(common, num_hidden_layers=layers))
 
 
 def _gemma4_vl(head_dim, num_layers, common):
@@ -159,6 +178,21 @@ def _gemma4_vl(head_dim, num_layers, common):
     return multimodal(Gemma4Config, text, vision, common, audio_config=None)
 
 
+def _gemma4_e2b_vl(head_dim, num_layers, common):
+    from transformers import Gemma4Config
+    from transformers.models.gemma4.configuration_gemma4 import (Gemma4AudioConfig,
+                                                                 Gemma4VisionConfig)
+
+    # Gemma 4 E2B/E4B as they ship: the tiny gemma4_e2b language model beside one-layer
+    # vision and audio towers.
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              subsampling_conv_channels=[8, 4], output_proj_dims=32)
+    return multimodal(Gemma4Config, text_of(_gemma4_e2b, head_dim, num_layers, common), vision,
+                      common, audio_config=audio.to_dict())
+
+
 CONFIGS = {
     "qwen3_5": _qwen3_5,
     "qwen3_5_vl": _qwen3_5_vl,
@@ -171,5 +205,7 @@ CONFIGS = {
     "llama4": _llama4,
     "llama4_vl": _llama4_vl,
     "gemma4": _gemma4,
+    "gemma4_e2b": _gemma4_e2b,
+    "gemma4_e2b_vl": _gemma4_e2b_vl,
     "gemma4_vl": _gemma4_vl,
 }

@@ -12,6 +12,7 @@ each holds the streams and blocks of the experts it owns (:mod:`parallel`).
 """
 
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -26,11 +27,12 @@ from mergekit_prodistill.training.activations import on_device
 from mergekit_prodistill.training.coefficients import (EpochLosses, MergedPart, Weights, at_init,
                                                        fit, gathered_stats, masked_mse,
                                                        mean_over_experts, written_weights)
+from mergekit_prodistill.training.early_stop import EarlyStop
 from mergekit_prodistill.training.fidelity import Heldout
 
 LOG = logging.getLogger("mergekit_prodistill")
 
-Stream = List[List[torch.Tensor]]  # [expert][batch] -> [batch, length, hidden]
+Stream = List[List[torch.Tensor]]  # [expert][batch] -> [batch, length, width]
 
 
 @dataclass
@@ -53,6 +55,16 @@ class Streams:
         """Every stream, in the order the progress files keep them."""
         h = self.heldout
         return [self.merged, self.expert] + ([h.merged, h.task_arithmetic, h.expert] if h else [])
+
+    def hidden_states(self, layout) -> "Streams":
+        """These streams' hidden states alone (``layout``: what else a batch carries)."""
+        def hidden(stream):
+            return [[layout.hidden_of(batch) for batch in batches] for batches in stream]
+        h = self.heldout
+        held = dataclasses.replace(h, merged=hidden(h.merged), expert=hidden(h.expert),
+                                   task_arithmetic=hidden(h.task_arithmetic)) if h else None
+        return dataclasses.replace(self, merged=hidden(self.merged), expert=hidden(self.expert),
+                                   heldout=held)
 
     def roles(self, inputs: str):
         """(student inputs, teacher inputs, where the teacher outputs go)."""
@@ -99,10 +111,15 @@ class Block:
         """What :func:`fit` trains: the block's coefficients for these task vectors."""
         return MergedPart(f"block {self.index}", base_w, deltas, self.dtype, self.world)
 
-    def run(self, weights: Weights, hidden: torch.Tensor, context: BatchContext):
-        """One batch (on any device) through the block with ``weights``."""
+    def run(self, weights: Weights, stream: torch.Tensor, context: BatchContext, stored=None):
+        """One stream batch (on any device) through the block with ``weights``: its output
+        hidden states (and in ``stored``, the keys and values it keeps for later blocks)."""
         return self.runner.forward(self.index, self.layer, weights,
-                                   on_device(hidden, self.runner.device), context)
+                                   on_device(stream, self.runner.device), context, stored)
+
+    def target(self, stream: Stream, i: int, b: int) -> torch.Tensor:
+        """The hidden states of expert i's batch b of ``stream``, on the device."""
+        return on_device(self.runner.layout.hidden_of(stream[i][b]), self.runner.device)
 
     def forward(self, weights: List[Weights], inputs: Stream, contexts,
                 outputs: Optional[Stream] = None,
@@ -116,14 +133,16 @@ class Block:
             for i, (w, batch_contexts) in enumerate(zip(weights, contexts)):
                 total, tokens = 0.0, 0
                 for b, context in enumerate(batch_contexts):
-                    out = self.run(w, inputs[i][b], context)
+                    stored = {}
+                    out = self.run(w, inputs[i][b], context, stored)
                     if targets is not None:
                         n = int(context.token_mask.sum())
-                        target = on_device(targets[i][b], self.runner.device)
-                        total += float(masked_mse(out, target, context.token_mask)) * n
+                        total += float(masked_mse(out, self.target(targets, i, b),
+                                                  context.token_mask)) * n
                         tokens += n
                     if outputs is not None:
-                        outputs[i][b].copy_(out)
+                        self.runner.layout.write(outputs[i][b], inputs[i][b], out, stored,
+                                                 self.index)
                 per_expert.append([total, tokens])
         return per_expert
 
@@ -142,8 +161,7 @@ class Block:
         def loss_of(weights, i, b):
             context = contexts[i][b]
             out = self.run(weights, inputs[i][b], context)
-            target = on_device(targets[i][b], self.runner.device)
-            return masked_mse(out, target, context.token_mask) * context.share
+            return masked_mse(out, self.target(targets, i, b), context.token_mask) * context.share
         return loss_of
 
 
@@ -225,36 +243,6 @@ def teacher_outputs(block: Block, base_w: Weights, expert_blocks: Iterable[Weigh
                        for name in base_w})
         del expert_w, own  # the block holds its memory-mapped shard's pages
     return deltas
-
-
-class EarlyStop:
-    """Ends a block's training once its loss on the held-out prompts has not improved by
-    MIN_GAIN for ``patience`` checks in a row; it is checked every CHECK_STEPS optimiser
-    steps (rounded to whole epochs of ``steps_per_epoch``)."""
-
-    CHECK_STEPS = 10
-    MIN_GAIN = 0.01  # relative
-
-    def __init__(self, patience: int, steps_per_epoch: int, loss_of):
-        self.patience, self.loss_of = patience, loss_of
-        self.every = max(1, round(self.CHECK_STEPS / steps_per_epoch))
-        self.losses: List[float] = []  # every check's held-out loss
-        self.best, self.waited, self.epoch = float("inf"), 0, 0
-
-    def __call__(self, epoch: int, weights) -> bool:
-        if epoch <= self.epoch:  # a retry after a non-finite loss trains from the start
-            self.losses.clear()
-            self.best, self.waited = float("inf"), 0
-        self.epoch = epoch
-        if epoch % self.every:
-            return False
-        loss = self.loss_of(weights)
-        self.losses.append(loss)
-        if loss < self.best * (1 - self.MIN_GAIN):
-            self.best, self.waited = loss, 0
-        else:
-            self.waited += 1
-        return self.waited >= self.patience
 
 
 def held_loss(block: Block, block_w: Weights, held: Optional[Heldout]) -> Optional[float]:

@@ -18,6 +18,7 @@ from mergekit.common import dtype_from_name
 from mergekit_prodistill import layout
 from mergekit_prodistill.models.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.models.dtypes import Precision
+from mergekit_prodistill.models.stream_layout import StreamLayout
 from mergekit_prodistill.models.vocab import Vocabulary
 from mergekit_prodistill.output.progress import Progress, UnitWriter
 from mergekit_prodistill.output.report import MergeResults
@@ -114,7 +115,7 @@ class Merger:
         runner = BlockRunner(self.module.config, device)
         # Processes that share an expert each take some rows of its batches.
         whole, calib = calib, calib.rows(*self.world.part(len(self.experts)))
-        streams = self._streams(calib, decided)
+        streams = self._streams(calib, decided, runner.layout.width)
         blocks_done = resumed["blocks_done"] if resumed else 0
         reports = resumed["report_blocks"] if resumed else []
         generator = torch.Generator().manual_seed(self.ctx.seed)
@@ -167,14 +168,14 @@ class Merger:
                 contexts[-1].append(context)
         return contexts
 
-    def _streams(self, calib, decided) -> distill.Streams:
-        """The owned experts' activation streams, where and in the dtype the plan decided."""
+    def _streams(self, calib, decided, width: int) -> distill.Streams:
+        """The owned experts' activation streams, ``width`` wide (``StreamLayout``), where
+        and in the dtype the plan decided."""
         def store(holdout: bool):
             shapes = calib.shapes(holdout)
             self.stores.append(ActivationStore(
-                [shapes[i] for i in self.owned], self.module.config.get_text_config().hidden_size,
-                dtype_from_name(decided.dtypes["cache"]), decided.placement, self.ctx.device,
-                decided.activation_dir))
+                [shapes[i] for i in self.owned], width, dtype_from_name(decided.dtypes["cache"]),
+                decided.placement, self.ctx.device, decided.activation_dir))
             return self.stores[-1]
 
         def allocate(store, name):
@@ -200,27 +201,32 @@ class Merger:
             del block  # before the next expert's block is read
 
     def _embeddings(self, runner: BlockRunner, calib, streams) -> None:
-        """Merge the embeddings; the merged rows start the merged streams and each expert's
-        own rows its streams (the same prompts, as ids of the merged vocabulary and of the
-        expert's own), through the model's own embedding module, so that a family's
-        scaling (Gemma, Granite) is applied."""
+        """Merge the tensors before the blocks; the merged ones start the merged streams and
+        each expert's own its streams (the same prompts, as ids of the merged vocabulary
+        and of the expert's own), through the model's own modules (``BlockRunner.start``),
+        so that a family's scaling (Gemma, Granite) and per-layer inputs are as its own."""
         h = streams.heldout
         starts = [(calib.batches, [streams.merged], streams.expert)]
         if h:
             starts.append((calib.holdout_batches, [h.merged, h.task_arithmetic], h.expert))
+        inputs = {}  # the decoder's name -> the merged tensor and the experts'
         for weight in filter(self.present, self.module.pre_weights()):
             merged, expert_ts = self.merge_tensor(weight)
-            if weight.vocabulary_axis == 0:
-                for batches_per_expert, merged_streams, expert_stream in starts:
-                    ids = self.vocabulary.calibration_ids(batches_per_expert, calib.sources)
-                    for j, i in enumerate(self.owned):
-                        for b, batch in enumerate(batches_per_expert[i]):
-                            rows = runner.embed(merged, ids[i][b])
-                            for stream in merged_streams:
-                                stream[j][b].copy_(rows)
-                            expert_stream[j][b].copy_(runner.embed(expert_ts[i],
-                                                                   batch.input_ids))
+            own = runner.input_tensor(weight)
+            if own:
+                inputs[own] = (merged, expert_ts)
             del merged, expert_ts
+        merged = {n: m for n, (m, _) in inputs.items()}
+        for batches_per_expert, merged_streams, expert_stream in starts:
+            ids = self.vocabulary.calibration_ids(batches_per_expert, calib.sources)
+            for j, i in enumerate(self.owned):
+                own = {n: e[i] for n, (_, e) in inputs.items()}
+                for b, batch in enumerate(batches_per_expert[i]):
+                    start = runner.start(merged, ids[i][b])
+                    for stream in merged_streams:
+                        stream[j][b].copy_(start)
+                    expert_stream[j][b].copy_(runner.start(own, batch.input_ids))
+        del inputs, merged
         self.end_unit(EMBEDDINGS_UNIT)
 
     def _final(self, streams, generator):
@@ -228,6 +234,8 @@ class Merger:
         then the fidelity on the held-out prompts. Returns the head's report and the
         fidelity (each None when not measured)."""
         p, post = self.recipe.params, self.module.post_weights()
+        # The head reads the last block's hidden states alone.
+        streams = streams.hidden_states(StreamLayout.of(self.module.config))
         trained, report, kept = {}, None, None
         if p.head_epochs or streams.heldout:
             norm, lm_head, untied = head.find_norm_and_head(

@@ -232,6 +232,10 @@ UNCHECKED = "its blocks are not yet checked against its own forward"
     ("stablelm", "StableLmForCausalLM", UNCHECKED),
     ("llava", "LlavaForConditionalGeneration", "its language model (LlamaForCausalLM) "
      "is, but the multimodal checkpoint is not yet checked against its own forward"),
+    # transformers converts its per-expert tensors under its text model's type alone.
+    ("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "its language model "
+     "(Qwen3_5MoeForCausalLM) is, but the multimodal checkpoint is not yet checked against "
+     "its own forward"),
     ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
      "its language model (qwen2_5_vl_text) is not one of the families below"),
 ])

@@ -76,6 +76,7 @@ FAMILIES = {
     "SeedOssForCausalLM": PLAIN,
     "Ernie4_5ForCausalLM": PLAIN,
     "Qwen3_5ForCausalLM": PLAIN,
+    "Qwen3_5MoeForCausalLM": PLAIN,
     "Qwen3MoeForCausalLM": PLAIN,
     "MixtralForCausalLM": PLAIN,
     "Qwen2MoeForCausalLM": PLAIN,

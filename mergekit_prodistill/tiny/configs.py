@@ -16,6 +16,7 @@ __all__ = ["ARCHITECTURES", "ARCH_CLASS", "HUB_NAMES", "SLIDING_WINDOW", "make_c
 ARCHITECTURES = ("llama", "mistral", "mistral3_vl", "qwen2", "qwen3", "gemma", "gemma2",
                  "gemma3", "gemma3_vl", "granite", "phi3", "olmo2", "olmo3", "cohere2",
                  "smollm3", "glm4", "exaone4", "seed_oss", "ernie4_5", "qwen3_5", "qwen3_5_vl",
+                 "qwen3_5_moe",
                  "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3", "gpt_oss",
                  "llama4", "llama4_vl", "gemma4", "gemma4_e2b", "gemma4_e2b_vl",
                  "gemma4_vl")
@@ -42,6 +43,7 @@ ARCH_CLASS = {
     "ernie4_5": "Ernie4_5ForCausalLM",
     "qwen3_5": "Qwen3_5ForCausalLM",
     "qwen3_5_vl": "Qwen3_5ForConditionalGeneration",
+    "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",

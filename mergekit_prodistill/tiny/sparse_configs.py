@@ -33,6 +33,22 @@ def _qwen3_5_vl(head_dim, num_layers, common):
                       common)
 
 
+def _qwen3_5_moe(head_dim, num_layers, common):
+    from transformers import Qwen3_5MoeTextConfig
+
+    # Qwen3.5's (and 3.6's) mixtures of experts: the qwen3_5 blocks with routed experts
+    # beside a gated shared expert in every block.
+    experts = dict(num_experts=4, num_experts_per_tok=2,
+                   moe_intermediate_size=common["intermediate_size"] // 2,
+                   shared_expert_intermediate_size=common["intermediate_size"] // 2)
+    dense = vars(_qwen3_5(head_dim, num_layers, common))
+    keys = ("head_dim", "layer_types", "linear_num_key_heads", "linear_num_value_heads",
+            "linear_key_head_dim", "linear_value_head_dim", "linear_conv_kernel_dim",
+            "rope_parameters")
+    common = {k: v for k, v in common.items() if k != "intermediate_size"}
+    return Qwen3_5MoeTextConfig(**{k: dense[k] for k in keys}, **experts, **common)
+
+
 def _qwen3_moe(head_dim, num_layers, common):
     from transformers import Qwen3MoeConfig
 
@@ -196,6 +212,7 @@ def _gemma4_e2b_vl(head_dim, num_layers, common):
 CONFIGS = {
     "qwen3_5": _qwen3_5,
     "qwen3_5_vl": _qwen3_5_vl,
+    "qwen3_5_moe": _qwen3_5_moe,
     "qwen3_moe": _qwen3_moe,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,

@@ -25,6 +25,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_prodistill.errors import ProDistillError, one_line
+from mergekit_prodistill.models.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.models.dtypes import requested_output_dtype
 from mergekit_prodistill.models.families import check_supported
 from mergekit_prodistill.models.model_files import (ModelFiles, TensorInfo, arch_name, hub_id,
@@ -34,6 +35,7 @@ from mergekit_prodistill.models.weight_units import (WeightUnits, check_stored_a
 from mergekit_prodistill.output.output_folder import (check_free_disk, check_output_folder,
                                                       folder_problem)
 from mergekit_prodistill.plan.context import RunContext
+from mergekit_prodistill.quiet import layout_notices_hidden
 from mergekit_prodistill.recipe import ProDistillRecipe
 
 
@@ -77,6 +79,7 @@ def check_before_merge(recipe: ProDistillRecipe, merge_config: MergeConfiguratio
             f"the base model's tensors {', '.join(dropped[:3])}{more} ({len(dropped)}) are not "
             f"in mergekit's layout of {_arch_name(base)}, so the merge would drop them")
     check_tensors(recipe, models, weights)
+    check_blocks(module, recipe.base, models[recipe.base])
     check_stored_alike(recipe, models, weights)
     rows = {ref: _vocabulary_rows(weights, files) for ref, files in models.items()}
     check_chat_template_kept(merge_config, rows)
@@ -199,7 +202,8 @@ def _arch_name(config) -> str:
 def _module(recipe, merge_config, options, models):
     """mergekit's description of the base model's tensors; also checks layer counts."""
     try:
-        arch_info = get_architecture_info(merge_config, options)
+        with layout_notices_hidden():
+            arch_info = get_architecture_info(merge_config, options)
     except (RuntimeError, ValueError, OSError) as exc:
         raise ProDistillError(f"recipe: cannot work out the models' architecture ({one_line(exc)})") from None
     base = models[recipe.base]
@@ -251,6 +255,21 @@ def check_tensors(recipe, models: Dict[ModelReference, ModelFiles], weights) -> 
                     f"tensor {weight.name}: model {expert.model} has shape {b} but the base "
                     f"model has {a}; experts must be fine-tuned from the base"
                 )
+
+
+def check_blocks(module: WeightUnits, ref, files: ModelFiles) -> None:
+    """Every block's tensors, as the layout names them, are its transformers block's
+    parameters (not where a mixture's experts are stored one by one unconverted)."""
+    runner = BlockRunner(files.config, torch.device("meta"))
+    for index in range(module.num_layers()):
+        names = [w.name for w in module.layer_weights(index)
+                 if not w.optional or _find(w, files.tensors)]
+        try:
+            layer_weight_names(runner.layer(index), names)
+        except ProDistillError as exc:
+            raise ProDistillError(
+                f"model {ref}, block {index}: {exc}; the checkpoint does not store the tensors "
+                "transformers builds this model's blocks from") from None
 
 
 def _vocabulary_rows(weights, files: ModelFiles) -> Optional[int]:

@@ -1,4 +1,5 @@
-"""``--quiet`` hides every progress bar of a prodistill run, not only mergekit's own.
+"""What a prodistill run does not print: with ``--quiet`` every progress bar, not only
+mergekit's own; always, mergekit's notices that it infers a model's layout.
 
 mergekit's flag reaches the bars of its merge loop; a prodistill run also draws
 transformers' bars (loading an expert to continue its prompts, Hub downloads) and the bar
@@ -8,6 +9,7 @@ one run and shown again after it, so other merges in the same process keep their
 
 import contextlib
 import functools
+import logging
 import types
 
 import mergekit.tokenizer.build as _mk_tokenizer_build
@@ -45,3 +47,30 @@ def honours_quiet(run):
             return run(merge_config, out_path, options, *args, **kwargs)
 
     return quietened
+
+
+class _LayoutNotices(logging.Filter):
+    """mergekit's notices that it has no layout of an architecture and the modules it
+    inferred instead: expected for every family not on its list, which the merge reads
+    from the transformers model itself (weight_units.py), so they tell a user nothing."""
+
+    STARTS = ("No JSON architecture found for ", "Inferred ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.STARTS) or " templates, and " in message)
+
+
+@contextlib.contextmanager
+def layout_notices_hidden():
+    """Hide mergekit's layout-inference notices (logged to its logger and to the root
+    logger) while a layout is worked out."""
+    hidden = _LayoutNotices()
+    loggers = [logging.getLogger(), logging.getLogger("mergekit.architecture")]
+    for logger in loggers:
+        logger.addFilter(hidden)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(hidden)

@@ -43,7 +43,7 @@ def _registered(name):
 
 TEXT_NAMES = {"gemma3_vl": _under_prefix, "mistral3_vl": _under_prefix,
               "llama4_vl": _under_prefix, "gemma4_vl": _registered, "gemma4_e2b_vl": _registered,
-              "qwen3_5_vl": _registered}
+              "qwen3_5_vl": _registered, "qwen3_5_moe_vl": _registered}
 
 
 def text_names(arch, config):
@@ -269,7 +269,7 @@ def test_a_trained_merge_loads_whole_and_is_closer_to_each_expert(families, tmp_
 
 
 @pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl", "gemma4_e2b_vl", "mistral3_vl",
-                                  "qwen3_5_vl", "llama4_vl"])
+                                  "qwen3_5_vl", "qwen3_5_moe_vl", "llama4_vl"])
 def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_processor(
         families, tmp_path, arch):
     fam = families(arch, 2)
@@ -288,7 +288,7 @@ def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_proce
                                          "vision_tower"],
                        "mistral3_vl": ["multi_modal_projector", "vision_tower"],
                        "llama4_vl": ["multi_modal_projector", "vision_model"],
-                       "qwen3_5_vl": ["visual"]}[arch])
+                       "qwen3_5_vl": ["visual"], "qwen3_5_moe_vl": ["visual"]}[arch])
     assert (f"The parts outside the language model ({', '.join(towers)}) were merged by task "
             "arithmetic with weight 0.5") in (out / "README.md").read_text()
     # Loaded with its own class, nothing missing or unexpected.

@@ -232,10 +232,6 @@ UNCHECKED = "its blocks are not yet checked against its own forward"
     ("stablelm", "StableLmForCausalLM", UNCHECKED),
     ("llava", "LlavaForConditionalGeneration", "its language model (LlamaForCausalLM) "
      "is, but the multimodal checkpoint is not yet checked against its own forward"),
-    # transformers converts its per-expert tensors under its text model's type alone.
-    ("qwen3_5_moe", "Qwen3_5MoeForConditionalGeneration", "its language model "
-     "(Qwen3_5MoeForCausalLM) is, but the multimodal checkpoint is not yet checked against "
-     "its own forward"),
     ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
      "its language model (qwen2_5_vl_text) is not one of the families below"),
 ])
@@ -424,3 +420,22 @@ def test_model_error_is_one_line_from_mergekit_yaml(families, tmp_path):
     assert len(lines) == 1 and lines[0].startswith(
         "mergekit-prodistill: error: tensor model.layers.0.mlp.gate_proj.weight: model "), lines
     assert not out.exists()
+
+
+def test_experts_stored_one_by_one_that_transformers_does_not_fuse_are_refused_first(
+        tmp_path, monkeypatch, no_weight_reads, caplog):
+    # transformers fuses Qwen3.5-MoE's experts under its text model's type alone: a
+    # multimodal checkpoint storing them one by one is not what its blocks are built from
+    # (the Hub's store them fused, as the tiny family does).
+    from mergekit_prodistill import tiny
+
+    monkeypatch.setattr(tiny, "HUB_FORMAT", set())
+    fam = tiny.build_tiny_family(tmp_path / "family", arch="qwen3_5_moe_vl", n_experts=2)
+    assert "model.language_model.layers.0.mlp.experts.0.up_proj.weight" in load_tensors(fam.base)
+    refused(yaml.safe_load(fam.recipe("prodistill", epochs=1, shots=4)), tmp_path / "out",
+            r"^model .*base, block 0: block parameters \['mlp.experts.down_proj', "
+            r"'mlp.experts.gate_up_proj'\] have no tensor in the checkpoint layout; the "
+            "checkpoint does not store the tensors transformers builds this model's blocks from")
+    # mergekit's notices that it infers the layout (no JSON of the architecture) are not
+    # passed on: that is expected of every family not on its list.
+    assert "No JSON architecture" not in caplog.text and "Inferred" not in caplog.text

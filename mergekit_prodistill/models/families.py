@@ -90,6 +90,7 @@ FAMILIES = {
     "Gemma3ForConditionalGeneration": PLAIN,
     "Gemma4ForConditionalGeneration": Family(logits_softcap="final_logit_softcapping"),
     "Qwen3_5ForConditionalGeneration": PLAIN,
+    "Qwen3_5MoeForConditionalGeneration": PLAIN,
     "Mistral3ForConditionalGeneration": PLAIN,
     "Llama4ForConditionalGeneration": PLAIN,
 }

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from .configs import ARCH_CLASS, ARCHITECTURES, HUB_NAMES, SLIDING_WINDOW, make_config
+from .configs import ARCH_CLASS, ARCHITECTURES, HUB_FORMAT, HUB_NAMES, SLIDING_WINDOW, make_config
 from .perturb import expert_state, perturb_base, with_added_tokens
 from .text import (BOS_ID, EOS_ID, FLAVOUR_NAMES, MAX_POSITIONS, PAD_ID, SPECIAL_TOKENS,
                    TOKENIZER_VOCAB_SIZE, UNK_ID, build_tokenizer, make_prompts)
@@ -237,7 +237,8 @@ def _save(model, tokenizer, directory: Path, max_shard_size) -> None:
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
-        model.save_pretrained(directory, max_shard_size=max_shard_size)
+        model.save_pretrained(directory, max_shard_size=max_shard_size,
+                              save_original_format=type(model).__name__ not in HUB_FORMAT)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

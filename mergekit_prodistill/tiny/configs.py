@@ -11,12 +11,12 @@ from . import dense_configs, sparse_configs
 from .dense_configs import SLIDING_WINDOW
 from .text import BOS_ID, EOS_ID, MAX_POSITIONS, PAD_ID
 
-__all__ = ["ARCHITECTURES", "ARCH_CLASS", "HUB_NAMES", "SLIDING_WINDOW", "make_config"]
+__all__ = ["ARCHITECTURES", "ARCH_CLASS", "HUB_FORMAT", "HUB_NAMES", "SLIDING_WINDOW", "make_config"]
 
 ARCHITECTURES = ("llama", "mistral", "mistral3_vl", "qwen2", "qwen3", "gemma", "gemma2",
                  "gemma3", "gemma3_vl", "granite", "phi3", "olmo2", "olmo3", "cohere2",
                  "smollm3", "glm4", "exaone4", "seed_oss", "ernie4_5", "qwen3_5", "qwen3_5_vl",
-                 "qwen3_5_moe",
+                 "qwen3_5_moe", "qwen3_5_moe_vl",
                  "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3", "gpt_oss",
                  "llama4", "llama4_vl", "gemma4", "gemma4_e2b", "gemma4_e2b_vl",
                  "gemma4_vl")
@@ -44,6 +44,7 @@ ARCH_CLASS = {
     "qwen3_5": "Qwen3_5ForCausalLM",
     "qwen3_5_vl": "Qwen3_5ForConditionalGeneration",
     "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
+    "qwen3_5_moe_vl": "Qwen3_5MoeForConditionalGeneration",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -63,6 +64,11 @@ ARCH_CLASS = {
 HUB_NAMES = {
     "Gemma3ForConditionalGeneration": {"vision_tower.": "vision_tower.vision_model."},
 }
+
+
+# Classes whose Hub checkpoints store transformers' own tensors (a mixture of experts'
+# fused matrices), which save_pretrained would otherwise split back into one per expert.
+HUB_FORMAT = {"Qwen3_5MoeForConditionalGeneration"}
 
 
 def make_config(

@@ -49,6 +49,16 @@ def _qwen3_5_moe(head_dim, num_layers, common):
     return Qwen3_5MoeTextConfig(**{k: dense[k] for k in keys}, **experts, **common)
 
 
+def _qwen3_5_moe_vl(head_dim, num_layers, common):
+    from transformers import Qwen3_5MoeConfig
+
+    # Qwen3.5-MoE's checkpoints as they ship (experts stored fused: configs.HUB_FORMAT),
+    # beside the vision encoder of qwen3_5_vl.
+    text = text_of(_qwen3_5_moe, head_dim, num_layers, common)
+    vision = _qwen3_5_vl(head_dim, num_layers, common).vision_config.to_dict()
+    return multimodal(Qwen3_5MoeConfig, text, vision, common)
+
+
 def _qwen3_moe(head_dim, num_layers, common):
     from transformers import Qwen3MoeConfig
 
@@ -213,6 +223,7 @@ CONFIGS = {
     "qwen3_5": _qwen3_5,
     "qwen3_5_vl": _qwen3_5_vl,
     "qwen3_5_moe": _qwen3_5_moe,
+    "qwen3_5_moe_vl": _qwen3_5_moe_vl,
     "qwen3_moe": _qwen3_moe,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,

@@ -262,8 +262,8 @@ def check_blocks(module: WeightUnits, ref, files: ModelFiles) -> None:
     parameters (not where a mixture's experts are stored one by one unconverted)."""
     runner = BlockRunner(files.config, torch.device("meta"))
     for index in range(module.num_layers()):
-        names = [w.name for w in module.layer_weights(index)
-                 if not w.optional or _find(w, files.tensors)]
+        names = [w.name for w in module.layer_weights(index) if runner.runs(w.name)
+                 and (not w.optional or _find(w, files.tensors))]
         try:
             layer_weight_names(runner.layer(index), names)
         except ProDistillError as exc:

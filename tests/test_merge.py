@@ -1,6 +1,7 @@
 """The merge itself: exactness against mergekit, block forward, and that training helps."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from mergekit.architecture import ConfiguredModelArchitecture, get_architecture_
 from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
+from safetensors.torch import save_file
 
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
@@ -295,3 +297,41 @@ def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_proce
     model, info = transformers.AutoModelForImageTextToText.from_pretrained(
         out, output_loading_info=True)
     assert type(model).__name__ == ARCH_CLASS[arch] and not any(info.values()), info
+
+
+def with_tensors(source, folder, extra):
+    """A copy of the model at ``source`` in ``folder`` that also stores ``extra``."""
+    shutil.copytree(source, folder)
+    save_file(extra, str(folder / "extra.safetensors"))
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"].update(dict.fromkeys(extra, "extra.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    return folder
+
+
+def test_a_blocks_stored_tensors_the_model_does_not_load_are_kept_by_task_arithmetic(
+        families, tmp_path):
+    """Gemma 4 E2B's checkpoints may store keys and values for the blocks that reuse
+    others' (transformers ignores them on load): they are merged by task arithmetic and
+    written; the blocks are distilled without them."""
+    fam = families("gemma4_e2b", 2)
+    recipe = fam.recipe("prodistill", epochs=2, lr=0.05, shots=8, continue_tokens=0)
+    # Blocks 2 and 3 reuse the keys and values of blocks 0 and 1: stored like theirs.
+    like = {f"model.layers.{reuse}.self_attn.{n}.weight":
+            f"model.layers.{store}.self_attn.{n}.weight"
+            for reuse, store in ((2, 0), (3, 1)) for n in ("k_proj", "v_proj", "k_norm")}
+    unloaded, stored = list(like), []
+    for i, source in enumerate([fam.base, *fam.experts]):
+        own = load_tensors(source)
+        extra = {name: own[like[name]] * (1 + 0.1 * i) for name in unloaded}
+        copy = with_tensors(source, tmp_path / source.name, extra)
+        recipe = recipe.replace(str(source), str(copy))
+        stored.append(extra)
+    out = merge(recipe, tmp_path / "out")
+    merged = load_tensors(out)
+    for name in unloaded:
+        tau = sum(e[name].double() - stored[0][name].double() for e in stored[1:])
+        torch.testing.assert_close(merged[name].double(), stored[0][name].double() + 0.5 * tau)
+    _, info = load_model(out, transformers.AutoConfig.from_pretrained(out),
+                         output_loading_info=True)
+    assert not any(info.values()), info

@@ -12,6 +12,7 @@ Only the families in :data:`~mergekit_prodistill.models.families.FAMILIES` are r
 
 import copy
 import inspect
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -100,12 +101,21 @@ class BlockRunner:
         self.embedding = _with_buffers(skeleton, decoder.embed_tokens, device)
         self.attention_types = [self._attention_type(i) for i in range(len(decoder.layers))]
         self.layout = StreamLayout.of(self.config)
+        # Stored tensors the model ignores when it loads (Gemma 4 E2B's keys and values of
+        # the blocks that reuse others'): merged by task arithmetic, not run.
+        self.unloaded = [re.compile(pattern) for module in (skeleton, decoder)
+                         for pattern in getattr(module, "_keys_to_ignore_on_load_unexpected",
+                                                None) or ()]
         # Gemma 4's blocks write the keys and values later blocks reuse into a dict the
         # decoder passes (the stream carries them from block to block).
         self.takes_shared_kv = "shared_kv_states" in inspect.signature(
             self.layer_class.forward).parameters
         self.per_layer_inputs = PerLayerInputs(skeleton, decoder, device) \
             if self.layout.per_layer else None
+
+    def runs(self, name: str) -> bool:
+        """Whether a block's stored tensor is one the model loads (one its block runs on)."""
+        return not any(pattern.search(name) for pattern in self.unloaded)
 
     def _attention_type(self, index: int) -> str:
         layer_types = getattr(self.config, "layer_types", None)

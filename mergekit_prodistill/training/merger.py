@@ -135,6 +135,9 @@ class Merger:
         for index in range(blocks_done, self.module.num_layers()):
             block = distill.Block.of(runner, index, self.precision, self.world)
             infos = [w for w in self.module.layer_weights(index) if self.present(w)]
+            for weight in (w for w in infos if not runner.runs(w.name)):
+                self.merge_tensor(weight)  # stored, but not loaded: task arithmetic
+            infos = [w for w in infos if runner.runs(w.name)]
             names = layer_weight_names(block.layer, [w.name for w in infos])
             base_w = {names[n]: t for n, t in self.base.load_all(infos).items()}
             final, report = distill.distill_block(

@@ -12,6 +12,7 @@ from mergekit.architecture.conversion import can_convert_checkpoint_keys
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 from safetensors.torch import save_file
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from mergekit_prodistill.inputs.calibration import make_batches, tokenize
 from mergekit_prodistill.inputs.sources import read_prompts
@@ -45,15 +46,22 @@ def _registered(name):
 
 TEXT_NAMES = {"gemma3_vl": _under_prefix, "mistral3_vl": _under_prefix,
               "llama4_vl": _under_prefix, "gemma4_vl": _registered, "gemma4_e2b_vl": _registered,
-              "qwen3_5_vl": _registered, "qwen3_5_moe_vl": _registered}
+              "qwen3_5_vl": _registered, "qwen3_5_moe_vl": _registered,
+              "qwen2_5_vl": lambda name: name, "qwen3_vl": _registered,
+              "qwen3_moe_vl": _registered}
 
 
 def text_names(arch, config):
     """The language model's tensor names of an ``arch`` checkpoint with ``config``, as
     stored (the text model's own for a text family)."""
     named = TEXT_NAMES.get(arch, lambda name: name)
-    return [named(n) for n in transformers.AutoModelForCausalLM.from_config(
-        config.get_text_config()).state_dict()]
+    text = config.get_text_config()
+    if type(text) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        names = transformers.AutoModelForCausalLM.from_config(text).state_dict()
+    else:  # no causal LM of its own (Qwen2.5-VL's): its decoder, and the head beside it
+        names = [*("model." + n for n in transformers.AutoModel.from_config(text).state_dict()),
+                 "lm_head.weight"]
+    return [named(n) for n in names]
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -271,7 +279,8 @@ def test_a_trained_merge_loads_whole_and_is_closer_to_each_expert(families, tmp_
 
 
 @pytest.mark.parametrize("arch", ["gemma3_vl", "gemma4_vl", "gemma4_e2b_vl", "mistral3_vl",
-                                  "qwen3_5_vl", "qwen3_5_moe_vl", "llama4_vl"])
+                                  "qwen3_5_vl", "qwen3_5_moe_vl", "qwen2_5_vl", "qwen3_vl",
+                                  "qwen3_moe_vl", "llama4_vl"])
 def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_processor(
         families, tmp_path, arch):
     fam = families(arch, 2)
@@ -290,7 +299,9 @@ def test_a_multimodal_merge_says_what_task_arithmetic_merged_and_keeps_its_proce
                                          "vision_tower"],
                        "mistral3_vl": ["multi_modal_projector", "vision_tower"],
                        "llama4_vl": ["multi_modal_projector", "vision_model"],
-                       "qwen3_5_vl": ["visual"], "qwen3_5_moe_vl": ["visual"]}[arch])
+                       "qwen3_5_vl": ["visual"], "qwen3_5_moe_vl": ["visual"],
+                       "qwen2_5_vl": ["visual"], "qwen3_vl": ["visual"],
+                       "qwen3_moe_vl": ["visual"]}[arch])
     assert (f"The parts outside the language model ({', '.join(towers)}) were merged by task "
             "arithmetic with weight 0.5") in (out / "README.md").read_text()
     # Loaded with its own class, nothing missing or unexpected.

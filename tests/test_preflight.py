@@ -232,8 +232,10 @@ UNCHECKED = "its blocks are not yet checked against its own forward"
     ("stablelm", "StableLmForCausalLM", UNCHECKED),
     ("llava", "LlavaForConditionalGeneration", "its language model (LlamaForCausalLM) "
      "is, but the multimodal checkpoint is not yet checked against its own forward"),
-    ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration",
-     "its language model (qwen2_5_vl_text) is not one of the families below"),
+    ("gemma3n", "Gemma3nForConditionalGeneration",
+     "its language model (Gemma3nForCausalLM) is not one of the families below"),
+    ("qwen2_vl", "Qwen2VLForConditionalGeneration",
+     "its language model (qwen2_vl_text) is not one of the families below"),
 ])
 def test_an_unsupported_family_is_refused_naming_what_is_missing(model_type, architecture,
                                                                  missing):

@@ -14,7 +14,8 @@ import torch
 import transformers
 from transformers.masking_utils import LAYER_PATTERN_TO_MASK_FUNCTION_MAPPING
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING,
-                                                    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+                                                    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_MAPPING)
 
 from mergekit_prodistill.errors import ProDistillError
 
@@ -91,6 +92,9 @@ FAMILIES = {
     "Gemma4ForConditionalGeneration": Family(logits_softcap="final_logit_softcapping"),
     "Qwen3_5ForConditionalGeneration": PLAIN,
     "Qwen3_5MoeForConditionalGeneration": PLAIN,
+    "Qwen2_5_VLForConditionalGeneration": PLAIN,
+    "Qwen3VLForConditionalGeneration": PLAIN,
+    "Qwen3VLMoeForConditionalGeneration": PLAIN,
     "Mistral3ForConditionalGeneration": PLAIN,
     "Llama4ForConditionalGeneration": PLAIN,
 }
@@ -195,12 +199,14 @@ def model_class(config) -> type:
     named = getattr(transformers, (getattr(config, "architectures", None) or [""])[0], None)
     if isinstance(named, type) and isinstance(config, getattr(named, "config_class", ())):
         return named
-    try:
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
         return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError:
+    # The text model of a multimodal checkpoint that transformers gives no causal LM of
+    # its own (Qwen2.5-VL's, Qwen3-VL's): its decoder, which the runner's blocks come from.
+    if type(config) not in MODEL_MAPPING:
         raise ProDistillError(
-            f"model_type '{config.model_type}' has no causal language model in transformers"
-        ) from None
+            f"model_type '{config.model_type}' has no causal language model in transformers")
+    return MODEL_MAPPING[type(config)]
 
 
 def meta_model(config) -> torch.nn.Module:
@@ -215,9 +221,15 @@ def load_model(path: str, config, **kwargs) -> torch.nn.Module:
     return model_class(config).from_pretrained(path, **kwargs)
 
 
+# The text models of multimodal families that transformers gives no causal LM of their
+# own: their blocks run as their checkpoint's do (the head is the checkpoint's family's).
+TEXT_DECODERS = {"Qwen2_5_VLTextModel": PLAIN, "Qwen3VLTextModel": PLAIN,
+                 "Qwen3VLMoeTextModel": PLAIN}
+
+
 def family_of(config) -> Family:
     """The family of ``config``'s model; preflight has refused every other."""
     name = model_class(config).__name__
-    if name not in FAMILIES:
+    if name not in FAMILIES and name not in TEXT_DECODERS:
         check_supported([name], {})
-    return FAMILIES[name]
+    return FAMILIES.get(name) or TEXT_DECODERS[name]

@@ -66,8 +66,13 @@ def _language_model(model_arch: ConfiguredModelArchitecture):
                 skeleton.state_dict(keep_vars=True), _embedding(skeleton))
     if LANGUAGE_MODULE in modules:
         module = model_arch.get_module(LANGUAGE_MODULE)
-        prefix = module.weight_prefix or ""
         text = meta_model(config.get_text_config())
+        # The text model's names under the layout's: by where it puts the embedding
+        # (Qwen2.5-VL's under "model.", Qwen3-VL's under "model.language_model.", with
+        # the text model built as its decoder alone).
+        own = _embedding(text)
+        laid = next((w.name for w in module.pre_weights() if w.name.endswith(own)), None)
+        prefix = laid[:-len(own)] if laid else module.weight_prefix or ""
         state = {prefix + n: t for n, t in text.state_dict(keep_vars=True).items()}
         return (module, [*module.pre_weights(), *module.post_weights()], state,
                 _embedding(text, prefix))

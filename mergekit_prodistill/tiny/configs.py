@@ -16,7 +16,7 @@ __all__ = ["ARCHITECTURES", "ARCH_CLASS", "HUB_FORMAT", "HUB_NAMES", "SLIDING_WI
 ARCHITECTURES = ("llama", "mistral", "mistral3_vl", "qwen2", "qwen3", "gemma", "gemma2",
                  "gemma3", "gemma3_vl", "granite", "phi3", "olmo2", "olmo3", "cohere2",
                  "smollm3", "glm4", "exaone4", "seed_oss", "ernie4_5", "qwen3_5", "qwen3_5_vl",
-                 "qwen3_5_moe", "qwen3_5_moe_vl",
+                 "qwen3_5_moe", "qwen3_5_moe_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_moe_vl",
                  "qwen3_moe", "mixtral", "qwen2_moe", "qwen3_next", "deepseek_v3", "gpt_oss",
                  "llama4", "llama4_vl", "gemma4", "gemma4_e2b", "gemma4_e2b_vl",
                  "gemma4_vl")
@@ -45,6 +45,9 @@ ARCH_CLASS = {
     "qwen3_5_vl": "Qwen3_5ForConditionalGeneration",
     "qwen3_5_moe": "Qwen3_5MoeForCausalLM",
     "qwen3_5_moe_vl": "Qwen3_5MoeForConditionalGeneration",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_moe_vl": "Qwen3VLMoeForConditionalGeneration",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
@@ -68,7 +71,7 @@ HUB_NAMES = {
 
 # Classes whose Hub checkpoints store transformers' own tensors (a mixture of experts'
 # fused matrices), which save_pretrained would otherwise split back into one per expert.
-HUB_FORMAT = {"Qwen3_5MoeForConditionalGeneration"}
+HUB_FORMAT = {"Qwen3_5MoeForConditionalGeneration", "Qwen3VLMoeForConditionalGeneration"}
 
 
 def make_config(
@@ -89,7 +92,8 @@ def make_config(
     if tie_embeddings is None:
         # Gemma checkpoints have no LM head of their own (mergekit's gemma layout has none).
         tie_embeddings = arch not in ("llama", "mistral", "mistral3_vl", "qwen2", "granite",
-                                      "phi3", "olmo2", "olmo3", "glm4", "exaone4", "seed_oss")
+                                      "phi3", "olmo2", "olmo3", "glm4", "exaone4", "seed_oss",
+                                      "qwen2_5_vl")
     common = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,

@@ -59,6 +59,58 @@ def _qwen3_5_moe_vl(head_dim, num_layers, common):
     return multimodal(Qwen3_5MoeConfig, text, vision, common)
 
 
+def _qwen2_5_vl(head_dim, num_layers, common):
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLTextConfig
+
+    # Qwen2.5-VL: a Qwen2 language model with multimodal rotary sections (which text
+    # positions fill alike) beside a one-block vision encoder; transformers gives its
+    # text model no causal LM class of its own.
+    sections = [head_dim // 4, head_dim // 8, head_dim // 8]  # half a head, as there
+    text = Qwen2_5_VLTextConfig(rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                 "mrope_section": sections},
+                                **dict(common, architectures=None))
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=common["hidden_size"], patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, fullatt_block_indexes=[0])
+    return multimodal(Qwen2_5_VLConfig, text, vision, common)
+
+
+def _qwen3_vl(head_dim, num_layers, common):
+    from transformers import Qwen3VLConfig
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLTextConfig
+
+    # Qwen3-VL (dense): a Qwen3 language model with interleaved multimodal rotary sections
+    # beside a vision encoder that adds its features to early blocks (images only).
+    text = Qwen3VLTextConfig(head_dim=head_dim,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                              "mrope_section": [head_dim // 4, head_dim // 8,
+                                                                head_dim // 8],
+                                              "mrope_interleaved": True},
+                             **dict(common, architectures=None))
+    # Three blocks, each feeding a deepstack merger, as mergekit's layout has three.
+    vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2,
+                  out_hidden_size=common["hidden_size"], patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1, 2])
+    return multimodal(Qwen3VLConfig, text, vision, common)
+
+
+def _qwen3_moe_vl(head_dim, num_layers, common):
+    from transformers import Qwen3VLMoeConfig
+    from transformers.models.qwen3_vl_moe.configuration_qwen3_vl_moe import Qwen3VLMoeTextConfig
+
+    # Qwen3-VL's mixtures of experts (30B-A3B, 235B-A22B): qwen3_vl with 4 experts, 2 per
+    # token, in every block, stored fused as the Hub's are (configs.HUB_FORMAT).
+    dense = _qwen3_vl(head_dim, num_layers, common)
+    text = Qwen3VLMoeTextConfig(head_dim=head_dim,
+                                rope_parameters=dense.text_config.rope_parameters,
+                                num_experts=4, num_experts_per_tok=2,
+                                moe_intermediate_size=common["intermediate_size"] // 2,
+                                **dict(common, architectures=None))
+    return multimodal(Qwen3VLMoeConfig, text, dense.vision_config.to_dict(), common)
+
+
 def _qwen3_moe(head_dim, num_layers, common):
     from transformers import Qwen3MoeConfig
 
@@ -224,6 +276,9 @@ CONFIGS = {
     "qwen3_5_vl": _qwen3_5_vl,
     "qwen3_5_moe": _qwen3_5_moe,
     "qwen3_5_moe_vl": _qwen3_5_moe_vl,
+    "qwen2_5_vl": _qwen2_5_vl,
+    "qwen3_vl": _qwen3_vl,
+    "qwen3_moe_vl": _qwen3_moe_vl,
     "qwen3_moe": _qwen3_moe,
     "mixtral": _mixtral,
     "qwen2_moe": _qwen2_moe,

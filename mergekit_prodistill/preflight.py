@@ -263,7 +263,7 @@ def check_blocks(module: WeightUnits, ref, files: ModelFiles) -> None:
     runner = BlockRunner(files.config, torch.device("meta"))
     for index in range(module.num_layers()):
         names = [w.name for w in module.layer_weights(index) if runner.runs(w.name)
-                 and (not w.optional or _find(w, files.tensors))]
+                 and (not w.optional or _find(w, files.tensors) or converted(w, files))]
         try:
             layer_weight_names(runner.layer(index), names)
         except ProDistillError as exc:

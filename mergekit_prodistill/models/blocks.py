@@ -80,8 +80,7 @@ class BatchContext:
 
 
 class BlockRunner:
-    def __init__(self, config: transformers.PretrainedConfig, device: torch.device,
-):
+    def __init__(self, config: transformers.PretrainedConfig, device: torch.device):
         # A multimodal checkpoint's blocks and embedding are its language model's, run as
         # its causal LM runs them.
         config = config.get_text_config()
@@ -196,7 +195,8 @@ class BlockRunner:
                   "position_embeddings": ctx.position_embeddings[kind]}
         if layout.per_layer:
             kwargs["per_layer_input"] = layout.per_layer_input(stream, index)
-        shared = layout.shared_kv(stream)  # what the blocks before stored, for reuse
+        # What earlier blocks stored, unpacked for the blocks that reuse it.
+        shared = layout.shared_kv(stream) if layout.reads[index] else {}
         if self.takes_shared_kv:
             kwargs["shared_kv_states"] = shared  # a storing block adds its own
         out = functional_call(layer, weights, (layout.hidden_of(stream),), kwargs, strict=True)

@@ -28,6 +28,7 @@ class StreamLayout:
     per_layer: int = 0  # one block's per-layer input (0: none)
     shared: Tuple[Tuple[str, int, int], ...] = ()  # (attention kind, heads, head dim) reused
     stores: Tuple[Optional[str], ...] = ()  # per block: the kind whose keys it stores
+    reads: Tuple[bool, ...] = ()  # per block: whether it reuses stored keys and values
 
     @classmethod
     def of(cls, config) -> "StreamLayout":
@@ -40,7 +41,8 @@ class StreamLayout:
                        for i, mode in enumerate(modes))
         shared = tuple((kind, *dims[i]) for i, kind in enumerate(stores) if kind)
         return cls(config.hidden_size, layers,
-                   getattr(config, "hidden_size_per_layer_input", 0) or 0, shared, stores)
+                   getattr(config, "hidden_size_per_layer_input", 0) or 0, shared, stores,
+                   tuple(mode == "reuse" for mode in modes))
 
     @property
     def width(self) -> int:
@@ -73,7 +75,7 @@ class StreamLayout:
         attention that stored them computed them (same strides)."""
         shared = {}
         for kind, heads, dim, start in self._kv_columns():
-            pair = batch[..., start:start + 2 * heads * dim].contiguous()
+            pair = batch[..., start:start + 2 * heads * dim]
             k, v = pair.view(*pair.shape[:2], 2, heads, dim).unbind(2)
             shared[kind] = (k.contiguous().transpose(1, 2), v.contiguous().transpose(1, 2))
         return shared

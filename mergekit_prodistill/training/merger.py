@@ -18,7 +18,6 @@ from mergekit.common import dtype_from_name
 from mergekit_prodistill import layout
 from mergekit_prodistill.models.blocks import BlockRunner, layer_weight_names
 from mergekit_prodistill.models.dtypes import Precision
-from mergekit_prodistill.models.stream_layout import StreamLayout
 from mergekit_prodistill.models.vocab import Vocabulary
 from mergekit_prodistill.output.progress import Progress, UnitWriter
 from mergekit_prodistill.output.report import MergeResults
@@ -153,7 +152,8 @@ class Merger:
                             f"{report['loss_after']:.3g}")
             bar.update()
             del base_w, final
-        head_report, kept = self._final(streams, generator)
+        # The head reads the last block's hidden states alone.
+        head_report, kept = self._final(streams.hidden_states(runner.layout), generator)
         if kept:
             bar.set_postfix_str(f"next-token choices kept: {fidelity.summary(kept)}")
         bar.close()
@@ -223,22 +223,21 @@ class Merger:
         for batches_per_expert, merged_streams, expert_stream in starts:
             ids = self.vocabulary.calibration_ids(batches_per_expert, calib.sources)
             for j, i in enumerate(self.owned):
-                own = {n: e[i] for n, (_, e) in inputs.items()}
+                experts = {n: e[i] for n, (_, e) in inputs.items()}
                 for b, batch in enumerate(batches_per_expert[i]):
                     start = runner.start(merged, ids[i][b])
                     for stream in merged_streams:
                         stream[j][b].copy_(start)
-                    expert_stream[j][b].copy_(runner.start(own, batch.input_ids))
+                    expert_stream[j][b].copy_(runner.start(experts, batch.input_ids))
         del inputs, merged
         self.end_unit(EMBEDDINGS_UNIT)
 
     def _final(self, streams, generator):
         """The final norm and LM head, trained with ``head_epochs``, else task arithmetic;
-        then the fidelity on the held-out prompts. Returns the head's report and the
-        fidelity (each None when not measured)."""
+        then the fidelity on the held-out prompts, from ``streams``: the last block's
+        hidden states. Returns the head's report and the fidelity (each None when not
+        measured)."""
         p, post = self.recipe.params, self.module.post_weights()
-        # The head reads the last block's hidden states alone.
-        streams = streams.hidden_states(StreamLayout.of(self.module.config))
         trained, report, kept = {}, None, None
         if p.head_epochs or streams.heldout:
             norm, lm_head, untied = head.find_norm_and_head(

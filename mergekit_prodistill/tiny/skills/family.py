@@ -55,6 +55,11 @@ class BuildSettings:
     calibration_prompts: int = 128
     test_examples: int = 300
     seed: int = 0
+    # With a weight > 0 the base also reads prompts of every task, unanswered (one for
+    # every 64 pretraining examples per task), and learns the prompts' tokens with that
+    # weight besides the answers': like a pretrained LM, it has read questions it cannot
+    # answer, and can write more of them.
+    read_prompts: float = 0.0
     shard_size: str = "200KB"
 
     def fingerprint(self) -> str:
@@ -178,9 +183,14 @@ def _build_here(root: Path, s: BuildSettings, log=print) -> None:
     torch.manual_seed(s.seed)
     model = AutoModelForCausalLM.from_config(_config(s, tokenizer), dtype=torch.float32)
     log("pretraining the base model")
-    training.train(model, tokenizer, tasks.pretraining_examples(suite, splits),
+    pretraining = tasks.pretraining_examples(suite, splits)
+    if s.read_prompts:
+        pretraining += [(task.prompt(x), None) for task in suite.tasks
+                        for x in splits[task.name].train[:len(pretraining) // 64]]
+    training.train(model, tokenizer, pretraining,
                    training.Schedule(s.pretrain_steps, s.pretrain_lr, s.batch_size, s.seed,
-                                     stop=s.pretrain_stop), log=log, name="base")
+                                     stop=s.pretrain_stop), log=log, name="base",
+                   prompt_loss=s.read_prompts)
     _save(model, tokenizer, root / "base", s.shard_size)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     for i, task in enumerate(suite.tasks):

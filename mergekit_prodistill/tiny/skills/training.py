@@ -1,7 +1,8 @@
 """Pretrain the base model and fully fine-tune one expert per task from it.
 
 Supervised next-token training on "<s>prompt answer</s>", with the loss on the answer and
-the end-of-sequence token only. Deterministic for a given seed; CPU only.
+the end-of-sequence token (and, for a base that reads prompts, on the prompt's tokens with
+a smaller weight). Deterministic for a given seed; CPU only.
 """
 
 import math
@@ -15,14 +16,16 @@ import torch
 from .tasks import EOS
 
 
-def encode_examples(tokenizer, pairs: List[Tuple[str, str]]):
-    """Token ids and loss masks (1 on answer and EOS targets)."""
+def encode_examples(tokenizer, pairs: List[Tuple[str, Optional[str]]],
+                    prompt_loss: float = 0.0):
+    """Token ids and loss weights: 1 on answer and EOS targets, ``prompt_loss`` on the
+    prompt's; an answer of None is a prompt read alone, without EOS."""
     eos = tokenizer.convert_tokens_to_ids(EOS)
     out = []
     for prompt, answer in pairs:
         p = tokenizer(prompt).input_ids
-        a = tokenizer(answer, add_special_tokens=False).input_ids + [eos]
-        out.append((p + a, [0] * len(p) + [1] * len(a)))
+        a = [] if answer is None else tokenizer(answer, add_special_tokens=False).input_ids + [eos]
+        out.append((p + a, [float(prompt_loss)] * len(p) + [1] * len(a)))
     return out
 
 
@@ -72,10 +75,12 @@ def answer_loss(model, ids, mask, loss_mask):
     return (loss * target_mask.reshape(-1)).sum() / target_mask.sum()
 
 
-def train(model, tokenizer, pairs, schedule: Schedule, *, log=print, name: str = "") -> None:
-    """AdamW with linear warm-up and cosine decay over ``schedule.steps``; answer-only cross
-    entropy; stops early at ``schedule.stop`` if set."""
-    data = encode_examples(tokenizer, pairs)
+def train(model, tokenizer, pairs, schedule: Schedule, *, log=print, name: str = "",
+          prompt_loss: float = 0.0) -> None:
+    """AdamW with linear warm-up and cosine decay over ``schedule.steps``; cross entropy on
+    the answers (and ``prompt_loss`` times it on the prompts); stops early at
+    ``schedule.stop`` if set."""
+    data = encode_examples(tokenizer, pairs, prompt_loss)
     rng = random.Random(schedule.seed)
     torch.manual_seed(schedule.seed)
     optimizer, lr_schedule = schedule.optimizer(model)

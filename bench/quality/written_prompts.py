@@ -1,0 +1,173 @@
+"""Calibration prompts written by a model: does distilling on them keep more of the skill?
+
+    python bench/quality/written_prompts.py [--cache DIR] [--results DIR]
+
+On the hard suite ProDistill is limited by its prompts (results/hard/REPORT.md): 64 real
+prompts keep more than 16, 128 more than 64. A language model can write more prompts like
+a set of calibration prompts: start from the tokens they all begin with (the template and
+the task's name) and sample until the tokens they all end with. This builds the hard suite
+with a base that has also read its tasks' prompts, unanswered (``read_prompts``: like a
+pretrained LM that has read questions it cannot answer; the experts are fine-tuned on
+answers only, as in the hard suite), has the base or each expert write prompts, and merges
+with the package defaults on the real prompts alone and with the written ones beside them.
+Writes results.json and results.md to bench/quality/results/written/.
+"""
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import run  # noqa: E402  # isort: skip  (pins the kernels before torch starts)
+import merges  # noqa: E402
+import models  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from mergekit_prodistill.tiny.skills import scoring  # noqa: E402
+
+SETTINGS = dataclasses.replace(models.SETTINGS["hard"], read_prompts=0.1)
+# (name, real prompts, who writes more, how many, recipe parameters). holdout 0: each
+# merge trains on exactly the prompts of its file.
+ROWS = [
+    ("16 real", 16, None, 0, {"shots": 16}),
+    ("16 real + 48 written by the base", 16, "base", 48, {"shots": 64}),
+    ("16 real + 48 written by each expert", 16, "expert", 48, {"shots": 64}),
+    ("64 real", 64, None, 0, {"shots": 64}),
+    ("64 real + 192 written by the base, 8 epochs", 64, "base", 192,
+     {"shots": 256, "epochs": 8}),
+    ("64 real + 192 written by the base", 64, "base", 192, {"shots": 256}),
+]
+
+
+def shared_ends(sequences):
+    """The tokens every sequence starts with, and those every one ends with."""
+    def common(seqs):
+        k = 0
+        while all(len(s) > k for s in seqs) and len({s[k] for s in seqs}) == 1:
+            k += 1
+        return list(seqs[0][:k])
+    return common(sequences), common([s[::-1] for s in sequences])[::-1]
+
+
+def write_prompts(model, tokenizer, real, count: int, seed: int):
+    """``count`` new prompts sampled by ``model`` (temperature 1) from the real prompts'
+    shared start until their shared end, no longer than the longest real one plus two
+    tokens; repeats and prompts that never reach the end are dropped."""
+    ids = [tokenizer(t).input_ids for t in real]
+    start, end = shared_ends(ids)
+    longest = max(map(len, ids))
+    torch.manual_seed(seed)
+    written, seen = [], set(real)
+    for _ in range(50):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([start] * 64), do_sample=True, temperature=1.0,
+                                 top_k=0, max_new_tokens=longest + 4 - len(start),
+                                 pad_token_id=tokenizer.pad_token_id)
+        for row in out.tolist():
+            body = row[len(start):]
+            cut = next((k for k in range(1, len(body) + 1) if body[:k][-len(end):] == end),
+                       None)
+            seq = start + body[:cut] if cut else None
+            if (seq is None or len(seq) > longest + 2
+                    or {tokenizer.eos_token_id, tokenizer.pad_token_id} & set(seq)):
+                continue
+            text = tokenizer.decode(seq, skip_special_tokens=True)
+            if text not in seen:
+                seen.add(text)
+                written.append(text)
+            if len(written) == count:
+                return written
+    return written
+
+
+def calibration_files(ckpt, tokenizer, real_count: int, writer, count: int, folder: Path):
+    """One prompt file per task: its first ``real_count`` calibration prompts, then
+    ``count`` written by the base or by the task's expert."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files, samples = {}, {}
+    for i, (task, path) in enumerate(ckpt.calibration.items()):
+        real = [json.loads(line)["text"] for line in path.read_text().splitlines()][:real_count]
+        written = []
+        if writer:
+            source = ckpt.base if writer == "base" else ckpt.experts[task]
+            model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
+            written = write_prompts(model, tokenizer, real, count, seed=i)
+        files[task] = folder / f"{task}.jsonl"
+        files[task].write_text("".join(json.dumps({"text": t}) + "\n" for t in real + written))
+        samples[task] = written[:5]
+    return files, samples
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, default=HERE / ".cache")
+    ap.add_argument("--results", type=Path, default=HERE / "results" / "written")
+    args = ap.parse_args(argv)
+    started = time.time()
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
+    ckpt = models.build(args.cache, SETTINGS)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.base)
+    tests = models.held_out_sets(SETTINGS)
+    own = {name: {t: s["exact"] for t, s in scoring.score_model(path, tokenizer, tests).items()}
+           for name, path in [("base", ckpt.base), *ckpt.experts.items()]}
+    for line in models.broken_claims("hard", own):
+        print(f"WARNING: the models are not what the hard suite says: {line}")
+    rows = []
+    for n, (name, real_count, writer, count, params) in enumerate(ROWS):
+        files, samples = calibration_files(ckpt, tokenizer, real_count, writer, count,
+                                           ckpt.root / "written" / str(n))
+        merge = merges.overridden({**params, "holdout": 0})
+        merge.name = f"written-{n}"
+        out = merges.run_merge(merge, dataclasses.replace(
+            ckpt, calibration=files), ckpt.root / "merges", 1, log=lambda *a: None)
+        scores = {t: s["exact"] for t, s in scoring.score_model(out, tokenizer, tests).items()}
+        kept = {t: scores[t] / own[t][t] for t in scores}
+        rows.append({"name": name, "parameters": params, "scores": scores, "kept": kept,
+                     "normalised_mean": sum(kept.values()) / len(kept), "written": samples,
+                     "prodistill": run.prodistill_report(out)})
+        print(f"{name}: {rows[-1]['normalised_mean']:.3f}", flush=True)
+    reference = next(r for r in rows if r["name"] == "64 real")["prodistill"]["token_passes"]
+    for r in rows:
+        r["training_compute"] = r["prodistill"]["token_passes"] / reference
+    results = {"settings": dataclasses.asdict(SETTINGS), "own": own, "rows": rows,
+               "run_seconds": time.time() - started}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (args.results / "results.md").write_text(table)
+    print(table)
+
+
+def markdown(results) -> str:
+    tasks = list(results["rows"][0]["scores"])
+    lines = ["# Calibration prompts written by a model", "",
+             "Generated by `python bench/quality/written_prompts.py`. The hard suite's "
+             "models, with a base that has also read its tasks' prompts: base "
+             + ", ".join(f"{t} {results['own']['base'][t]:.1%}" for t in tasks)
+             + "; experts " + ", ".join(f"{t} {results['own'][t][t]:.1%}" for t in tasks)
+             + " on their own task. Package defaults, holdout 0.", "",
+             "| calibration prompts per expert | " + " | ".join(tasks)
+             + " | normalised mean | training compute |",
+             "|---|" + "---|" * (len(tasks) + 2)]
+    for r in results["rows"]:
+        lines.append(f"| {r['name']} | " + " | ".join(f"{r['kept'][t]:.3f}" for t in tasks)
+                     + f" | **{r['normalised_mean']:.3f}** | {r['training_compute']:.2f} |")
+    lines += ["", "Each task's cell is the share of its expert's accuracy kept; training "
+              "compute is the tokens passed through the blocks in training, over the 64 real "
+              "prompts'. The first prompts each writer wrote:", ""]
+    for r in results["rows"]:
+        if any(r["written"].values()):
+            lines.append(f"- {r['name']}: " + "; ".join(
+                f"`{p}`" for t in tasks for p in r["written"][t][:2]))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

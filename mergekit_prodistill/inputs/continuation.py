@@ -10,10 +10,12 @@ memory free at that moment (whole on the device when it fits, else partly offloa
 accelerate), in the recipe's ``dtype`` (else the stored one); it is freed before the next one.
 """
 
+import contextlib
 import gc
 import logging
 import tempfile
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 
@@ -56,6 +58,54 @@ def load_expert(path: str, dtype, device: torch.device, placement: Placement,
     return load_model(path, config, dtype=dtype, **where).eval()
 
 
+@dataclass
+class Loaded:
+    """A whole model loaded for generation: the model, where its inputs go, how it was
+    placed, and the tokens that end a sequence (the model's and the tokenizer's)."""
+
+    model: torch.nn.Module
+    input_device: torch.device
+    placement: Placement
+    stop_ids: Set[int]
+    pad_id: int
+
+
+@contextlib.contextmanager
+def loaded(model_path: str, lengths: Sequence[int], max_new_tokens: int, tokenizer, *,
+           dtype: str, device: torch.device, free: Dict[str, Optional[int]],
+           trust_remote_code: bool = False):
+    """The model at ``model_path``, placed for generating ``max_new_tokens`` after prompts
+    of these ``lengths`` from the memory ``free`` now, and freed on leaving."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    config = model_config(model_path, trust_remote_code)
+    torch_dtype = getattr(torch, dtype)
+    shape = expert_placement.expert_shape(config, torch_dtype.itemsize)
+    placement = expert_placement.place_expert(shape, lengths, max_new_tokens, device, free)
+    placement.check(device, model_path)
+    LOG.info("generating with %s: %s", model_path, placement.describe())
+    with tempfile.TemporaryDirectory(prefix="prodistill-offload-") as offload_dir:
+        model = load_expert(model_path, torch_dtype, device, placement, offload_dir, config)
+        stop = model.generation_config.eos_token_id
+        stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+        if tokenizer.eos_token_id is not None:
+            stop_ids.add(tokenizer.eos_token_id)
+        input_device = next(
+            (p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu")
+        )
+        held = Loaded(model, input_device, placement, stop_ids, pad_id)
+        try:
+            yield held
+        finally:
+            del model
+            held.model = None  # the caller's reference too
+    # Free the model before the next one is loaded.
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 @torch.no_grad()
 def continue_prompts(
     model_path: str,
@@ -73,45 +123,29 @@ def continue_prompts(
     ``dtype`` is :func:`dtypes.generation_dtype`, which the plan sizes it by; ``free``
     maps ``str(device)`` and "cpu" to the bytes free there now.
     """
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    config = model_config(model_path, trust_remote_code)
-    torch_dtype = getattr(torch, dtype)
-    shape = expert_placement.expert_shape(config, torch_dtype.itemsize)
-    placement = expert_placement.place_expert(shape, [len(s) for s in sequences],
-                                              max_new_tokens, device, free)
-    placement.check(device, model_path)
-    LOG.info("continuing %d prompts of %s: %s", len(sequences), model_path, placement.describe())
-    # Prompts of similar length share a batch, so little of it is padding.
+    with loaded(model_path, [len(s) for s in sequences], max_new_tokens, tokenizer,
+                dtype=dtype, device=device, free=free,
+                trust_remote_code=trust_remote_code) as m:
+        return continued_greedily(m, sequences, max_new_tokens)
+
+
+def continued_greedily(m: Loaded, sequences: List[List[int]], max_new_tokens: int):
+    """Each sequence followed by ``m``'s greedy continuation, in batches of prompts of
+    similar length (little padding)."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]), reverse=True)
     continued: Dict[int, List[int]] = {}
-    with tempfile.TemporaryDirectory(prefix="prodistill-offload-") as offload_dir:
-        model = load_expert(model_path, torch_dtype, device, placement, offload_dir, config)
-        stop = model.generation_config.eos_token_id
-        stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
-        if tokenizer.eos_token_id is not None:
-            stop_ids.add(tokenizer.eos_token_id)
-        input_device = next(
-            (p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu")
-        )
-        for start in range(0, len(order), placement.rows):
-            chunk = order[start : start + placement.rows]
-            ids, mask = left_pad([sequences[i] for i in chunk], pad_id)
-            generated = model.generate(
-                input_ids=ids.to(input_device),
-                attention_mask=mask.to(input_device),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                pad_token_id=pad_id,
-                eos_token_id=sorted(stop_ids) or None,
-            )[:, ids.shape[1]:].tolist()
-            for i, new in zip(chunk, generated):
-                continued[i] = sequences[i] + cut_at_stop(new, stop_ids, pad_id)
-        del model
-    # Free the expert before the next one is loaded.
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    for start in range(0, len(order), m.placement.rows):
+        chunk = order[start : start + m.placement.rows]
+        ids, mask = left_pad([sequences[i] for i in chunk], m.pad_id)
+        generated = m.model.generate(
+            input_ids=ids.to(m.input_device),
+            attention_mask=mask.to(m.input_device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            pad_token_id=m.pad_id,
+            eos_token_id=sorted(m.stop_ids) or None,
+        )[:, ids.shape[1]:].tolist()
+        for i, new in zip(chunk, generated):
+            continued[i] = sequences[i] + cut_at_stop(new, m.stop_ids, m.pad_id)
     return [continued[i] for i in range(len(sequences))]

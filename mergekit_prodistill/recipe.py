@@ -66,6 +66,14 @@ class ProDistillParameters(BaseModel):
         "prompts; the distillation then runs on prompt + continuation (0: prompts only, "
         "as in the paper)",
     )
+    written_prompts: int = Field(
+        0,
+        ge=0,
+        description="more calibration prompts per expert, written by a model: sampled from "
+        "the tokens its prompts all start with until the tokens they all end with, by the "
+        "expert or the base, whichever predicts its real prompts better; each is then "
+        "continued like a real one (0: none)",
+    )
     head_epochs: int = Field(
         0,
         ge=0,
@@ -98,16 +106,20 @@ class ProDistillParameters(BaseModel):
         """Prompts held out per expert (when its source has that many beyond ``shots``)."""
         return math.ceil(self.holdout * self.shots)
 
-    def epochs_for(self, steps_per_epoch: int) -> int:
-        """The epochs a block is trained for, given its optimiser steps per epoch.
+    def epochs_for(self, steps_per_epoch: int, real_steps: Optional[int] = None) -> int:
+        """The epochs a block is trained for, given its optimiser steps per epoch (and the
+        steps the real prompts alone would take, where prompts were written).
 
         With few shots an epoch is a few steps; 30 of them leave the coefficients far from
         converged (the hard suite's 16-shot merges kept 0.757 of the experts' skill after
         200 steps and 0.807 after 480), so ``auto`` also counts steps, not only passes.
+        Written prompts (``written_prompts``) spread the steps of 30 epochs of the real
+        prompts over more data rather than adding steps.
         """
         if self.epochs != "auto":
             return self.epochs
-        return max(AUTO_EPOCHS, math.ceil(AUTO_STEPS / steps_per_epoch))
+        steps = max(AUTO_EPOCHS * (real_steps or steps_per_epoch), AUTO_STEPS)
+        return math.ceil(steps / steps_per_epoch)
 
     @field_validator("epochs", mode="before")
     @classmethod
@@ -137,7 +149,8 @@ class ProDistillParameters(BaseModel):
         return value
 
     @field_validator("init", "lr", "patience", "shots", "holdout", "batch_size",
-                     "max_length", "continue_tokens", "head_epochs", mode="before")
+                     "max_length", "continue_tokens", "written_prompts", "head_epochs",
+                     mode="before")
     @classmethod
     def _not_a_switch(cls, value):
         if isinstance(value, bool):  # YAML's yes/no/on/off too; pydantic takes them as 1/0
@@ -163,6 +176,9 @@ class ProDistillParameters(BaseModel):
                 "head_epochs trains the head on the merged model's last hidden states, "
                 "which 'inputs: expert' does not compute; use inputs: dual or merged, or "
                 "head_epochs: 0")
+        if self.written_prompts and self.epochs == 0:
+            raise ValueError("written_prompts are trained on, and 'epochs: 0' trains "
+                             "nothing; set epochs above 0, or written_prompts: 0")
         if self.patience and self.holdout == 0:
             raise ValueError(
                 "patience stops each block on its held-out prompts, and 'holdout: 0' holds "

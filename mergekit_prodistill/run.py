@@ -19,6 +19,7 @@ same steps run in every process, each with the experts it owns (``parallel``).
 """
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -30,7 +31,7 @@ from mergekit.io.tasks import LoaderCache
 
 from mergekit_prodistill import parallel, preflight
 from mergekit_prodistill.errors import Interrupted
-from mergekit_prodistill.inputs import calibration, continuation
+from mergekit_prodistill.inputs import calibration, continuation, prompt_writing
 from mergekit_prodistill.models import dtypes
 from mergekit_prodistill.models.model_files import full_weights_folder
 from mergekit_prodistill.models.vocab import build_vocabulary
@@ -42,7 +43,7 @@ from mergekit_prodistill.plan.context import RunContext
 from mergekit_prodistill.quiet import honours_quiet
 from mergekit_prodistill.recipe import parse_recipe
 from mergekit_prodistill.training import distill
-from mergekit_prodistill.training.merger import Merger
+from mergekit_prodistill.training.merger import Merger, training_epochs
 from mergekit_prodistill.training.weights import ModelTensors
 
 LOG = logging.getLogger("mergekit_prodistill")
@@ -108,11 +109,13 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     units = UnitWriter(writer, progress)
     merger = Merger(recipe, checked.module, base, experts, vocabulary, units, precision, ctx, world)
     with _staged(staging_dir, out_path, created_out, progress, world):
-        # 6. Each expert's continuation of its prompts, generated once and saved.
-        if progress is not None and p.continue_tokens:
+        # 6. Each expert's prompts, with those written for it, continued; generated once
+        #    and saved.
+        if progress is not None and (p.continue_tokens or p.written_prompts):
             continued = time.time()
             calib = _continued(recipe, checked, calib, ctx, options, progress, world)
             facts["continuation_seconds"] = time.time() - continued
+            facts["epochs"] = training_epochs(p, calib, decided.epochs)
         # 7. The embeddings, every decoder block, the final norm and LM head.
         with distill.denormals_flushed(bool(p.epochs)), dtypes.fast_float32_matmuls(
                 ctx.device, decided.dtypes["compute"]):
@@ -179,13 +182,15 @@ def _staged(staging_dir: str, out_path: str, created_out: bool,
 
 def _continued(recipe, checked, calib, ctx: RunContext, options, progress: Progress,
                world: parallel.World):
-    """Every expert's prompts, each followed by its greedy continuation, generated in the
-    dtype the merge reads the expert in (a LoRA expert merged into its base).
+    """Every expert's prompts, with those written for it (``written_prompts``), each
+    followed by its greedy continuation, generated in the dtype the merge reads the expert
+    in (a LoRA expert merged into its base).
 
     Generated once, one expert at a time (each process its own experts), and saved in the
     progress folder: a run that continues this merge reads them back instead of
     generating them again.
     """
+    p = recipe.params
     sequences = progress.load_continuations()
     if sequences is None:  # held-out prompts are continued too, after the others
         free = devices.free_memory(ctx.device, sharing=world.local_size)
@@ -193,17 +198,37 @@ def _continued(recipe, checked, calib, ctx: RunContext, options, progress: Progr
         # Processes that share an expert take its continuations from the first of them.
         for i in world.owned(len(recipe.experts)) if world.contributes else ():
             expert = recipe.experts[i]
-            files = checked.models[expert.model]
-            dtype = dtypes.generation_dtype(recipe,
-                                            dtypes.stored_dtype(expert.model, files.config, files))
+            folder = full_weights_folder(expert.model, options)
+            prompts = calib.sequences[i] + (_written(recipe, checked, calib, i, folder, ctx,
+                                                     options, free) if p.written_prompts else [])
+            prompts += calib.holdout[i]
             own.append(continuation.continue_prompts(
-                full_weights_folder(expert.model, options),
-                calib.sequences[i] + calib.holdout[i],
-                recipe.params.continue_tokens, calib.tokenizers[i], dtype=dtype,
-                device=ctx.device, free=free, trust_remote_code=ctx.trust_remote_code))
+                folder, prompts, p.continue_tokens, calib.tokenizers[i],
+                dtype=_generation_dtype(recipe, checked, expert.model), device=ctx.device,
+                free=free, trust_remote_code=ctx.trust_remote_code)
+                if p.continue_tokens else prompts)
         sequences = world.gather(own)
         progress.save_continuations(sequences)
-    counts = [len(s) for s in calib.sequences]
-    return calib.with_sequences([s[:n] for s, n in zip(sequences, counts)],
-                                [s[n:] for s, n in zip(sequences, counts)],
-                                recipe.params.batch_size)
+    held = [len(h) for h in calib.holdout]
+    extended = calib.with_sequences([s[:len(s) - h] for s, h in zip(sequences, held)],
+                                    [s[len(s) - h:] for s, h in zip(sequences, held)],
+                                    p.batch_size)
+    return dataclasses.replace(extended, written=[
+        len(s) - h - len(real) for s, h, real in zip(sequences, held, calib.sequences)])
+
+
+def _generation_dtype(recipe, checked, model) -> str:
+    files = checked.models[model]
+    return dtypes.generation_dtype(recipe, dtypes.stored_dtype(model, files.config, files))
+
+
+def _written(recipe, checked, calib, i: int, folder: str, ctx: RunContext, options, free):
+    """The prompts written for expert i, by it or by the base (:mod:`prompt_writing`)."""
+    expert, base = recipe.experts[i].model, recipe.base
+    writers = [("expert", folder, _generation_dtype(recipe, checked, expert)),
+               ("base", full_weights_folder(base, options),
+                _generation_dtype(recipe, checked, base))]
+    return prompt_writing.written_for(
+        calib.sequences[i], recipe.params.written_prompts, writers, calib.tokenizers[i],
+        seed=ctx.seed + i, device=ctx.device, free=free,
+        trust_remote_code=ctx.trust_remote_code, where=f"model {expert}").prompts

@@ -5,6 +5,7 @@ the prompt formats are :mod:`mergekit_prodistill.inputs.templates`.
 """
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field, replace
 from typing import List, Optional, Tuple
@@ -138,6 +139,8 @@ class CalibrationSet:
     # Held-out prompts, never trained on: the merge's fidelity report reads them.
     holdout: List[List[List[int]]] = field(default_factory=list)
     holdout_batches: List[List[Batch]] = field(default_factory=list)
+    # Prompts a model wrote per expert (``written_prompts``), among ``sequences``.
+    written: List[int] = field(default_factory=list)
 
     @property
     def prompts(self) -> List[int]:
@@ -159,6 +162,14 @@ class CalibrationSet:
         return replace(self, batches=[[b.rows(part, parts) for b in bs] for bs in self.batches],
                        holdout_batches=[[b.rows(part, parts) for b in bs]
                                         for bs in self.holdout_batches])
+
+    def steps(self, batch_size: int) -> Tuple[int, int]:
+        """Optimiser steps per epoch (the expert with the most batches sets them), and the
+        steps its real prompts alone would take, without those a model wrote."""
+        written = self.written or [0] * len(self.sequences)
+        return (max(len(b) for b in self.batches),
+                max(math.ceil((len(s) - w) / batch_size)
+                    for s, w in zip(self.sequences, written)))
 
     def tokens(self, expert: int) -> int:
         return sum(b.num_tokens for b in self.batches[expert])

@@ -133,7 +133,7 @@ def _prodistill_section(report: Report, plot: Optional[str]) -> List[str]:
         "| expert | prompts from | template | prompts | tokens |",
         "|---|---|---|---|---|",
         *[f"| {_model_md(c.model)} | {_source_md(c)} | {_template_md(c.template)} | "
-          f"{c.prompts} | {c.tokens} |" for c in report.calibration],
+          f"{_prompts_md(c)} | {c.tokens} |" for c in report.calibration],
         "",
         "#### Hyper-parameters",
         "",
@@ -157,6 +157,13 @@ def _prodistill_section(report: Report, plot: Optional[str]) -> List[str]:
 def _model_md(path: str) -> str:
     hub = hub_id(path)
     return f"[{hub}](https://huggingface.co/{hub})" if hub else _cell(path)
+
+
+def _prompts_md(calibration: CalibrationEntry) -> str:
+    """The prompts' count, and how many of them a model wrote."""
+    if not calibration.written:
+        return str(calibration.prompts)
+    return f"{calibration.prompts - calibration.written} + {calibration.written} written"
 
 
 def _source_md(calibration: CalibrationEntry) -> str:

@@ -48,6 +48,7 @@ class CalibrationEntry:
     template: str
     prompts: int
     tokens: int
+    written: Optional[int] = None  # of the prompts, those a model wrote
 
 
 @dataclass
@@ -157,7 +158,7 @@ class Report:
             **facts,
             calibration=[
                 CalibrationEntry(str(e.model), source, hub_dataset, e.params.template, n,
-                                 calib.tokens(i))
+                                 calib.tokens(i), calib.written[i] if calib.written else None)
                 for i, (e, source, hub_dataset, n) in enumerate(
                     zip(recipe.experts, calib.sources, calib.hub_datasets, calib.prompts))
             ],
@@ -175,7 +176,7 @@ class Report:
     def to_dict(self) -> dict:
         data = {f.name: getattr(self, f.name) for f in fields(self)}
         data.update(
-            calibration=[asdict(c) for c in self.calibration],
+            calibration=[_without_absent(CalibrationEntry, asdict(c)) for c in self.calibration],
             blocks=[b.to_dict() for b in self.blocks],
             head=self.head.to_dict() if self.head else None,
             fidelity=[asdict(f) for f in self.fidelity] if self.fidelity else None,

@@ -55,6 +55,11 @@ def _header(plan) -> list:
             f"  continuation: up to {p.continue_tokens} tokens per prompt; each expert "
             + "; ".join(sorted({c.describe() for c in plan.generation}))
             + ("" if known else f" (free memory on {plan.device} unknown: as if enough)"))
+    if p.epochs and p.written_prompts:
+        lines.append(
+            f"  written prompts: up to {p.written_prompts} per expert, counted at the longest "
+            "real prompt's length + 2; the expert and the base are each loaded to write "
+            "them first (their time is not counted)")
     if len(set(s.vocab)) > 1:
         lines.append(
             "  note: vocabulary sizes differ between the models; embeddings and LM head "

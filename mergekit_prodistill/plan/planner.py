@@ -21,6 +21,7 @@ folder on disk are the merge's own: the run builds its streams from the :class:`
 that :func:`~mergekit_prodistill.plan.fits.check_fits` returns.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -218,7 +219,10 @@ def _costs(b: _Basis, generating: List[Generation], cache: int) -> dict:
     p, shape, leader = b.recipe.params, b.shape, b.world.leader
     fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in b.own.batches]
     steps = max(len(bs) for bs in b.work.batches)  # every process steps with the others
-    epochs = p.epochs_for(steps)
+    # The workload counts every prompt asked to be written; the real ones set the steps.
+    real = max(math.ceil((sum(r for r, _ in bs) - p.written_prompts) / p.batch_size)
+               for bs in b.work.batches)
+    epochs = p.epochs_for(steps, real)
     per_step = 3 * sum(sum(f) / len(f) for f in fwd)  # forward + backward = 3 forwards
     evals = 3 if p.epochs else 2  # teacher outputs, loss before training, new stream
     lam = lambda_count(shape, len(b.owned), p.granularity)

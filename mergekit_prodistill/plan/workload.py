@@ -4,7 +4,8 @@ A merge hands the plan the prompts it has already read and tokenised (its
 :class:`~mergekit_prodistill.inputs.calibration.CalibrationSet`): nothing is read twice. The
 ``plan`` command reads the prompts itself and tokenises them with each expert's tokenizer
 when one is at hand, else estimates their length. Either way, a training run counts every
-prompt with room for ``continue_tokens`` more, and batches them as the merge will.
+prompt with room for ``continue_tokens`` more, and the ``written_prompts`` at their longest,
+and batches them as the merge will.
 """
 
 import math
@@ -12,6 +13,7 @@ from typing import List, Sequence
 
 from mergekit_prodistill.errors import ProDistillError
 from mergekit_prodistill.inputs import calibration
+from mergekit_prodistill.inputs.prompt_writing import SLACK
 from mergekit_prodistill.models.shapes import Workload
 
 # Without a tokenizer, count one token per this many characters: a deliberately high
@@ -60,6 +62,9 @@ def batched(p, prompt_lengths: Sequence[List[int]], holdout_lengths: Sequence[Li
         made = calibration.make_batches([[0] * n for n in lengths], p.batch_size)
         return tuple(tuple(b.input_ids.shape) for b in made), sum(lengths)
 
+    if p.epochs and p.written_prompts:  # each at most SLACK tokens past the longest real one
+        prompt_lengths = [list(lengths) + [max(lengths) + SLACK] * p.written_prompts
+                          for lengths in prompt_lengths]
     batches, tokens = zip(*(shapes(lengths) for lengths in prompt_lengths))
     held = tuple(shapes(lengths)[0] for lengths in holdout_lengths) if p.epochs else ()
     # Held-out prompts are continued too: the generation pass counts them.

@@ -127,7 +127,7 @@ class Merger:
         if streams.heldout:
             streams.heldout.contexts = self._contexts(runner, calib.holdout_batches,
                                                       whole.holdout_batches, dtype)
-        epochs = decided.epochs
+        epochs = training_epochs(self.recipe.params, calib, decided.epochs)
 
         bar = tqdm.tqdm(total=self.module.num_layers(), initial=blocks_done,
                         desc="ProDistill blocks", disable=self.ctx.quiet)
@@ -272,3 +272,9 @@ class Merger:
                 self.merge_tensor(weight)
         self.end_unit(HEAD_UNIT)
         return report, kept
+
+
+def training_epochs(p, calib, planned: int) -> int:
+    """Every block's epochs: the plan's, or with ``written_prompts``, those of the prompts
+    actually written (the plan counts as many as asked for, and fewer may be kept)."""
+    return p.epochs_for(*calib.steps(p.batch_size)) if p.written_prompts else planned

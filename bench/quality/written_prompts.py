@@ -5,11 +5,13 @@
 On the hard suite ProDistill is limited by its prompts (results/hard/REPORT.md): 64 real
 prompts keep more than 16, 128 more than 64. A language model can write more prompts like
 a set of calibration prompts: start from the tokens they all begin with (the template and
-the task's name) and sample until the tokens they all end with. This builds the hard suite
-with a base that has also read its tasks' prompts, unanswered (``read_prompts``: like a
-pretrained LM that has read questions it cannot answer; the experts are fine-tuned on
-answers only, as in the hard suite), has the base or each expert write prompts, and merges
-with the package defaults on the real prompts alone and with the written ones beside them.
+the task's name) and sample until the tokens they all end with
+(``mergekit_prodistill.inputs.prompt_writing``, which ``written_prompts`` runs). This
+builds the hard suite with a base that has also read its tasks' prompts, unanswered
+(``read_prompts``: like a pretrained LM that has read questions it cannot answer; the
+experts are fine-tuned on answers only, as in the hard suite), has the base or each expert
+write prompts, and merges with the package defaults on the real prompts alone and with the
+written ones beside them; then lets the package write them itself (``written_prompts``).
 Writes results.json and results.md to bench/quality/results/written/.
 """
 
@@ -29,6 +31,8 @@ import models  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from mergekit_prodistill.inputs.prompt_writing import sample_prompts  # noqa: E402
+from mergekit_prodistill.output.report import Report  # noqa: E402
 from mergekit_prodistill.tiny.skills import scoring  # noqa: E402
 
 SETTINGS = dataclasses.replace(models.SETTINGS["hard"], read_prompts=0.1)
@@ -42,48 +46,12 @@ ROWS = [
     ("64 real + 192 written by the base, 8 epochs", 64, "base", 192,
      {"shots": 256, "epochs": 8}),
     ("64 real + 192 written by the base", 64, "base", 192, {"shots": 256}),
+    # The package writes them itself (written_prompts): the expert or the base, whichever
+    # predicts the real prompts better, and only prompts like them.
+    ("16 real, `written_prompts: 48`", 16, None, 0, {"shots": 16, "written_prompts": 48}),
+    ("64 real, `written_prompts: 192`, 8 epochs", 64, None, 0,
+     {"shots": 64, "written_prompts": 192, "epochs": 8}),
 ]
-
-
-def shared_ends(sequences):
-    """The tokens every sequence starts with, and those every one ends with."""
-    def common(seqs):
-        k = 0
-        while all(len(s) > k for s in seqs) and len({s[k] for s in seqs}) == 1:
-            k += 1
-        return list(seqs[0][:k])
-    return common(sequences), common([s[::-1] for s in sequences])[::-1]
-
-
-def write_prompts(model, tokenizer, real, count: int, seed: int):
-    """``count`` new prompts sampled by ``model`` (temperature 1) from the real prompts'
-    shared start until their shared end, no longer than the longest real one plus two
-    tokens; repeats and prompts that never reach the end are dropped."""
-    ids = [tokenizer(t).input_ids for t in real]
-    start, end = shared_ends(ids)
-    longest = max(map(len, ids))
-    torch.manual_seed(seed)
-    written, seen = [], set(real)
-    for _ in range(50):
-        with torch.no_grad():
-            out = model.generate(torch.tensor([start] * 64), do_sample=True, temperature=1.0,
-                                 top_k=0, max_new_tokens=longest + 4 - len(start),
-                                 pad_token_id=tokenizer.pad_token_id)
-        for row in out.tolist():
-            body = row[len(start):]
-            cut = next((k for k in range(1, len(body) + 1) if body[:k][-len(end):] == end),
-                       None)
-            seq = start + body[:cut] if cut else None
-            if (seq is None or len(seq) > longest + 2
-                    or {tokenizer.eos_token_id, tokenizer.pad_token_id} & set(seq)):
-                continue
-            text = tokenizer.decode(seq, skip_special_tokens=True)
-            if text not in seen:
-                seen.add(text)
-                written.append(text)
-            if len(written) == count:
-                return written
-    return written
 
 
 def calibration_files(ckpt, tokenizer, real_count: int, writer, count: int, folder: Path):
@@ -97,7 +65,9 @@ def calibration_files(ckpt, tokenizer, real_count: int, writer, count: int, fold
         if writer:
             source = ckpt.base if writer == "base" else ckpt.experts[task]
             model = transformers.AutoModelForCausalLM.from_pretrained(source).eval()
-            written = write_prompts(model, tokenizer, real, count, seed=i)
+            ids = [tokenizer(t).input_ids for t in real]
+            written = [tokenizer.decode(s, skip_special_tokens=True) for s in sample_prompts(
+                model, ids, count, i, "cpu", tokenizer.pad_token_id, [tokenizer.eos_token_id])]
         files[task] = folder / f"{task}.jsonl"
         files[task].write_text("".join(json.dumps({"text": t}) + "\n" for t in real + written))
         samples[task] = written[:5]
@@ -131,7 +101,9 @@ def main(argv=None):
         kept = {t: scores[t] / own[t][t] for t in scores}
         rows.append({"name": name, "parameters": params, "scores": scores, "kept": kept,
                      "normalised_mean": sum(kept.values()) / len(kept), "written": samples,
-                     "prodistill": run.prodistill_report(out)})
+                     "prodistill": run.prodistill_report(out),
+                     "package_written": [c.written or 0
+                                         for c in Report.read(str(out)).calibration]})
         print(f"{name}: {rows[-1]['normalised_mean']:.3f}", flush=True)
     reference = next(r for r in rows if r["name"] == "64 real")["prodistill"]["token_passes"]
     for r in rows:
@@ -163,6 +135,9 @@ def markdown(results) -> str:
               "compute is the tokens passed through the blocks in training, over the 64 real "
               "prompts'. The first prompts each writer wrote:", ""]
     for r in results["rows"]:
+        if r["parameters"].get("written_prompts"):
+            lines.append(f"- {r['name']}: the package wrote " + ", ".join(
+                f"{n} for {t}" for t, n in zip(tasks, r["package_written"])))
         if any(r["written"].values()):
             lines.append(f"- {r['name']}: " + "; ".join(
                 f"`{p}`" for t in tasks for p in r["written"][t][:2]))

@@ -1,8 +1,9 @@
 """More calibration prompts, written by a model (``written_prompts``).
 
-With few prompts per expert the merge fits them rather than the skill: on the hard suite 16
-real prompts keep 0.80 of the experts' skill and 64 keep 0.91 (bench/quality/
-written_prompts.py). A language model can write more of the same kind. All of an expert's
+With few prompts per expert the merge fits them rather than the skill: on the hard suite
+with a base that has read its prompts, 16 real prompts keep 0.80 of the experts' skill and
+64 keep 0.91 (bench/quality/written_prompts.py). A language model can write more of the
+same kind. All of an expert's
 prompts start with the same tokens (its template's opening, often the task's wording) and
 end with the same tokens (the template's assistant header), so a model started on that
 shared start and sampled until the shared end writes a new prompt in the same frame, as
@@ -182,8 +183,9 @@ def written_for(real: List[List[int]], count: int, writers, tokenizer, *, seed: 
             rows = m.model.get_input_embeddings().num_embeddings
             if max(max(s) for s in real) >= rows:  # a token this model cannot read
                 continue
-            written = sample_prompts(m.model, real, count, seed, m.input_device, m.pad_id,
-                                     sorted(m.stop_ids), min(DRAW_ROWS, m.placement.rows))
+            written = [s for s in sample_prompts(
+                m.model, real, count, seed, m.input_device, m.pad_id, sorted(m.stop_ids),
+                min(DRAW_ROWS, m.placement.rows)) if max(s) < len(tokenizer)]  # expert's ids
             candidates.append(Candidate(
                 name, mean_log_prob(m.model, real, len(start), m.input_device), written,
                 mean_log_prob(m.model, written, len(start), m.input_device)))

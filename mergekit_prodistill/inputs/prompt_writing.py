@@ -94,6 +94,7 @@ def sample_prompts(model, real: Sequence[List[int]], count: int, seed: int, devi
     longest = max(len(s) for s in real) + SLACK
     seen = {tuple(s) for s in real}
     written: List[List[int]] = []
+    stops = set(stop_ids) | {pad_id}
     devices = [device] if torch.device(device).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
@@ -106,7 +107,7 @@ def sample_prompts(model, real: Sequence[List[int]], count: int, seed: int, devi
                 eos_token_id=list(stop_ids) or None)[:, len(start):].tolist()
             before = len(written)
             for body in drawn:
-                seq = _prompt_of(start, body, end, set(stop_ids) | {pad_id})
+                seq = _prompt_of(start, body, end, stops)
                 if seq is None or len(seq) > longest or tuple(seq) in seen:
                     continue
                 seen.add(tuple(seq))

@@ -20,6 +20,7 @@ same steps run in every process, each with the experts it owns (``parallel``).
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -188,25 +189,36 @@ def _continued(recipe, checked, calib, ctx: RunContext, options, progress: Progr
 
     Generated once, one expert at a time (each process its own experts), and saved in the
     progress folder: a run that continues this merge reads them back instead of
-    generating them again.
+    generating them again. Each expert is loaded once, to write and to continue; the base,
+    where it writes, once for all of them.
     """
     p = recipe.params
     sequences = progress.load_continuations()
     if sequences is None:  # held-out prompts are continued too, after the others
         free = devices.free_memory(ctx.device, sharing=world.local_size)
+        mine = list(world.owned(len(recipe.experts))) if world.contributes else []
+        count = p.written_prompts
+        offers = prompt_writing.base_offers(
+            _loader(recipe, checked, recipe.base, ctx, options, free),
+            {i: calib.sequences[i] for i in mine}, count, calib.tokenizers,
+            ctx.seed) if count and mine else {}
         own = []
         # Processes that share an expert take its continuations from the first of them.
-        for i in world.owned(len(recipe.experts)) if world.contributes else ():
-            expert = recipe.experts[i]
-            folder = full_weights_folder(expert.model, options)
-            prompts = calib.sequences[i] + (_written(recipe, checked, calib, i, folder, ctx,
-                                                     options, free) if p.written_prompts else [])
-            prompts += calib.holdout[i]
-            own.append(continuation.continue_prompts(
-                folder, prompts, p.continue_tokens, calib.tokenizers[i],
-                dtype=_generation_dtype(recipe, checked, expert.model), device=ctx.device,
-                free=free, trust_remote_code=ctx.trust_remote_code)
-                if p.continue_tokens else prompts)
+        for i in mine:
+            real, held, tokenizer = calib.sequences[i], calib.holdout[i], calib.tokenizers[i]
+            if not (p.continue_tokens or count):
+                own.append(real + held)
+                continue
+            model = recipe.experts[i].model
+            lengths = [len(s) for s in real + held] + [prompt_writing.longest(real)] * count
+            load = _loader(recipe, checked, model, ctx, options, free)
+            with load(lengths, p.continue_tokens, tokenizer) as m:
+                written = prompt_writing.best(
+                    [prompt_writing.offer(m, "expert", real, count, ctx.seed + i, tokenizer),
+                     offers[i]], f"model {model}").prompts if count else []
+                prompts = real + written + held
+                own.append(continuation.continued_greedily(m, prompts, p.continue_tokens)
+                           if p.continue_tokens else prompts)
         sequences = world.gather(own)
         progress.save_continuations(sequences)
     held = [len(h) for h in calib.holdout]
@@ -222,13 +234,11 @@ def _generation_dtype(recipe, checked, model) -> str:
     return dtypes.generation_dtype(recipe, dtypes.stored_dtype(model, files.config, files))
 
 
-def _written(recipe, checked, calib, i: int, folder: str, ctx: RunContext, options, free):
-    """The prompts written for expert i, by it or by the base (:mod:`prompt_writing`)."""
-    expert, base = recipe.experts[i].model, recipe.base
-    writers = [("expert", folder, _generation_dtype(recipe, checked, expert)),
-               ("base", full_weights_folder(base, options),
-                _generation_dtype(recipe, checked, base))]
-    return prompt_writing.written_for(
-        calib.sequences[i], recipe.params.written_prompts, writers, calib.tokenizers[i],
-        seed=ctx.seed + i, device=ctx.device, free=free,
-        trust_remote_code=ctx.trust_remote_code, where=f"model {expert}").prompts
+def _loader(recipe, checked, model, ctx: RunContext, options, free):
+    """``load(lengths, max_new_tokens, tokenizer)``: ``model`` (the base or an expert)
+    loaded whole for generation (:func:`continuation.loaded`), in the dtype the merge reads
+    it in, from the memory ``free`` now."""
+    return functools.partial(continuation.loaded, full_weights_folder(model, options),
+                             dtype=_generation_dtype(recipe, checked, model),
+                             device=ctx.device, free=free,
+                             trust_remote_code=ctx.trust_remote_code)

@@ -110,5 +110,6 @@ def nan_on_first_training_call(loss_function):
 
 
 def refuse_to_generate(*args, **kwargs):
-    """In place of continuation.continue_prompts where the continuations must not be generated."""
+    """In place of continuation.loaded where no model may be loaded to generate (the
+    continuations and the written prompts are saved)."""
     raise AssertionError("the continuations were generated again")

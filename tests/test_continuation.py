@@ -186,7 +186,7 @@ def test_untrained_merge_generates_no_continuations(families, tmp_path, monkeypa
     fam = families("llama", 2)
     plain = load_tensors(merge(fam.recipe("prodistill", epochs=0, shots=4, continue_tokens=0),
                                tmp_path / "plain"))
-    monkeypatch.setattr(continuation, "continue_prompts", refuse_to_generate)
+    monkeypatch.setattr(continuation, "loaded", refuse_to_generate)
     out = merge(fam.recipe("prodistill", epochs=0, shots=4, continue_tokens=16),
                 tmp_path / "out")
     got = load_tensors(out)
@@ -207,8 +207,8 @@ def test_a_lora_expert_continues_its_prompts_with_its_adapter_merged(families, t
     ).save_pretrained(adapter)
     doc = recipe(fam, epochs=1, shots=4, continue_tokens=4)
     doc["models"][0]["model"] = f"{fam.experts[0]}+{adapter}"
-    folders, generate = [], continuation.continue_prompts
-    monkeypatch.setattr(continuation, "continue_prompts",
+    folders, generate = [], continuation.loaded
+    monkeypatch.setattr(continuation, "loaded",
                         lambda folder, *a, **k: folders.append(folder) or generate(folder, *a, **k))
     cache = tmp_path / "lora-cache"
     merge(yaml.safe_dump(doc), tmp_path / "out", lora_merge_cache=str(cache))

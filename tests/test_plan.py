@@ -274,7 +274,7 @@ def test_a_continuation_that_cannot_fit_is_refused_before_any_weight_is_read(
         families, tmp_path, monkeypatch):
     # The block loop fits; the pass may use next to none of the memory free.
     monkeypatch.setattr(expert_placement, "MEMORY_SHARE", 1e-9)
-    monkeypatch.setattr(continuation, "continue_prompts", None)  # never reached
+    monkeypatch.setattr(continuation, "loaded", None)  # never reached
     fam = families("llama", 2)
     with pytest.raises(ProDistillError, match=r"generating its continuations needs .* "
                        r"lower 'continue_tokens' or 'max_length'$"):

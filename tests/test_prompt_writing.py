@@ -114,17 +114,19 @@ def test_the_plan_counts_written_prompts_at_their_longest():
     assert len(counted.prompt_lengths[0]) == 2 + 3 + 1
 
 
-def written_by_reversal(real, count, writers, tokenizer, **kwargs):
-    """In place of the writers: each real prompt reversed in its middle (deterministic)."""
+def offered_by_reversal(m, writer, real, count, seed, tokenizer):
+    """In place of a writer's sampling: each real prompt reversed in its middle
+    (deterministic), offered by the base as the better predictor."""
     start, end = shared_ends(real)
     body = [s[len(start):len(s) - len(end)][::-1] for s in real]
-    return Candidate("base", 0.0, [start + b + end for b in body][:count])
+    return Candidate(writer, 0.0 if writer == "base" else -1.0,
+                     [start + b + end for b in body][:count], 0.0)
 
 
 def test_a_merge_trains_on_written_prompts_reports_them_and_resumes_without_writing(
         families, tmp_path, monkeypatch):
     fam = families("llama", 2)
-    monkeypatch.setattr(prompt_writing, "written_for", written_by_reversal)
+    monkeypatch.setattr(prompt_writing, "offer", offered_by_reversal)
     doc = recipe(fam, epochs=1, shots=4, continue_tokens=3, written_prompts=2)
     out = merge(yaml.safe_dump(doc), tmp_path / "out")
     report = json.loads((out / "prodistill_report.json").read_text())
@@ -142,28 +144,32 @@ def test_written_prompts_are_saved_with_the_continuations(families, tmp_path, mo
     """A resumed merge reads the written prompts back with the continuations: it neither
     writes nor generates again, and ends bit-identical."""
     fam = families("llama", 2)
-    monkeypatch.setattr(prompt_writing, "written_for", written_by_reversal)
+    monkeypatch.setattr(prompt_writing, "offer", offered_by_reversal)
     text = fam.recipe("prodistill", epochs=3, lr=0.05, shots=6, batch_size=4,
                       continue_tokens=3, written_prompts=2)
     whole, out = whole_and_stopped(monkeypatch, tmp_path, text, "save_continuations")
     saved = json.loads((out / STAGING / ".progress" / "continuations.json").read_text())
     held = math.ceil(ProDistillParameters().holdout * 6)
     assert [len(s) for s in saved["sequences"]] == [6 + 2 + held] * 2
-    monkeypatch.setattr(prompt_writing, "written_for", refuse_to_generate)
-    monkeypatch.setattr(continuation, "continue_prompts", refuse_to_generate)
+    monkeypatch.setattr(prompt_writing, "offer", refuse_to_generate)
+    monkeypatch.setattr(continuation, "loaded", refuse_to_generate)
     assert resumes_to(whole, text, out)
 
 
-def test_the_expert_and_the_base_are_both_asked_and_one_writes(families, tmp_path, monkeypatch):
+def test_the_expert_and_the_base_are_both_asked_one_writes_and_each_loads_once(
+        families, tmp_path, monkeypatch):
     fam = families("llama", 2)
-    asked, write = [], prompt_writing.written_for
+    asked, choose = [], prompt_writing.best
+    folders, load = [], continuation.loaded
 
-    def spy(real, count, writers, *args, **kwargs):
-        chosen = write(real, count, writers, *args, **kwargs)
-        asked.append(([name for name, _, _ in writers], chosen))
+    def spy(candidates, where):
+        chosen = choose(candidates, where)
+        asked.append(([c.writer for c in candidates], chosen))
         return chosen
 
-    monkeypatch.setattr(prompt_writing, "written_for", spy)
+    monkeypatch.setattr(prompt_writing, "best", spy)
+    monkeypatch.setattr(continuation, "loaded",
+                        lambda folder, *a, **k: folders.append(folder) or load(folder, *a, **k))
     out = merge(fam.recipe("prodistill", epochs=1, shots=4, continue_tokens=2,
                            written_prompts=3), tmp_path / "out")
     report = json.loads((out / "prodistill_report.json").read_text())
@@ -172,6 +178,8 @@ def test_the_expert_and_the_base_are_both_asked_and_one_writes(families, tmp_pat
         len(chosen.prompts) for _, chosen in asked]
     assert all(chosen.writer in ("expert", "base") and len(chosen.prompts) <= 3
                for _, chosen in asked)
+    # The base once, for both experts; each expert once, to write and to continue.
+    assert folders == [str(fam.base), *map(str, fam.experts)]
 
 
 def test_written_prompts_spread_the_real_prompts_steps_rather_than_add_steps():

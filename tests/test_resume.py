@@ -142,7 +142,7 @@ def test_resume_reads_the_saved_continuations_instead_of_generating_them(
                         continue_tokens=6)
     whole, out = whole_and_stopped(monkeypatch, tmp_path, recipe, "save_continuations")
     assert (out / STAGING / ".progress" / "continuations.json").exists()
-    monkeypatch.setattr(continuation, "continue_prompts", refuse_to_generate)
+    monkeypatch.setattr(continuation, "loaded", refuse_to_generate)
     assert resumes_to(whole, recipe, out)
 
 

@@ -15,7 +15,7 @@ import gc
 import logging
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -70,15 +70,24 @@ class Loaded:
     pad_id: int
 
 
+def ends_of(model, tokenizer) -> Tuple[Set[int], int]:
+    """The tokens that end a sequence (the model's and the tokenizer's), and the padding."""
+    stop = model.generation_config.eos_token_id
+    stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
+    if tokenizer.eos_token_id is not None:
+        stop_ids.add(tokenizer.eos_token_id)
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return stop_ids, pad_id
+
+
 @contextlib.contextmanager
 def loaded(model_path: str, lengths: Sequence[int], max_new_tokens: int, tokenizer, *,
            dtype: str, device: torch.device, free: Dict[str, Optional[int]],
            trust_remote_code: bool = False):
     """The model at ``model_path``, placed for generating ``max_new_tokens`` after prompts
     of these ``lengths`` from the memory ``free`` now, and freed on leaving."""
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     config = model_config(model_path, trust_remote_code)
     torch_dtype = getattr(torch, dtype)
     shape = expert_placement.expert_shape(config, torch_dtype.itemsize)
@@ -87,10 +96,7 @@ def loaded(model_path: str, lengths: Sequence[int], max_new_tokens: int, tokeniz
     LOG.info("generating with %s: %s", model_path, placement.describe())
     with tempfile.TemporaryDirectory(prefix="prodistill-offload-") as offload_dir:
         model = load_expert(model_path, torch_dtype, device, placement, offload_dir, config)
-        stop = model.generation_config.eos_token_id
-        stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
-        if tokenizer.eos_token_id is not None:
-            stop_ids.add(tokenizer.eos_token_id)
+        stop_ids, pad_id = ends_of(model, tokenizer)
         input_device = next(
             (p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu")
         )

@@ -21,7 +21,7 @@ finds its own prompts far likelier than the real ones.
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -148,9 +148,11 @@ class Candidate:
         return self.own_score - self.score if self.prompts else float("inf")
 
 
-def best(candidates: Sequence[Candidate], where: str) -> Candidate:
+def best(candidates: Sequence[Optional[Candidate]], where: str) -> Candidate:
     """The candidate whose writer predicts the real prompts best, if its prompts are like
-    them (:data:`MAX_GAP`); else no prompts. Logged either way."""
+    them (:data:`MAX_GAP`); else no prompts. Logged either way. None stands for a writer
+    that cannot read the prompts' tokens."""
+    candidates = [c for c in candidates if c is not None]
     if not candidates:
         LOG.warning("%s: no model can read its prompts' tokens; no prompts written", where)
         return Candidate("none", float("-inf"), [])
@@ -169,25 +171,33 @@ def best(candidates: Sequence[Candidate], where: str) -> Candidate:
     return chosen
 
 
-def written_for(real: List[List[int]], count: int, writers, tokenizer, *, seed: int,
-                device, free, trust_remote_code: bool, where: str) -> Candidate:
-    """``count`` prompts like ``real``, written by whichever of ``writers`` (name, model
-    folder, generation dtype) predicts ``real`` best; each is loaded whole in turn (as for
-    continuations) and freed before the next."""
+def longest(real: Sequence[List[int]]) -> int:
+    """The most tokens a prompt written like ``real`` may have."""
+    return max(len(s) for s in real) + SLACK
+
+
+def offer(m: continuation.Loaded, writer: str, real: List[List[int]], count: int, seed: int,
+          tokenizer) -> Optional[Candidate]:
+    """What the loaded model ``m`` offers as the ``writer`` of ``count`` prompts like
+    ``real`` (an expert's, in its ``tokenizer``): the prompts it writes and the scores;
+    None where it cannot read their tokens."""
+    if max(max(s) for s in real) >= m.model.get_input_embeddings().num_embeddings:
+        return None
     start, _ = shared_ends(real)
-    longest = max(len(s) for s in real) + SLACK
-    candidates = []
-    for name, path, dtype in writers:
-        with continuation.loaded(path, [len(start)] * DRAW_ROWS, longest - len(start),
-                                 tokenizer, dtype=dtype, device=device, free=free,
-                                 trust_remote_code=trust_remote_code) as m:
-            rows = m.model.get_input_embeddings().num_embeddings
-            if max(max(s) for s in real) >= rows:  # a token this model cannot read
-                continue
-            written = [s for s in sample_prompts(
-                m.model, real, count, seed, m.input_device, m.pad_id, sorted(m.stop_ids),
-                min(DRAW_ROWS, m.placement.rows)) if max(s) < len(tokenizer)]  # expert's ids
-            candidates.append(Candidate(
-                name, mean_log_prob(m.model, real, len(start), m.input_device), written,
-                mean_log_prob(m.model, written, len(start), m.input_device)))
-    return best(candidates, where)
+    stop_ids, pad_id = continuation.ends_of(m.model, tokenizer)
+    written = [s for s in sample_prompts(m.model, real, count, seed, m.input_device, pad_id,
+                                         sorted(stop_ids), min(DRAW_ROWS, m.placement.rows))
+               if max(s) < len(tokenizer)]  # the expert's ids
+    return Candidate(writer, mean_log_prob(m.model, real, len(start), m.input_device), written,
+                     mean_log_prob(m.model, written, len(start), m.input_device))
+
+
+def base_offers(load, reals: Dict[int, List[List[int]]], count: int, tokenizers,
+                seed: int) -> Dict[int, Optional[Candidate]]:
+    """The base's :func:`offer` for every expert ``i`` of ``reals`` (seed ``seed + i``),
+    from one load: ``load(lengths, max_new_tokens, tokenizer)`` loads it whole, placed for
+    prompts of these lengths (:func:`continuation.loaded`)."""
+    most = max(longest(real) for real in reals.values())
+    with load([most] * DRAW_ROWS, 0, tokenizers[next(iter(reals))]) as m:
+        return {i: offer(m, "base", real, count, seed + i, tokenizers[i])
+                for i, real in reals.items()}

@@ -257,6 +257,29 @@ def test_plan_counts_the_continuation_pass(wizard_13b):
     assert roomy.seconds(h100) > plain.seconds(h100) + roomy.continuation_seconds(h100)
 
 
+def test_the_plan_counts_the_prompt_writers(wizard_13b):
+    """With written_prompts the base is loaded once more, and it and each expert sample
+    draws of 64 prompts up to the longest allowed and score every prompt once: the plan
+    counts those forward passes, their FLOPs and the load, at the least they can be."""
+    free = {"cuda": None, "cpu": None}
+    plain = plan_for(wizard_13b, free, device="cuda")
+    doc = yaml.safe_load(wizard_13b.read_text())
+    doc["parameters"]["written_prompts"] = 192
+    wizard_13b.write_text(yaml.safe_dump(doc))
+    written = plan_for(wizard_13b, free, device="cuda")
+    # Four 13B checkpoints loaded to generate instead of three, all in float16.
+    assert written.continuation_reads["load"] * 3 == plain.continuation_reads["load"] * 4
+    continuing = sum(g.batches for g in written.generation) * 64
+    # Per expert: 192 / 64 = 3 draws by each of two writers, and every prompt scored twice.
+    writing = 2 * sum(3 * max(lengths) + len(lengths) for lengths in written.work.prompt_lengths)
+    assert written.flops["generation_steps"] == continuing + writing
+    assert written.flops["continuation"] > 2 * plain.flops["continuation"]
+    h100 = next(c for c in devices.DEVICE_CLASSES if c.name == "h100-80gb")
+    extra_load = plain.continuation_reads["load"] / 3 / (h100.disk_gbps * 1e9)
+    assert written.continuation_seconds(h100) > plain.continuation_seconds(h100) + extra_load
+    assert "the base is loaded once to write for every expert" in render(written)
+
+
 def test_continuation_on_a_small_gpu_offloads_and_costs_its_reads(wizard_13b):
     free = {"cuda": 24 * 10**9, "cpu": 64 * 10**9}
     p = plan_for(wizard_13b, free, device="cuda")

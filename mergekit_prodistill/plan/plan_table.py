@@ -58,8 +58,9 @@ def _header(plan) -> list:
     if p.epochs and p.written_prompts:
         lines.append(
             f"  written prompts: up to {p.written_prompts} per expert, counted at the longest "
-            "real prompt's length + 2; the expert and the base are each loaded to write "
-            "them first (their time is not counted)")
+            "real prompt's length + 2; the base is loaded once to write for every expert, "
+            "and each expert writes before it continues (timed as if every sampled prompt "
+            "were kept)")
     if len(set(s.vocab)) > 1:
         lines.append(
             "  note: vocabulary sizes differ between the models; embeddings and LM head "
@@ -122,7 +123,7 @@ def _times(plan) -> list:
         if cls.kind == torch.device(plan.device).type:
             fits = "fits" if plan.total(plan.device) <= cls.memory_gb * GB else "too big"
             fits = f"{fits} in {cls.memory_gb:.0f} GB; "
-        if plan.generation:
+        if plan.continuation_reads:
             fits += f"continuation {fmt_seconds(plan.continuation_seconds(cls))}; "
         lines.append(f"  {cls.name:<12} {fmt_seconds(plan.seconds(cls)):>10}   "
                      f"{fits}{cls.basis}")

@@ -9,9 +9,9 @@
   the shards are assembled;
 * the tensor sums between processes, at the class's link between GPUs (or between
   machines, at :data:`NODE_GBPS`, when the merge spans several), not overlapped;
-* the continuations: their FLOPs, their weights read at every decoding step from where
-  they are, loading each expert, and a fixed cost per decoding step and layer (kernel
-  launches and Python, :attr:`DeviceClass.decode_layer_s`).
+* the continuations (and the prompts written before them): their FLOPs, their weights
+  read at every decoding step from where they are, loading each model, and a fixed cost
+  per decoding step and layer (kernel launches and Python, :attr:`DeviceClass.decode_layer_s`).
 """
 
 from mergekit_prodistill.formatting import GB
@@ -42,13 +42,14 @@ def communication_seconds(plan, cls: DeviceClass) -> float:
 
 
 def continuation_seconds(plan, cls: DeviceClass) -> float:
-    """Generating every expert's continuations: loading it, its FLOPs, its weights read at
-    every forward pass from where they are, and each decoding step's fixed cost."""
-    if not plan.generation:
+    """Generating every expert's continuations (and writing prompts): loading each model,
+    the FLOPs, its weights read at every forward pass from where they are, and each
+    decoding step's fixed cost."""
+    reads = plan.continuation_reads
+    if not reads:
         return 0.0
     rate = cls.tflops.get(plan.dtypes["generation"], cls.tflops["float32"]) * 1e12
-    reads = plan.continuation_reads
-    steps = sum(g.batches for g in plan.generation) * plan.recipe.params.continue_tokens
+    steps = plan.flops["generation_steps"]
     return (
         plan.flops["continuation"] / rate
         + reads["device"] / (cls.memory_gbps * GB)

@@ -204,17 +204,22 @@ def _memory(b: _Basis, available: Dict[str, Optional[int]], out_shard_size: int)
         "device": peak_total(split["device"], dev), "cpu": peak_total(split["cpu"], "cpu"),
         "disk": peak_total(split["disk"], dev)}, available)
     phases = split[placement]
+    models = [0, *b.mine] if b.world.contributes else []  # the base writes, where asked
+    configs = [b.configs[m] for m in models]
+    es = [dtype_bytes(dtypes.generation_dtype(b.recipe, b.stored[m])) for m in models]
     generating = generation_plan.generations(
-        b.recipe, [b.configs[m] for m in b.mine],
-        [dtype_bytes(dtypes.generation_dtype(b.recipe, b.stored[m])) for m in b.mine], b.own,
-        b.ctx.device, available) if b.world.contributes else []
-    if generating:
-        generation_plan.add_phase(phases, dev, max(generating, key=Generation.device_total),
+        b.recipe, configs[1:], es[1:], b.own, b.ctx.device, available)
+    writing = generation_plan.writings(b.recipe, configs, es, b.own, b.ctx.device, available)
+    if generating or writing:
+        generation_plan.add_phase(phases, dev, max(generating + writing,
+                                                   key=Generation.device_total),
                                   shape.heap_share)
-    return phases, placement, generating, max(t.get(CACHE, 0) for t in per_phase.values())
+    return (phases, placement, generating, writing,
+            max(t.get(CACHE, 0) for t in per_phase.values()))
 
 
-def _costs(b: _Basis, generating: List[Generation], cache: int) -> dict:
+def _costs(b: _Basis, generating: List[Generation], writing: List[Generation],
+           cache: int) -> dict:
     """FLOPs, bytes moved, read, written, saved and sent: the plan's time estimate."""
     p, shape, leader = b.recipe.params, b.shape, b.world.leader
     fwd = [[batch_flops(shape, r, w) for r, w in bs] for bs in b.own.batches]
@@ -239,7 +244,9 @@ def _costs(b: _Basis, generating: List[Generation], cache: int) -> dict:
             + (p.head_epochs * 3 * 2 * shape.hidden * shape.vocab[0] * sum(b.own.tokens)
                if p.epochs else 0),
             "forwards": shape.num_layers * evals * sum(sum(f) for f in fwd),
-            "continuation": sum(g.flops for g in generating),
+            "continuation": sum(g.flops for g in generating + writing),
+            # forward passes of the continuations and the prompt writing
+            "generation_steps": sum(g.steps for g in generating + writing),
             "steps": steps,
             "epochs": epochs,
         },
@@ -251,11 +258,13 @@ def _costs(b: _Basis, generating: List[Generation], cache: int) -> dict:
         # Streams saved after every block; rank 0's unit files, read back at the end.
         save_bytes=shape.num_layers * (cache + (unit if leader else 0)) + written
         if p.epochs else 0.0,
-        # Generating reads each expert's checkpoint once more to load it.
+        # Generating reads each expert's checkpoint once more to load it (the base too,
+        # where it writes prompts).
         continuation_reads={
-            "load": sum(read[m] for m in b.mine),
-            **{k: sum(g.reads[k] for g in generating) for k in ("device", "host", "disk")},
-        } if generating else {},
+            "load": sum(read[m] for m in b.mine) + (read[0] if writing else 0),
+            **{k: sum(g.reads[k] for g in generating + writing)
+               for k in ("device", "host", "disk")},
+        } if generating or writing else {},
         # Two all-reduces of one block per step: dL/dW and the fp32 partial sum.
         comm_bytes_per_step=allreduce_bytes(b.world.size, shape.block_numel, compute)
         + allreduce_bytes(b.world.size, shape.block_numel, 4) if p.epochs else 0.0,
@@ -279,11 +288,12 @@ def make_plan(recipe, options, calib=None,
     b = _basis(recipe, options, calib, world, models)
     if available is None:
         available = devices.free_memory(b.ctx.device, sharing=b.world.local_size)
-    phases, placement, generating, cache = _memory(b, available, options.out_shard_size)
+    phases, placement, generating, writing, cache = _memory(b, available,
+                                                           options.out_shard_size)
     p = recipe.params
     return Plan(
         recipe=recipe, shape=b.shape, work=b.work, device=str(b.ctx.device),
         placement=placement, phases=phases, dtypes=b.decided,
         activation_dir=p.activation_dir or (layout.scratch_dir(out_path) if out_path else None),
         cache_bytes=cache, available=available, generation=[g.placement for g in generating],
-        world=b.world, **_costs(b, generating, cache))
+        world=b.world, **_costs(b, generating, writing, cache))

@@ -1,8 +1,8 @@
 """Merge quality, measured: ProDistill against mergekit's own methods on conflicting experts.
 
-    python bench/quality/run.py [--suite novel|competent] [--cache DIR] [--results DIR]
+    python bench/quality/run.py [--suite novel|competent|hard] [--cache DIR] [--results DIR]
                                 [--threads N] [--jobs N] [--only [NAME ...]]
-                                [--set KEY=VALUE ...]
+                                [--set KEY=VALUE ...] [--build KEY=VALUE ...]
 
 Builds (or reuses) a small Llama base and one expert per task fully fine-tuned from it on
 tasks that pull the weights apart, runs every merge of ``merges.plan(suite)`` through the
@@ -15,12 +15,15 @@ of the tasks. Suite ``competent`` (four experts, one of them adding numbers; res
 steps from it, as with real fine-tuned LLMs.
 
 ``--set lr=0.03 --set epochs=30`` adds one ProDistill row with those parameters (defaults
-otherwise); with ``--only`` and no names it is the only merge run. A run that leaves out
-rows (``--only``, ``--set``) writes its results under the cache, not over the committed
-ones, unless ``--results`` says where.
+otherwise); with ``--only`` and no names it is the only merge run. ``--build seed=1``
+builds the suite's models with that setting changed (another draw of the data and the
+initial weights). A run that leaves out rows (``--only``, ``--set``) or changes the build
+writes its results under the cache, not over the committed ones, unless ``--results``
+says where.
 """
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -126,8 +129,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--only", nargs="*", help="run only these merges (by name)")
     ap.add_argument("--set", type=override, action="append", default=[], metavar="KEY=VALUE",
                     help="add a ProDistill row with this parameter (repeat for several)")
+    ap.add_argument("--build", type=override, action="append", default=[], metavar="KEY=VALUE",
+                    help="build the suite's models with this setting changed (seed=1, "
+                    "read_prompts=0.1; repeat for several)")
     args = ap.parse_args(argv)
-    partial = args.only is not None or bool(args.set)
+    partial = args.only is not None or bool(args.set) or bool(args.build)
     results_dir = args.results or (args.cache / "results" / args.suite if partial
                                    else RESULTS[args.suite])
 
@@ -135,7 +141,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    settings = models.SETTINGS[args.suite]
+    settings = dataclasses.replace(models.SETTINGS[args.suite], **dict(args.build))
     ckpt = models.build(args.cache, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.base)
     tests = models.held_out_sets(settings)

@@ -1,18 +1,19 @@
 """Calibration prompts written by a model: does distilling on them keep more of the skill?
 
-    python bench/quality/written_prompts.py [--cache DIR] [--results DIR]
+    python bench/quality/written_prompts.py [--suite hard|novel] [--cache DIR] [--results DIR]
 
 On the hard suite ProDistill is limited by its prompts (results/hard/REPORT.md): 64 real
 prompts keep more than 16, 128 more than 64. A language model can write more prompts like
 a set of calibration prompts: start from the tokens they all begin with (the template and
 the task's name) and sample until the tokens they all end with
 (``mergekit_prodistill.inputs.prompt_writing``, which ``written_prompts`` runs). This
-builds the hard suite with a base that has also read its tasks' prompts, unanswered
-(``read_prompts``: like a pretrained LM that has read questions it cannot answer; the
-experts are fine-tuned on answers only, as in the hard suite), has the base or each expert
-write prompts, and merges with the package defaults on the real prompts alone and with the
-written ones beside them; then lets the package write them itself (``written_prompts``).
-Writes results.json and results.md to bench/quality/results/written/.
+builds a suite (``hard`` unless told) with a base that has also read its tasks' prompts,
+unanswered (``read_prompts``: like a pretrained LM that has read questions it cannot
+answer; the experts are fine-tuned on answers only, as in the suite), has the base or each
+expert write prompts, and merges with the package defaults on the real prompts alone and
+with the written ones beside them; then lets the package write them itself
+(``written_prompts``).
+Writes results.json and results.md to bench/quality/results/written/SUITE/.
 """
 
 import argparse
@@ -35,7 +36,7 @@ from mergekit_prodistill.inputs.prompt_writing import sample_prompts  # noqa: E4
 from mergekit_prodistill.output.report import Report  # noqa: E402
 from mergekit_prodistill.tiny.skills import scoring  # noqa: E402
 
-SETTINGS = dataclasses.replace(models.SETTINGS["hard"], read_prompts=0.1)
+READ_PROMPTS = 0.1
 # (name, real prompts, who writes more, how many, recipe parameters). holdout 0: each
 # merge trains on exactly the prompts of its file.
 ROWS = [
@@ -51,6 +52,13 @@ ROWS = [
     ("16 real, `written_prompts: 48`", 16, None, 0, {"shots": 16, "written_prompts": 48}),
     ("64 real, `written_prompts: 192`, 8 epochs", 64, None, 0,
      {"shots": 64, "written_prompts": 192, "epochs": 8}),
+    # Where the written prompts stop helping at the defaults' 480 steps, and what twice the
+    # steps buy.
+    ("16 real, `written_prompts: 112`", 16, None, 0, {"shots": 16, "written_prompts": 112}),
+    ("16 real, `written_prompts: 112`, 30 epochs", 16, None, 0,
+     {"shots": 16, "written_prompts": 112, "epochs": 30}),
+    ("64 real, `written_prompts: 192`, 15 epochs", 64, None, 0,
+     {"shots": 64, "written_prompts": 192, "epochs": 15}),
 ]
 
 
@@ -77,18 +85,21 @@ def calibration_files(ckpt, tokenizer, real_count: int, writer, count: int, fold
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=HERE / ".cache")
-    ap.add_argument("--results", type=Path, default=HERE / "results" / "written")
+    ap.add_argument("--suite", choices=sorted(models.SETTINGS), default="hard")
+    ap.add_argument("--results", type=Path, help="default: results/written/SUITE/")
     args = ap.parse_args(argv)
+    settings = dataclasses.replace(models.SETTINGS[args.suite], read_prompts=READ_PROMPTS)
+    results_dir = args.results or HERE / "results" / "written" / args.suite
     started = time.time()
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
-    ckpt = models.build(args.cache, SETTINGS)
+    ckpt = models.build(args.cache, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(ckpt.base)
-    tests = models.held_out_sets(SETTINGS)
+    tests = models.held_out_sets(settings)
     own = {name: {t: s["exact"] for t, s in scoring.score_model(path, tokenizer, tests).items()}
            for name, path in [("base", ckpt.base), *ckpt.experts.items()]}
-    for line in models.broken_claims("hard", own):
-        print(f"WARNING: the models are not what the hard suite says: {line}")
+    for line in models.broken_claims(args.suite, own):
+        print(f"WARNING: the models are not what the {args.suite} suite says: {line}")
     rows = []
     for n, (name, real_count, writer, count, params) in enumerate(ROWS):
         files, samples = calibration_files(ckpt, tokenizer, real_count, writer, count,
@@ -108,19 +119,20 @@ def main(argv=None):
     reference = next(r for r in rows if r["name"] == "64 real")["prodistill"]["token_passes"]
     for r in rows:
         r["training_compute"] = r["prodistill"]["token_passes"] / reference
-    results = {"settings": dataclasses.asdict(SETTINGS), "own": own, "rows": rows,
+    results = {"settings": dataclasses.asdict(settings), "own": own, "rows": rows,
                "run_seconds": time.time() - started}
-    args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "results.json").write_text(json.dumps(results, indent=1))
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    (args.results / "results.md").write_text(table)
+    (results_dir / "results.md").write_text(table)
     print(table)
 
 
 def markdown(results) -> str:
     tasks = list(results["rows"][0]["scores"])
     lines = ["# Calibration prompts written by a model", "",
-             "Generated by `python bench/quality/written_prompts.py`. The hard suite's "
+             f"Generated by `python bench/quality/written_prompts.py --suite "
+             f"{results['settings']['suite']}`. The {results['settings']['suite']} suite's "
              "models, with a base that has also read its tasks' prompts: base "
              + ", ".join(f"{t} {results['own']['base'][t]:.1%}" for t in tasks)
              + "; experts " + ", ".join(f"{t} {results['own'][t][t]:.1%}" for t in tasks)

@@ -33,8 +33,15 @@ def greedy_alone(model, tokenizer, seq, new_tokens):
                                           tokenizer.pad_token_id)
 
 
+def continued(expert, sequences, tokenizer, free):
+    """``sequences`` continued by 6 tokens by the expert, loaded as the merge loads it."""
+    with continuation.loaded(expert, [len(s) for s in sequences], 6, tokenizer,
+                             dtype="float32", device=torch.device("cpu"), free=free) as m:
+        return continuation.continued_greedily(m, sequences, 6)
+
+
 def spy_on_loads(monkeypatch):
-    """Every expert continue_prompts loads, as loaded; ``model.batches`` lists the prompts
+    """Every expert :func:`continued` loads, as loaded; ``model.batches`` lists the prompts
     of each of its generate calls."""
     loaded = []
     load = continuation.load_expert
@@ -66,9 +73,8 @@ def test_continuations_are_the_experts_greedy_tokens_even_offloaded_to_disk(fami
     shape = expert_placement.expert_shape(transformers.AutoConfig.from_pretrained(expert), 4)
     tight = shape.largest_bytes + 2 * shape.sequence_bytes(max(map(len, sequences)), 6)
     loaded = spy_on_loads(monkeypatch)
-    out = continuation.continue_prompts(
-        expert, sequences, 6, tokenizer, dtype="float32", device=torch.device("cpu"),
-        free={"cpu": int(tight / expert_placement.MEMORY_SHARE) + 1})
+    out = continued(expert, sequences, tokenizer,
+                    {"cpu": int(tight / expert_placement.MEMORY_SHARE) + 1})
     assert "disk" in loaded[0].hf_device_map.values()
 
     model = transformers.AutoModelForCausalLM.from_pretrained(expert)
@@ -83,8 +89,7 @@ def test_an_expert_that_fits_is_loaded_whole_without_offload_hooks(families, mon
     tokenizer = transformers.AutoTokenizer.from_pretrained(expert)
     sequences = tokenize(read_prompts(str(fam.calibration[1]))[:5], tokenizer, 64)
     loaded = spy_on_loads(monkeypatch)
-    out = continuation.continue_prompts(expert, sequences, 6, tokenizer, dtype="float32",
-                                        device=torch.device("cpu"), free={"cpu": 10**11})
+    out = continued(expert, sequences, tokenizer, {"cpu": 10**11})
     model = loaded[0]
     assert not hasattr(model, "hf_device_map") or set(model.hf_device_map.values()) == {"cpu"}
     assert not any(hasattr(m, "_hf_hook") for m in model.modules())

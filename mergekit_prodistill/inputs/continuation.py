@@ -87,7 +87,11 @@ def loaded(model_path: str, lengths: Sequence[int], max_new_tokens: int, tokeniz
            dtype: str, device: torch.device, free: Dict[str, Optional[int]],
            trust_remote_code: bool = False):
     """The model at ``model_path``, placed for generating ``max_new_tokens`` after prompts
-    of these ``lengths`` from the memory ``free`` now, and freed on leaving."""
+    of these ``lengths`` from the memory ``free`` now, and freed on leaving.
+
+    ``dtype`` is :func:`dtypes.generation_dtype`, which the plan sizes it by; ``free``
+    maps ``str(device)`` and "cpu" to the bytes free there now.
+    """
     config = model_config(model_path, trust_remote_code)
     torch_dtype = getattr(torch, dtype)
     shape = expert_placement.expert_shape(config, torch_dtype.itemsize)
@@ -110,29 +114,6 @@ def loaded(model_path: str, lengths: Sequence[int], max_new_tokens: int, tokeniz
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-@torch.no_grad()
-def continue_prompts(
-    model_path: str,
-    sequences: List[List[int]],
-    max_new_tokens: int,
-    tokenizer,
-    *,
-    dtype: str,
-    device: torch.device,
-    free: Dict[str, Optional[int]],
-    trust_remote_code: bool = False,
-) -> List[List[int]]:
-    """Each token sequence followed by the expert's greedy continuation of it.
-
-    ``dtype`` is :func:`dtypes.generation_dtype`, which the plan sizes it by; ``free``
-    maps ``str(device)`` and "cpu" to the bytes free there now.
-    """
-    with loaded(model_path, [len(s) for s in sequences], max_new_tokens, tokenizer,
-                dtype=dtype, device=device, free=free,
-                trust_remote_code=trust_remote_code) as m:
-        return continued_greedily(m, sequences, max_new_tokens)
 
 
 def continued_greedily(m: Loaded, sequences: List[List[int]], max_new_tokens: int):

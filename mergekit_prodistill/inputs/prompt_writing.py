@@ -78,6 +78,11 @@ def mean_log_prob(model, sequences: Sequence[List[int]], skip: int, device) -> f
     return total / max(count, 1)
 
 
+def longest(real: Sequence[List[int]]) -> int:
+    """The most tokens a prompt written like ``real`` may have."""
+    return max(len(s) for s in real) + SLACK
+
+
 @torch.no_grad()
 def sample_prompts(model, real: Sequence[List[int]], count: int, seed: int, device,
                    pad_id: int, stop_ids: Sequence[int], rows: int = DRAW_ROWS
@@ -91,7 +96,7 @@ def sample_prompts(model, real: Sequence[List[int]], count: int, seed: int, devi
     start, end = shared_ends(real)
     if not start:
         return []
-    longest = max(len(s) for s in real) + SLACK
+    limit = longest(real)
     seen = {tuple(s) for s in real}
     written: List[List[int]] = []
     stops = set(stop_ids) | {pad_id}
@@ -103,12 +108,12 @@ def sample_prompts(model, real: Sequence[List[int]], count: int, seed: int, devi
                 input_ids=torch.tensor([start] * rows, device=device),
                 attention_mask=torch.ones(rows, len(start), dtype=torch.long, device=device),
                 do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                max_new_tokens=longest - len(start), pad_token_id=pad_id,
+                max_new_tokens=limit - len(start), pad_token_id=pad_id,
                 eos_token_id=list(stop_ids) or None)[:, len(start):].tolist()
             before = len(written)
             for body in drawn:
                 seq = _prompt_of(start, body, end, stops)
-                if seq is None or len(seq) > longest or tuple(seq) in seen:
+                if seq is None or len(seq) > limit or tuple(seq) in seen:
                     continue
                 seen.add(tuple(seq))
                 written.append(seq)
@@ -169,11 +174,6 @@ def best(candidates: Sequence[Optional[Candidate]], where: str) -> Candidate:
              "prompts: %s; of its own: %.3f)", where, len(chosen.prompts), chosen.writer,
              scores, chosen.own_score)
     return chosen
-
-
-def longest(real: Sequence[List[int]]) -> int:
-    """The most tokens a prompt written like ``real`` may have."""
-    return max(len(s) for s in real) + SLACK
 
 
 def offer(m: continuation.Loaded, writer: str, real: List[List[int]], count: int, seed: int,

@@ -62,10 +62,10 @@ def writings(recipe, configs, weight_bytes: List[int], work: Workload, device: t
     p = recipe.params
     if not (p.epochs and p.written_prompts and configs[1:]):
         return []
-    rows = prompt_writing.DRAW_ROWS
-    longest = [max(lengths) for lengths in work.prompt_lengths]
+    most = max(max(lengths) for lengths in work.prompt_lengths)
     base = expert_placement.expert_shape(configs[0], weight_bytes[0])
-    at_base = expert_placement.place_expert(base, [max(longest)] * rows, 0, device, available)
+    at_base = expert_placement.place_expert(base, [most] * prompt_writing.DRAW_ROWS, 0, device,
+                                            available)
     passes = [_writing(base, at_base, work.prompt_lengths, p.written_prompts)]
     for config, es, lengths in zip(configs[1:], weight_bytes[1:], work.prompt_lengths):
         shape = expert_placement.expert_shape(config, es)

@@ -94,8 +94,7 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
     base = ModelTensors(recipe.base, None, str(ctx.device))
     experts = [ModelTensors(e.model, None, str(ctx.device)) for e in recipe.experts]
     precision = dtypes.Precision.of(decided.dtypes)
-    facts = {"activation_dtype": decided.dtypes["cache"],
-             "epochs": decided.epochs} if p.epochs else {}
+    facts = {"activation_dtype": decided.dtypes["cache"]} if p.epochs else {}
     facts["towers"] = checked.module.towers or None
 
     # 5. The staging folder; with training, the progress a resumed run continues from.
@@ -116,12 +115,13 @@ def _merge(merge_config, out_path: str, options, config_source, world: parallel.
             continued = time.time()
             calib = _continued(recipe, checked, calib, ctx, options, progress, world)
             facts["continuation_seconds"] = time.time() - continued
+        if p.epochs:  # the prompts actually written may change the planned epochs
             facts["epochs"] = training_epochs(p, calib, decided.epochs)
         # 7. The embeddings, every decoder block, the final norm and LM head.
         with distill.denormals_flushed(bool(p.epochs)), dtypes.fast_float32_matmuls(
                 ctx.device, decided.dtypes["compute"]):
-            results = (merger.trained(calib, decided, resumed, progress) if p.epochs
-                       else merger.task_arithmetic())
+            results = (merger.trained(calib, decided, facts["epochs"], resumed, progress)
+                       if p.epochs else merger.task_arithmetic())
         if world.leader:
             units.finalize(merger.unit_names())
             # 8. The output, moved into place once complete.

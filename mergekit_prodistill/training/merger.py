@@ -98,18 +98,21 @@ class Merger:
                 self.merge_tensor(weight)
         return MergeResults()
 
-    def trained(self, calib, decided, resumed, progress: Progress) -> MergeResults:
-        """Embeddings by task arithmetic, every block distilled, the head trained or merged
-        by task arithmetic; returns the blocks' reports, the head's (or None) and the
-        fidelity on held-out prompts (or None). Disk-backed streams are deleted when it
-        ends, however it ends: a resumed run starts from the saved progress, not them."""
+    def trained(self, calib, decided, epochs: int, resumed,
+                progress: Progress) -> MergeResults:
+        """Embeddings by task arithmetic, every block distilled for ``epochs``
+        (:func:`training_epochs`), the head trained or merged by task arithmetic; returns
+        the blocks' reports, the head's (or None) and the fidelity on held-out prompts (or
+        None). Disk-backed streams are deleted when it ends, however it ends: a resumed run
+        starts from the saved progress, not them."""
         try:
-            return self._trained(calib, decided, resumed, progress)
+            return self._trained(calib, decided, epochs, resumed, progress)
         finally:
             for store in self.stores:
                 store.remove_files()
 
-    def _trained(self, calib, decided, resumed, progress: Progress) -> MergeResults:
+    def _trained(self, calib, decided, epochs: int, resumed,
+                 progress: Progress) -> MergeResults:
         p, device = self.recipe.params, self.ctx.device
         runner = BlockRunner(self.module.config, device)
         # Processes that share an expert each take some rows of its batches.
@@ -127,8 +130,6 @@ class Merger:
         if streams.heldout:
             streams.heldout.contexts = self._contexts(runner, calib.holdout_batches,
                                                       whole.holdout_batches, dtype)
-        epochs = training_epochs(self.recipe.params, calib, decided.epochs)
-
         bar = tqdm.tqdm(total=self.module.num_layers(), initial=blocks_done,
                         desc="ProDistill blocks", disable=self.ctx.quiet)
         for index in range(blocks_done, self.module.num_layers()):
